@@ -1,0 +1,140 @@
+"""Batched generation: one prefill for the batch, then one token per step on a static KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .decoder import CogVLMForCausalLM, ExpertRouting
+from .positions import attention_mask_4d, build_position_ids
+
+
+@dataclass
+class GenerationOutput:
+    """Per row: new token ids (eos included when it stopped there), their count, and why it stopped."""
+
+    tokens: list[list[int]]
+    num_tokens: list[int]
+    finish_reasons: list[str]  # "stop" (an eos id) or "length" (max_new_tokens)
+    prompt_tokens: list[int] = field(default_factory=list)
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) fp32 logits -> (B,) token ids. `temperature <= 0` is greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def prefill(model: CogVLMForCausalLM, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
+            attention_mask: torch.Tensor, images: Sequence[torch.Tensor | None] | None,
+            key_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill cache slots [0, L); return the last column's logits (B, V) and position ids (B, L)."""
+    L = input_ids.shape[1]
+    position_ids = build_position_ids(token_type_ids, attention_mask)
+    slots = torch.arange(L, device=input_ids.device)
+    mask = attention_mask_4d(key_valid[:, :L], slots)
+    embeds = model.embed(input_ids, token_type_ids, images)
+    logits = model.forward_embeds(embeds, token_type_ids, position_ids, mask,
+                                  cache_slots=slots, logits_to_keep=1)
+    return logits[:, -1], position_ids
+
+
+def decode_one_token(model: CogVLMForCausalLM, tokens: torch.Tensor, positions: torch.Tensor,
+                     slot: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """One language token per row at cache `slot` (shape (1,)); static shapes. -> (B, V) logits."""
+    embeds = model.model.embed_tokens(tokens[:, None])  # (B, 1, D)
+    token_types = torch.zeros_like(tokens)[:, None]
+    mask = key_valid[:, None, None, :]  # (B, 1, 1, max_len)
+    logits = model.forward_embeds(embeds, token_types, positions[:, None], mask,
+                                  cache_slots=slot, routing=ExpertRouting())
+    return logits[:, -1]
+
+
+@torch.inference_mode()
+def generate(model: CogVLMForCausalLM, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
+             attention_mask: torch.Tensor | None = None,
+             images: Sequence[torch.Tensor | None] | None = None, *,
+             max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
+             ignore_eos: bool = False) -> GenerationOutput:
+    """Greedy (temperature 0) or sampled generation for a left-padded batch.
+
+    Stops a row at any eos id (the config's unless `eos_token_id` is given) unless `ignore_eos`.
+    Raises ValueError when a row's positions would pass `max_position_embeddings`.
+    """
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    device = model.device
+    input_ids = input_ids.to(device)
+    token_type_ids = token_type_ids.to(device)
+    B, L = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(device)
+    if eos_token_id is None:
+        eos_token_id = model.config.eos_token_ids
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
+                       device=device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+    max_len = L + max_new_tokens
+    key_valid = torch.zeros(B, max_len, dtype=torch.bool, device=device)
+    key_valid[:, :L] = attention_mask.bool()
+    out = torch.full((B, max_new_tokens), model.config.pad_token_id, dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    stopped = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
+
+    model.setup_caches(B, max_len)
+    try:
+        logits, position_ids = prefill(model, input_ids, token_type_ids, attention_mask, images,
+                                       key_valid)
+        last_pos = int(position_ids[:, -1].max())
+        if last_pos + max_new_tokens > model.config.max_position_embeddings:
+            raise ValueError(f"prompt ends at position {last_pos}; with {max_new_tokens} new tokens it "
+                             f"passes max_position_embeddings={model.config.max_position_embeddings}")
+        positions = position_ids[:, -1] + 1  # (B,)
+        for step in range(max_new_tokens):
+            tok = sample(logits, temperature, top_k, top_p, generator)
+            tok = torch.where(finished, model.config.pad_token_id, tok)
+            out[:, step] = tok
+            lengths += (~finished).long()
+            if not ignore_eos:
+                hit = torch.isin(tok, eos) & ~finished
+                stopped |= hit
+                finished |= hit
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            slot = L + step
+            key_valid[:, slot] = True
+            logits = decode_one_token(model, tok, positions,
+                                      torch.tensor([slot], device=device), key_valid)
+            positions = positions + 1
+    finally:
+        model.clear_caches()
+
+    n = lengths.tolist()
+    rows = out.tolist()
+    return GenerationOutput(
+        tokens=[r[:k] for r, k in zip(rows, n)],
+        num_tokens=n,
+        finish_reasons=["stop" if s else "length" for s in stopped.tolist()],
+        prompt_tokens=attention_mask.sum(1).tolist(),
+    )

@@ -1,0 +1,225 @@
+"""Loading release checkpoints: local dir, `s3://` prefix or hub id -> model on the chosen device.
+
+The model is built on `meta`; each tensor is read memory-mapped from safetensors, converted to the
+target dtype/device one at a time and assigned, so a checkpoint is never held twice in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+
+from .config import CogVLMConfig
+from .decoder import CogVLMForCausalLM
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model: names the offending keys."""
+
+
+# --- sources ----------------------------------------------------------------------------------
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("COGVLM_CACHE", Path.home() / ".cache" / "cogvlm"))
+
+
+def resolve_source(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                   storage_options: dict[str, Any] | None = None) -> Path:
+    """A local directory for `source`: itself, an `s3://` prefix downloaded once, or a hub snapshot."""
+    src = str(source)
+    if src.startswith("s3://"):
+        return _download_s3(src, Path(cache_dir) if cache_dir else default_cache_dir(),
+                            storage_options or {})
+    path = Path(src).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"checkpoint source {src!r} is a file; give its directory")
+    if src.startswith((".", "/", "~")) or src.count("/") != 1:
+        raise CheckpointError(f"checkpoint directory {src!r} does not exist")
+    return _download_hub(src, cache_dir)
+
+
+def _download_s3(uri: str, cache_dir: Path, storage_options: dict[str, Any]) -> Path:
+    import s3fs  # only needed for s3:// sources
+
+    opts = dict(storage_options)
+    endpoint = opts.pop("endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL_S3") \
+        or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts.setdefault("client_kwargs", {})["endpoint_url"] = endpoint
+    fs = s3fs.S3FileSystem(**opts)
+    prefix = uri[len("s3://"):].rstrip("/")
+    local = cache_dir / "s3" / prefix
+    done = local / ".complete"
+    if done.exists():
+        return local
+    try:
+        entries = [e for e in fs.find(prefix, detail=True).values() if e["type"] == "file"]
+    except Exception as e:  # noqa: BLE001 - any backend error becomes a clear message
+        raise CheckpointError(f"cannot list checkpoint {uri}: {e}") from e
+    files = [e["name"] for e in entries if not e["name"].endswith("/")]
+    if not any(f.endswith((".safetensors", INDEX_FILE)) for f in files):
+        raise CheckpointError(f"no safetensors files under {uri}")
+    local.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        rel = name[len(prefix):].lstrip("/")
+        dest = local / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".part")
+        log.info("downloading %s", "s3://" + name)
+        fs.get_file(name, str(tmp))
+        tmp.replace(dest)
+    done.write_text(json.dumps(sorted(files)))
+    return local
+
+
+def _download_hub(repo_id: str, cache_dir: str | os.PathLike | None) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(repo_id, cache_dir=cache_dir,
+                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(
+            f"{repo_id!r} is not a local directory and could not be fetched from the Hugging Face hub "
+            f"({type(e).__name__}: {e}). Download it where the network allows and pass the directory, "
+            f"or an s3:// prefix.") from e
+    return Path(path)
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+def weight_files(ckpt_dir: Path) -> dict[str, Path]:
+    """Map every checkpoint key to its safetensors file (sharded via the index, or single file)."""
+    index = ckpt_dir / INDEX_FILE
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {k: ckpt_dir / f for k, f in weight_map.items()}
+    single = ckpt_dir / SINGLE_FILE
+    if not single.exists():
+        raise CheckpointError(f"{ckpt_dir} has neither {INDEX_FILE} nor {SINGLE_FILE}")
+    with safe_open(single, framework="pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def _shapes(files: dict[str, Path], keys: set[str] | None = None) -> dict[str, tuple[int, ...]]:
+    """Shapes from the safetensors headers, opening each file once."""
+    keys = set(files) if keys is None else keys
+    by_file: dict[Path, list[str]] = {}
+    for k in keys:
+        by_file.setdefault(files[k], []).append(k)
+    out = {}
+    for path, ks in by_file.items():
+        with safe_open(path, framework="pt") as f:
+            for k in ks:
+                out[k] = tuple(f.get_slice(k).get_shape())
+    return out
+
+
+def read_config(ckpt_dir: Path, files: dict[str, Path] | None = None) -> CogVLMConfig:
+    """`config.json` as published; v1/v2 and the KV-head count are read off the weights' structure."""
+    path = ckpt_dir / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{ckpt_dir} has no config.json")
+    raw = json.loads(path.read_text())
+    files = files if files is not None else weight_files(ckpt_dir)
+    version = 2 if any(k.startswith("model.vision.conv.") for k in files) else 1
+    kv_heads = None
+    qkv_key = "model.layers.0.self_attn.language_expert_query_key_value.weight"
+    if raw.get("num_multi_query_heads") is None and qkv_key in files:
+        rows = _shapes(files, {qkv_key})[qkv_key][0]
+        hidden = raw["hidden_size"]
+        head_dim = hidden // raw["num_attention_heads"]
+        kv_heads = (rows - hidden) // (2 * head_dim)
+    return CogVLMConfig.from_hf_dict(raw, version=version, num_kv_heads=kv_heads)
+
+
+def weights_fingerprint(ckpt_dir: str | os.PathLike) -> str:
+    """Short sha256 over the weight index (or the single file's safetensors header)."""
+    ckpt_dir = Path(ckpt_dir)
+    h = hashlib.sha256()
+    index = ckpt_dir / INDEX_FILE
+    if index.exists():
+        h.update(index.read_bytes())
+    else:
+        with open(ckpt_dir / SINGLE_FILE, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            h.update(f.read(n))
+    cfg = ckpt_dir / "config.json"
+    if cfg.exists():
+        h.update(cfg.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _iter_tensors(files: dict[str, Path], keys: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    by_file: dict[Path, list[str]] = {}
+    for k in sorted(keys):
+        by_file.setdefault(files[k], []).append(k)
+    for path, ks in by_file.items():
+        with safe_open(path, framework="pt", device="cpu") as f:  # memory-mapped
+            for k in ks:
+                yield k, f.get_tensor(k)
+
+
+def load_state_dict_into(model: CogVLMForCausalLM, files: dict[str, Path], dtype: torch.dtype,
+                         device: torch.device) -> None:
+    """Check every key and shape, then assign converted tensors one by one."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    present = {k for k in files if not k.endswith(IGNORED_SUFFIXES)}
+    missing = sorted(set(expected) - present)
+    unexpected = sorted(present - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:10])}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:10])}")
+        raise CheckpointError("checkpoint does not match the model: " + "; ".join(parts))
+    shapes = _shapes(files, present)
+    for k in sorted(present):
+        shape = shapes[k]
+        if shape != expected[k]:
+            raise CheckpointError(f"shape mismatch for {k}: checkpoint {list(shape)}, "
+                                  f"model {list(expected[k])}")
+    state: dict[str, torch.Tensor] = {}
+    for k, t in _iter_tensors(files, present):
+        state[k] = t.to(device=device, dtype=dtype)
+        del t
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def load_model(source: str | os.PathLike, dtype: torch.dtype | str = torch.bfloat16,
+               device: torch.device | str = "cpu", *, cache_dir: str | os.PathLike | None = None,
+               storage_options: dict[str, Any] | None = None) -> CogVLMForCausalLM:
+    """Load a release checkpoint (local dir, `s3://bucket/prefix`, or hub id) in eval mode."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        dtype = DTYPES[dtype]
+    device = torch.device(device)
+    ckpt_dir = resolve_source(source, cache_dir, storage_options)
+    files = weight_files(ckpt_dir)
+    config = read_config(ckpt_dir, files)
+    with torch.device("meta"):
+        model = CogVLMForCausalLM(config)
+    load_state_dict_into(model, files, dtype, device)
+    model.reset_buffers()
+    model.source = str(source)  # type: ignore[attr-defined]
+    model.checkpoint_dir = ckpt_dir  # type: ignore[attr-defined]
+    return model.eval()

@@ -1,0 +1,1 @@
+"""Entry points: `python -m jobs.caption` (the batch job), `python -m jobs.demo`."""
