@@ -42,13 +42,14 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
 
 def prefill(model: CogVLMForCausalLM, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
             attention_mask: torch.Tensor, images: Sequence[torch.Tensor | None] | None,
-            key_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            key_valid: torch.Tensor, image_features: torch.Tensor | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fill cache slots [0, L); return the last column's logits (B, V) and position ids (B, L)."""
     L = input_ids.shape[1]
     position_ids = build_position_ids(token_type_ids, attention_mask)
     slots = torch.arange(L, device=input_ids.device)
     mask = attention_mask_4d(key_valid[:, :L], slots)
-    embeds = model.embed(input_ids, token_type_ids, images)
+    embeds = model.embed(input_ids, token_type_ids, images, image_features)
     logits = model.forward_embeds(embeds, token_type_ids, position_ids, mask,
                                   cache_slots=slots, logits_to_keep=1)
     return logits[:, -1], position_ids
@@ -65,17 +66,43 @@ def decode_one_token(model: CogVLMForCausalLM, tokens: torch.Tensor, positions: 
     return logits[:, -1]
 
 
+class _Clock:
+    """Wall-clock laps, synchronizing the device first; a no-op without a `timings` dict."""
+
+    def __init__(self, device: torch.device, timings: dict[str, float] | None) -> None:
+        self.device, self.timings = device, timings
+        self.t = self._now() if timings is not None else 0.0
+
+    def _now(self) -> float:
+        import time
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self, name: str, include: str | None = None) -> None:
+        if self.timings is None:
+            return
+        now = self._now()
+        self.timings[name] = now - self.t + (self.timings.get(include, 0.0) if include else 0.0)
+        self.t = now
+
+
 @torch.inference_mode()
 def generate(model: CogVLMForCausalLM, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
              attention_mask: torch.Tensor | None = None,
              images: Sequence[torch.Tensor | None] | None = None, *,
              max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
-             ignore_eos: bool = False) -> GenerationOutput:
+             ignore_eos: bool = False, timings: dict[str, float] | None = None,
+             image_features: torch.Tensor | None = None) -> GenerationOutput:
     """Greedy (temperature 0) or sampled generation for a left-padded batch.
 
     Stops a row at any eos id (the config's unless `eos_token_id` is given) unless `ignore_eos`.
     Raises ValueError when a row's positions would pass `max_position_embeddings`.
+    `timings`, when given, receives `vision_s`, `prefill_s` (vision included) and `decode_s`.
+    `image_features` (N, T, D), one per non-None image in row order, skips the vision tower
+    (lets several prompts about one image share one vision pass).
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
@@ -102,15 +129,21 @@ def generate(model: CogVLMForCausalLM, input_ids: torch.Tensor, token_type_ids: 
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
 
+    clock = _Clock(device, timings)
     model.setup_caches(B, max_len)
     try:
+        features = image_features
+        if features is None and images is not None and any(im is not None for im in images):
+            features = model.encode_images(torch.stack([im for im in images if im is not None]))
+        clock.lap("vision_s")
         logits, position_ids = prefill(model, input_ids, token_type_ids, attention_mask, images,
-                                       key_valid)
+                                       key_valid, features)
         last_pos = int(position_ids[:, -1].max())
         if last_pos + max_new_tokens > model.config.max_position_embeddings:
             raise ValueError(f"prompt ends at position {last_pos}; with {max_new_tokens} new tokens it "
                              f"passes max_position_embeddings={model.config.max_position_embeddings}")
         positions = position_ids[:, -1] + 1  # (B,)
+        clock.lap("prefill_s", include="vision_s")
         for step in range(max_new_tokens):
             tok = sample(logits, temperature, top_k, top_p, generator)
             tok = torch.where(finished, model.config.pad_token_id, tok)
@@ -127,6 +160,7 @@ def generate(model: CogVLMForCausalLM, input_ids: torch.Tensor, token_type_ids: 
             logits = decode_one_token(model, tok, positions,
                                       torch.tensor([slot], device=device), key_valid)
             positions = positions + 1
+        clock.lap("decode_s")
     finally:
         model.clear_caches()
 

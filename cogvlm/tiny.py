@@ -82,11 +82,17 @@ def build_tokenizer(version: int = 1, vocab_size: int = 1024) -> Any:
 
 @torch.no_grad()
 def init_random_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Randomize every parameter at scales that keep activations alive (N(0,1)/sqrt(fan_in) etc.)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    """Randomize every parameter at scales that keep activations alive (N(0,1)/sqrt(fan_in) etc.).
+
+    Random numbers are drawn on each parameter's own device (a GPU fills a full-size model fast).
+    """
+    gens: dict[torch.device, torch.Generator] = {}
 
     def normal_(t: torch.Tensor, std: float, mean: float = 0.0) -> None:
-        t.copy_((torch.randn(t.shape, generator=gen) * std + mean).to(t.dtype))
+        if t.device not in gens:
+            gens[t.device] = torch.Generator(device=t.device).manual_seed(seed)
+        r = torch.randn(t.shape, generator=gens[t.device], device=t.device, dtype=torch.float32)
+        t.copy_((r * std + mean).to(t.dtype))
 
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
