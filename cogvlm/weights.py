@@ -39,12 +39,16 @@ def default_cache_dir() -> Path:
 
 
 def resolve_source(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-                   storage_options: dict[str, Any] | None = None) -> Path:
-    """A local directory for `source`: itself, an `s3://` prefix downloaded once, or a hub snapshot."""
+                   storage_options: dict[str, Any] | None = None,
+                   patterns: list[str] | None = None) -> Path:
+    """A local directory for `source`: itself, an `s3://` prefix downloaded once, or a hub snapshot.
+
+    `patterns` (fnmatch on file names) limits a download, e.g. to the tokenizer files.
+    """
     src = str(source)
     if src.startswith("s3://"):
         return _download_s3(src, Path(cache_dir) if cache_dir else default_cache_dir(),
-                            storage_options or {})
+                            storage_options or {}, patterns)
     path = Path(src).expanduser()
     if path.is_dir():
         return path
@@ -52,10 +56,13 @@ def resolve_source(source: str | os.PathLike, cache_dir: str | os.PathLike | Non
         raise CheckpointError(f"checkpoint source {src!r} is a file; give its directory")
     if src.startswith((".", "/", "~")) or src.count("/") != 1:
         raise CheckpointError(f"checkpoint directory {src!r} does not exist")
-    return _download_hub(src, cache_dir)
+    return _download_hub(src, cache_dir, patterns)
 
 
-def _download_s3(uri: str, cache_dir: Path, storage_options: dict[str, Any]) -> Path:
+def _download_s3(uri: str, cache_dir: Path, storage_options: dict[str, Any],
+                 patterns: list[str] | None = None) -> Path:
+    import fnmatch
+
     import s3fs  # only needed for s3:// sources
 
     opts = dict(storage_options)
@@ -66,22 +73,27 @@ def _download_s3(uri: str, cache_dir: Path, storage_options: dict[str, Any]) -> 
     fs = s3fs.S3FileSystem(**opts)
     prefix = uri[len("s3://"):].rstrip("/")
     local = cache_dir / "s3" / prefix
-    done = local / ".complete"
-    if done.exists():
+    done = local / (".complete" if patterns is None else ".complete-" + hashlib.sha1(
+        json.dumps(sorted(patterns)).encode()).hexdigest()[:12])
+    if done.exists() or (local / ".complete").exists():
         return local
     try:
         entries = [e for e in fs.find(prefix, detail=True).values() if e["type"] == "file"]
     except Exception as e:  # noqa: BLE001 - any backend error becomes a clear message
         raise CheckpointError(f"cannot list checkpoint {uri}: {e}") from e
     files = [e["name"] for e in entries if not e["name"].endswith("/")]
-    if not any(f.endswith((".safetensors", INDEX_FILE)) for f in files):
+    if patterns is not None:
+        files = [f for f in files if any(fnmatch.fnmatch(f.rsplit("/", 1)[-1], p) for p in patterns)]
+        if not files:
+            raise CheckpointError(f"no files matching {patterns} under {uri}")
+    elif not any(f.endswith((".safetensors", INDEX_FILE)) for f in files):
         raise CheckpointError(f"no safetensors files under {uri}")
     local.mkdir(parents=True, exist_ok=True)
     for name in files:
         rel = name[len(prefix):].lstrip("/")
         dest = local / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".part")
+        tmp = dest.with_name(f"{dest.name}.part-{os.getpid()}")
         log.info("downloading %s", "s3://" + name)
         fs.get_file(name, str(tmp))
         tmp.replace(dest)
@@ -89,12 +101,13 @@ def _download_s3(uri: str, cache_dir: Path, storage_options: dict[str, Any]) -> 
     return local
 
 
-def _download_hub(repo_id: str, cache_dir: str | os.PathLike | None) -> Path:
+def _download_hub(repo_id: str, cache_dir: str | os.PathLike | None,
+                  patterns: list[str] | None = None) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
         path = snapshot_download(repo_id, cache_dir=cache_dir,
-                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+                                 allow_patterns=patterns or ["*.json", "*.safetensors", "*.model", "*.txt"])
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(
             f"{repo_id!r} is not a local directory and could not be fetched from the Hugging Face hub "
@@ -142,7 +155,7 @@ def read_config(ckpt_dir: Path, files: dict[str, Path] | None = None) -> CogVLMC
     version = 2 if any(k.startswith("model.vision.conv.") for k in files) else 1
     kv_heads = None
     qkv_key = "model.layers.0.self_attn.language_expert_query_key_value.weight"
-    if raw.get("num_multi_query_heads") is None and qkv_key in files:
+    if raw.get("num_multi_query_heads") is None and qkv_key in files and files[qkv_key].exists():
         rows = _shapes(files, {qkv_key})[qkv_key][0]
         hidden = raw["hidden_size"]
         head_dim = hidden // raw["num_attention_heads"]
@@ -177,9 +190,8 @@ def _iter_tensors(files: dict[str, Path], keys: set[str]) -> Iterator[tuple[str,
                 yield k, f.get_tensor(k)
 
 
-def load_state_dict_into(model: CogVLMForCausalLM, files: dict[str, Path], dtype: torch.dtype,
-                         device: torch.device) -> None:
-    """Check every key and shape, then assign converted tensors one by one."""
+def check_keys(model: CogVLMForCausalLM, files: dict[str, Path]) -> set[str]:
+    """Every checkpoint key (bar `inv_freq`) must match a model tensor in name and shape."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     present = {k for k in files if not k.endswith(IGNORED_SUFFIXES)}
     missing = sorted(set(expected) - present)
@@ -197,6 +209,24 @@ def load_state_dict_into(model: CogVLMForCausalLM, files: dict[str, Path], dtype
         if shape != expected[k]:
             raise CheckpointError(f"shape mismatch for {k}: checkpoint {list(shape)}, "
                                   f"model {list(expected[k])}")
+    return present
+
+
+def check_checkpoint(ckpt_dir: str | os.PathLike) -> CogVLMConfig:
+    """Validate a local checkpoint's keys and shapes from the headers alone; return its config."""
+    ckpt_dir = Path(ckpt_dir)
+    files = weight_files(ckpt_dir)
+    config = read_config(ckpt_dir, files)
+    with torch.device("meta"):
+        model = CogVLMForCausalLM(config)
+    check_keys(model, files)
+    return config
+
+
+def load_state_dict_into(model: CogVLMForCausalLM, files: dict[str, Path], dtype: torch.dtype,
+                         device: torch.device) -> None:
+    """Check every key and shape, then assign converted tensors one by one."""
+    present = check_keys(model, files)
     state: dict[str, torch.Tensor] = {}
     for k, t in _iter_tensors(files, present):
         state[k] = t.to(device=device, dtype=dtype)

@@ -1,0 +1,211 @@
+"""The job: plan shards, skip committed ones, stream the Ray Data plan, commit shard by shard.
+
+    shards --read (tasks)--> raw bytes --Preprocess (CPU actors)--> pixels + token ids
+           --Generate (GPU actors)--> one row per (image, prompt) --driver--> data/<shard>.parquet
+
+The driver only receives small text rows; it groups them by shard and commits a shard as soon as
+every prompt of every image of it has come back.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import re
+import signal
+import time
+from collections import Counter, defaultdict
+from typing import Any
+
+import yaml
+
+import cogvlm
+from cogvlm.weights import CheckpointError, check_checkpoint, read_config, resolve_source
+
+from .config import JobConfig, to_dict
+from .ledger import Ledger
+from .readers import InputError, Shard, plan_shards, read_shard
+from .stages import Generate, Preprocess
+from .storage import filesystem, join, s3_options, write_bytes_atomic
+
+log = logging.getLogger("pipeline")
+
+KILL_AFTER_ENV = "COGVLM_KILL_AFTER_SHARDS"  # testing hook: SIGKILL the driver after N commits
+
+
+class JobError(RuntimeError):
+    """The job cannot run as configured (resources, output, checkpoint)."""
+
+
+def new_run_id() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
+
+
+def _redact(d: Any) -> Any:
+    """Drop user:password from URLs in the saved config (credentials never live in the config)."""
+    if isinstance(d, dict):
+        return {k: _redact(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_redact(v) for v in d]
+    if isinstance(d, str):
+        return re.sub(r"(\w+://)[^/@\s]+@", r"\1***@", d)
+    return d
+
+
+def check_output_writable(fs: Any, root: str, uri: str) -> None:
+    probe = join(root, "_runs", f".probe-{os.getpid()}")
+    try:
+        write_bytes_atomic(fs, probe, b"ok")
+        fs.rm(probe)
+    except Exception as e:  # noqa: BLE001
+        raise JobError(f"output {uri} is not writable: {type(e).__name__}: {e}") from e
+
+
+def model_config(cfg: JobConfig) -> cogvlm.CogVLMConfig:
+    """The checkpoint's config, read without loading weights (and checked fully when local)."""
+    try:
+        local = resolve_source(cfg.model.source, cfg.model.cache_dir, s3_options(cfg.s3),
+                               patterns=None if os.path.isdir(cfg.model.source) else
+                               ["config.json", "model.safetensors.index.json"])
+        if os.path.isdir(cfg.model.source):
+            return check_checkpoint(local)
+        return read_config(local)
+    except (CheckpointError, OSError, ValueError) as e:
+        raise JobError(f"model.source {cfg.model.source}: {e}") from e
+
+
+def check_resources(cfg: JobConfig) -> None:
+    import ray
+
+    need = cfg.model.min_replicas * cfg.model.gpus_per_replica
+    have = ray.cluster_resources().get("GPU", 0)
+    if need > 0 and have < need and cfg.model.wait_for_gpus_s <= 0:
+        raise JobError(f"model.min_replicas x model.gpus_per_replica = {need:g} GPUs, but the cluster "
+                       f"has {have:g}. Lower them, use gpus_per_replica=0 for CPU, or set "
+                       f"model.wait_for_gpus_s for an autoscaling cluster.")
+
+
+class ShardTracker:
+    """Collects result rows per shard; a shard is complete when all prompts of all images arrived."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.total: dict[str, int] = {}
+        self.tasks: dict[str, dict[int, int]] = defaultdict(dict)
+        self.got: dict[str, Counter] = defaultdict(Counter)
+        self.done_images: dict[str, int] = Counter()
+
+    def add(self, r: dict[str, Any]) -> str | None:
+        sid = r["shard_id"]
+        i = int(r["image_index"])
+        self.rows[sid].append(r)
+        self.total[sid] = int(r["shard_total"])
+        self.tasks[sid][i] = int(r["image_tasks"])
+        self.got[sid][i] += 1
+        if self.got[sid][i] == self.tasks[sid][i]:
+            self.done_images[sid] += 1
+        return sid if self.done_images[sid] == self.total[sid] else None
+
+    def pop(self, sid: str) -> list[dict[str, Any]]:
+        rows = self.rows.pop(sid)
+        for d in (self.total, self.tasks, self.got, self.done_images):
+            d.pop(sid, None)
+        return rows
+
+
+def build_dataset(cfg: JobConfig, shards: list[Shard], mcfg: cogvlm.CogVLMConfig) -> Any:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.wait_for_min_actors_s = int(cfg.model.wait_for_gpus_s) if cfg.model.wait_for_gpus_s > 0 else 1800
+    input_cfg, s3 = cfg.input, cfg.s3
+
+    def read(batch: Any) -> Any:
+        for sid, uri, files in zip(batch["shard_id"], batch["uri"], batch["files"]):
+            yield from read_shard(Shard(str(sid), str(uri), [str(f) for f in files]), input_cfg, s3)
+
+    ds = ray.data.from_items([s.to_dict() for s in shards], override_num_blocks=len(shards))
+    ds = ds.map_batches(read, batch_size=1, batch_format="pandas")
+    ds = ds.map_batches(Preprocess, fn_constructor_kwargs={"job": cfg, "model_config": mcfg},
+                        compute=ActorPoolStrategy(min_size=1, max_size=max(1, cfg.model.preprocess_workers)),
+                        num_cpus=1, batch_size=16, batch_format="pandas")
+    return ds.map_batches(Generate, fn_constructor_kwargs={"job": cfg, "model_config": mcfg},
+                          compute=ActorPoolStrategy(min_size=cfg.model.min_replicas,
+                                                    max_size=cfg.model.max_replicas),
+                          num_gpus=cfg.model.gpus_per_replica, num_cpus=cfg.model.cpus_per_replica,
+                          batch_size=cfg.model.batch_size, batch_format="pandas")
+
+
+def run(cfg: JobConfig) -> dict[str, Any]:
+    """Run the job to the end (or raise JobError/InputError before any work); returns the summary."""
+    import ray
+
+    t0 = time.perf_counter()
+    run_id = cfg.run_id or new_run_id()
+    out_fs, out_root = filesystem(cfg.output.path, cfg.s3)
+    check_output_writable(out_fs, out_root, cfg.output.path)
+    shards = plan_shards(cfg.input, cfg.s3)
+    ledger = Ledger(out_fs, out_root)
+    done = ledger.done()
+    pending = [s for s in shards if s.shard_id not in done]
+    mcfg = model_config(cfg)
+    if not ray.is_initialized():
+        ray.init()
+    check_resources(cfg)
+    log.info("run %s: %d shards, %d already committed, %d to process", run_id, len(shards),
+             len(shards) - len(pending), len(pending))
+
+    meta = {"project_version": cogvlm.__version__, "run_id": run_id,
+            "timestamp": dt.datetime.now(dt.timezone.utc)}
+    counts: Counter = Counter()
+    images = prompt_tokens = output_tokens = 0
+    committed: list[str] = []
+    kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
+
+    def commit(sid: str, rows: list[dict[str, Any]], source: str) -> None:
+        nonlocal images, prompt_tokens, output_tokens
+        rec = ledger.commit(sid, source, rows, meta)
+        counts.update(r["status"] for r in rows)
+        images += rec["images"]
+        prompt_tokens += sum(int(r["prompt_tokens"]) for r in rows if r["status"] == "ok")
+        output_tokens += sum(int(r["output_tokens"]) for r in rows if r["status"] == "ok")
+        committed.append(sid)
+        log.info("shard %s committed: %d images, %d rows %s (%d/%d)", sid, rec["images"], rec["rows"],
+                 rec["status"], len(committed), len(pending))
+        if kill_after and len(committed) >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    if pending:
+        tracker = ShardTracker()
+        source = {s.shard_id: s.uri for s in pending}
+        for batch in build_dataset(cfg, pending, mcfg).iter_batches(batch_format="pandas", batch_size=None):
+            for r in batch.to_dict("records"):
+                sid = tracker.add(r)
+                if sid is not None:
+                    commit(sid, tracker.pop(sid), source[sid])
+        leftover = [s.shard_id for s in pending if s.shard_id not in committed]
+        for sid in leftover:
+            if sid in tracker.rows:
+                raise JobError(f"shard {sid}: stream ended with {len(tracker.rows[sid])} rows of an "
+                               f"incomplete shard (this is a bug)")
+            commit(sid, [], source[sid])  # a shard with no samples
+
+    wall = time.perf_counter() - t0
+    summary = {
+        "run_id": run_id, "project_version": cogvlm.__version__,
+        "shards_total": len(shards), "shards_skipped": len(shards) - len(pending),
+        "shards_processed": len(committed), "images": images, "rows": sum(counts.values()),
+        "status_counts": dict(counts), "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
+        "wall_s": round(wall, 3), "images_per_s": round(images / wall, 4) if wall else None,
+        "output_tokens_per_s": round(output_tokens / wall, 2) if wall else None,
+        "output": cfg.output.path,
+    }
+    run_dir = join(out_root, "_runs", run_id)
+    write_bytes_atomic(out_fs, join(run_dir, "summary.json"), json.dumps(summary, indent=2).encode())
+    write_bytes_atomic(out_fs, join(run_dir, "config.yaml"),
+                       yaml.safe_dump(_redact(to_dict(cfg)), sort_keys=False).encode())
+    return summary
+

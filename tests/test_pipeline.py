@@ -1,0 +1,246 @@
+"""The Ray Data job end to end: real local Ray, real S3 server on loopback, real Parquet and tars."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import boto3
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import ConfigError, InputError, JobError, load_config, run
+from pipeline.run import KILL_AFTER_ENV
+
+from .data import bad_images, good_image, webdataset_shards
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def job(ckpt, tok, inp, out, **sections) -> dict:
+    cfg = {
+        "input": {"path": str(inp)},
+        "output": {"path": str(out)},
+        "model": {"source": str(ckpt), "tokenizer": str(tok), "dtype": "fp32", "gpus_per_replica": 0,
+                  "batch_size": 4, "preprocess_workers": 1},
+        "tasks": {"caption": {"max_new_tokens": 6}},
+    }
+    for k, v in sections.items():
+        if k == "tasks":
+            cfg["tasks"] = v  # listing tasks enables exactly those
+        else:
+            cfg.setdefault(k, {}).update(v)
+    return cfg
+
+
+def s3_client(endpoint):
+    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
+                        aws_secret_access_key="testing", region_name="us-east-1")
+
+
+def upload_dir(client, bucket: str, local: Path, prefix: str) -> None:
+    for f in sorted(local.rglob("*")):
+        if f.is_file():
+            client.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(local).as_posix()}")
+
+
+def read_output_s3(endpoint: str, uri: str) -> pd.DataFrame:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": endpoint})
+    files = sorted(fs.glob(uri.replace("s3://", "") + "/data/*.parquet"))
+    return pd.concat([pq.read_table(fs.open(f, "rb")).to_pandas() for f in files], ignore_index=True)
+
+
+def test_webdataset_on_s3_with_bad_images_all_tasks(ray_cluster, ckpt_v1, tokenizer_v1, s3_bucket, tmp_path):
+    bucket, endpoint = s3_bucket
+    expected = webdataset_shards(tmp_path / "in", n_shards=3, per_shard=3, bad=True)
+    client = s3_client(endpoint)
+    upload_dir(client, bucket, tmp_path / "in", "shards")
+    client.put_object(Bucket=bucket, Key="shards/", Body=b"")  # a directory marker, as pyarrow writes
+    tasks = {"caption": {"max_new_tokens": 6},
+             "vqa": {"questions": ["What color is it?", "How many objects?"], "max_new_tokens": 4},
+             "grounding": {"max_new_tokens": 10}}
+    cfg = load_config(data=job(ckpt_v1, tokenizer_v1, f"s3://{bucket}/shards", f"s3://{bucket}/out",
+                               tasks=tasks, s3={"endpoint_url": endpoint}))
+    summary = run(cfg)
+    df = read_output_s3(endpoint, f"s3://{bucket}/out")
+
+    # exactly one row per image and prompt (caption, 2 questions, grounding), nothing else
+    assert len(df) == 4 * len(expected)
+    assert Counter(zip(df.key, df.task)) == Counter(
+        {(k, t): n for k in expected for t, n in (("caption", 1), ("vqa", 2), ("grounding", 1))})
+    assert not df.duplicated(["key", "task_index"]).any()
+    got = df.groupby("key").status.agg(lambda s: set(s))
+    for key, status in expected.items():
+        assert got[key] == {status}, (key, got[key])
+    bad = {k for k, s in expected.items() if s != "ok"}
+    assert df[df.key.isin(bad)].error_message.notna().all()
+    assert df[df.key.isin(bad)].response.isna().all()
+    ok = df[df.status == "ok"]
+    assert ok.response.notna().all() and (ok.output_tokens > 0).all()
+    assert set(ok.finish_reason) <= {"stop", "length"}
+    assert ok.source_uri.str.startswith(f"s3://{bucket}/shards/").all()
+    # grounding rows carry structured boxes (possibly empty) and the parse errors, others none
+    g = ok[ok.task == "grounding"]
+    assert g.boxes.map(lambda b: b is not None).all() and g.box_errors.map(lambda b: b is not None).all()
+    assert ok[ok.task != "grounding"].boxes.isna().all()
+    # model identity, settings, run fields; heavy columns never reach the output
+    assert set(df.model_source) == {str(ckpt_v1)} and df.model_fingerprint.str.len().eq(16).all()
+    assert json.loads(ok.generation_settings.iloc[0])["max_new_tokens"] in (4, 6, 10)
+    assert set(df.run_id) == {summary["run_id"]}
+    assert not {"image", "pixels", "prompt_ids"} & set(df.columns)
+    # summary printed/written beside the outputs; deterministic file names per shard
+    assert summary["images"] == len(expected) and summary["shards_processed"] == 3
+    assert summary["status_counts"]["ok"] == 4 * sum(s == "ok" for s in expected.values())
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]}
+    assert {"out/data/00000.parquet", "out/data/00001.parquet", "out/data/00002.parquet"} <= keys
+    assert f"out/_runs/{summary['run_id']}/summary.json" in keys
+    saved = client.get_object(Bucket=bucket, Key=f"out/_runs/{summary['run_id']}/config.yaml")["Body"].read()
+    assert b"testing" not in saved  # no credentials in the saved config
+
+
+def test_parquet_input_with_bytes_and_with_uris(ray_cluster, ckpt_v1, tokenizer_v1, tmp_path):
+    import pyarrow as pa
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    # file 1: image bytes + a per-row questions column (list, string, and none)
+    pq.write_table(pa.table({
+        "id": ["a", "b", "c"],
+        "image": [good_image(1), good_image(2), b"garbage"],
+        "qs": [["Is it red?", "Is it big?"], ["Is it small?"], []],
+    }), inp / "bytes.parquet")
+    cfg = load_config(data=job(ckpt_v1, tokenizer_v1, inp, tmp_path / "out1",
+                               input={"format": "parquet", "key_column": "id", "questions_column": "qs"},
+                               tasks={"vqa": {"questions": ["What is it?"], "max_new_tokens": 3}}))
+    run(cfg)
+    df = pd.read_parquet(tmp_path / "out1" / "data")
+    assert Counter(df.key) == {"a": 3, "b": 2, "c": 1}
+    assert df[df.key == "a"].prompt.tolist() == ["What is it?", "Is it red?", "Is it big?"]
+    assert set(df[df.key == "c"].status) == {"decode_error"}
+
+    # file 2: URIs to images (one missing file), no per-row questions
+    for i in range(3):
+        (imgs / f"{i}.png").write_bytes(good_image(10 + i, fmt="PNG"))
+    inp2 = tmp_path / "in2"
+    inp2.mkdir()
+    uris = [str(imgs / "0.png"), str(imgs / "1.png"), str(imgs / "missing.png"), str(imgs / "2.png")]
+    pq.write_table(pa.table({"uri": uris}), inp2 / "uris.parquet")
+    cfg = load_config(data=job(ckpt_v1, tokenizer_v1, inp2, tmp_path / "out2",
+                               input={"format": "parquet", "uri_column": "uri"}))
+    summary = run(cfg)
+    df = pd.read_parquet(tmp_path / "out2" / "data")
+    assert df.key.tolist() == [f"uris-{i:06d}" for i in range(4)]
+    assert df.status.tolist() == ["ok", "ok", "read_error", "ok"]
+    assert "missing.png" in df.error_message[2] or "No such file" in df.error_message[2]
+    assert summary["status_counts"] == {"ok": 3, "read_error": 1}
+
+
+def test_local_folder_readable_by_pandas_and_duckdb(ray_cluster, ckpt_v2, tmp_path):
+    import duckdb
+
+    inp = tmp_path / "folder"
+    (inp / "sub").mkdir(parents=True)
+    for i in range(5):
+        (inp / f"img{i}.jpg").write_bytes(good_image(20 + i))
+    (inp / "sub" / "deep.webp").write_bytes(good_image(30, fmt="WEBP"))
+    (inp / "notes.txt").write_text("not an image: ignored by the folder reader")
+    cfg = load_config(data=job(ckpt_v2, ckpt_v2, inp, tmp_path / "out",
+                               input={"format": "folder", "images_per_shard": 4}))
+    summary = run(cfg)
+    assert summary["shards_processed"] == 2 and summary["images"] == 6
+    df = pd.read_parquet(tmp_path / "out" / "data")
+    assert sorted(df.key) == sorted([f"img{i}" for i in range(5)] + ["sub/deep"])
+    assert (df.status == "ok").all()
+    con = duckdb.connect()
+    n = con.execute(f"select count(*) from read_parquet('{tmp_path / 'out' / 'data'}/*.parquet')").fetchone()[0]
+    assert n == 6
+    # a rerun finds everything committed and does no work
+    again = run(cfg)
+    assert again["shards_skipped"] == 2 and again["shards_processed"] == 0 and again["images"] == 0
+
+
+def test_killed_run_resumes_without_duplicates_or_recomputation(ray_cluster, ckpt_v1, tokenizer_v1, tmp_path):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    expected = webdataset_shards(inp, n_shards=5, per_shard=2)
+    cfg_path = tmp_path / "job.yaml"
+    import yaml
+
+    cfg_path.write_text(yaml.safe_dump(job(ckpt_v1, tokenizer_v1, inp, out)))
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster, **{KILL_AFTER_ENV: "2"})
+    proc = subprocess.run([sys.executable, "-m", "jobs.caption", "--config", str(cfg_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-3000:]  # SIGKILLed after two commits
+    first = {p.stem: json.loads(p.read_text()) for p in (out / "_ledger").glob("*.json")}
+    assert len(first) == 2
+    first_files = {sid: (out / "data" / f"{sid}.parquet").stat().st_mtime_ns for sid in first}
+
+    summary = run(load_config(cfg_path))
+    assert summary["shards_skipped"] == 2 and summary["shards_processed"] == 3
+    df = pd.read_parquet(out / "data")
+    assert sorted(df.key) == sorted(expected) and not df.key.duplicated().any()
+    for sid, rec in first.items():  # committed shards were not recomputed
+        assert json.loads((out / "_ledger" / f"{sid}.json").read_text())["run_id"] == rec["run_id"]
+        assert (out / "data" / f"{sid}.parquet").stat().st_mtime_ns == first_files[sid]
+    assert set(df[df.shard_id.isin(first)].run_id) == {rec["run_id"] for rec in first.values()}
+
+
+def test_config_and_setup_errors_fail_fast_and_name_the_problem(ray_cluster, ckpt_v1, tokenizer_v1, tmp_path):
+    inp = tmp_path / "in"
+    webdataset_shards(inp, n_shards=1, per_shard=1)
+    base = job(ckpt_v1, tokenizer_v1, inp, tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"unknown config key model\.batchsize"):
+        load_config(data=base, overrides=["model.batchsize=3"])
+    with pytest.raises(ConfigError, match=r"unknown config key tasks\.caption\.max_tokens"):
+        load_config(data=job(ckpt_v1, tokenizer_v1, inp, tmp_path / "o", tasks={"caption": {"max_tokens": 3}}))
+    with pytest.raises(ConfigError, match=r"model\.batch_size must be an integer"):
+        load_config(data=base, overrides=["model.batch_size=2.5"])
+    with pytest.raises(ConfigError, match=r"input\.format"):
+        load_config(data=base, overrides=["input.format=zip"])
+    with pytest.raises(InputError, match="does not exist"):
+        run(load_config(data=base, overrides=[f"input.path={tmp_path / 'nowhere'}"]))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match=r"no \.tar files"):
+        run(load_config(data=base, overrides=[f"input.path={tmp_path / 'empty'}"]))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(JobError, match="not writable"):
+        run(load_config(data=base, overrides=[f"output.path={tmp_path / 'afile' / 'out'}"]))
+    with pytest.raises(JobError, match=r"4 GPUs, but the cluster has 0"):
+        run(load_config(data=base, overrides=["model.gpus_per_replica=2", "model.min_replicas=2",
+                                              "model.max_replicas=2"]))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((ckpt_v1 / "config.json").read_text())
+    with pytest.raises(JobError, match=r"model\.source .*safetensors"):
+        run(load_config(data=base, overrides=[f"model.source={broken}"]))
+    # the CLI turns these into one line on stderr and exit code 2
+    cfg_path = tmp_path / "bad.yaml"
+    cfg_path.write_text("input: {path: x}\nmodle: {}\n")
+    proc = subprocess.run([sys.executable, "-m", "jobs.caption", "--config", str(cfg_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown config key modle" in proc.stderr
+
+
+def test_preprocess_stage_called_directly(ckpt_v1, tokenizer_v1, tmp_path):
+    """Stages are plain classes: call one on a DataFrame without Ray."""
+    from cogvlm.weights import read_config
+    from pipeline.stages import Preprocess
+
+    cfg = load_config(data=job(ckpt_v1, tokenizer_v1, tmp_path, tmp_path / "o",
+                               input={"max_image_pixels": 64 * 64}))
+    stage = Preprocess(cfg, read_config(ckpt_v1))
+    rows = [{"shard_id": "s", "source_uri": "u", "shard_total": 3, "image_index": i, "key": k,
+             "image": data, "image_uri": None, "questions": None, "read_error": None}
+            for i, (k, data) in enumerate([("ok", good_image(1)), ("big", good_image(2, (65, 64))),
+                                           ("bad", bad_images()["truncated"][1])])]
+    out = Preprocess.__call__(stage, pd.DataFrame(rows))
+    assert out.status.tolist() == ["ok", "image_too_large", "decode_error"]
+    assert len(out.pixels[0]) == 3 * 56 * 56 * 4 and out.pixels[1] is None
