@@ -35,13 +35,25 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def resize_image(image: Image.Image, image_size: int) -> np.ndarray:
+    """(S, S, 3) uint8: RGB, bicubic resize (PIL, antialiased). A quarter of the float bytes, so
+    this is what travels between pipeline stages; `normalize` finishes the job on the device."""
+    image = to_rgb(image).resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return np.array(image, dtype=np.uint8)  # a writable copy
+
+
+def normalize(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(..., S, S, 3) uint8 -> (..., 3, S, S) float32: [0, 1], then CLIP mean/std."""
+    x = torch.as_tensor(pixels).float() / 255.0
+    x = x.movedim(-1, -3)  # channels first
+    mean = torch.tensor(IMAGE_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGE_STD, device=x.device).view(3, 1, 1)
+    return (x - mean) / std
+
+
 def preprocess_image(image: Image.Image, image_size: int) -> torch.Tensor:
     """(3, S, S) float32: RGB, bicubic resize (PIL, antialiased), [0, 1], CLIP normalization."""
-    image = to_rgb(image).resize((image_size, image_size), Image.Resampling.BICUBIC)
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
-    mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGE_STD).view(3, 1, 1)
-    return (x - mean) / std
+    return normalize(resize_image(image, image_size))
 
 
 def open_image(data: bytes | str | os.PathLike | Image.Image, *, max_pixels: int | None = None) -> Image.Image:

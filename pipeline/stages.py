@@ -19,7 +19,7 @@ from PIL import Image
 
 from cogvlm import CogVLMProcessor, build_prompt, collate, generate, load_model, open_image, parse_boxes
 from cogvlm.config import CogVLMConfig
-from cogvlm.processor import Sample, preprocess_image
+from cogvlm.processor import Sample, normalize, resize_image
 from cogvlm.weights import resolve_source, weights_fingerprint
 
 from .config import JobConfig
@@ -69,7 +69,7 @@ class Preprocess:
     def _pixels(self, data: bytes) -> tuple[np.ndarray, int, int]:
         image = open_image(data, max_pixels=self.job.input.max_image_pixels)
         w, h = image.size
-        return preprocess_image(image, self.config.image_size).numpy(), w, h
+        return resize_image(image, self.config.image_size), w, h  # uint8 (S, S, 3)
 
     def prompts(self, questions: str | None) -> list[Prompt]:
         return expand(self.job.tasks, self.config.template_version, questions)
@@ -119,6 +119,8 @@ class Generate:
     def __init__(self, job: JobConfig, model_config: CogVLMConfig) -> None:
         self.job = job
         device = "cuda" if job.model.gpus_per_replica > 0 else "cpu"
+        if device == "cpu":  # use the CPUs this replica reserved
+            torch.set_num_threads(max(1, int(job.model.cpus_per_replica)))
         self.model = load_model(job.model.source, dtype=job.model.dtype, device=device,
                                 cache_dir=job.model.cache_dir, storage_options=s3_options(job.s3))
         self.config = self.model.config
@@ -135,8 +137,9 @@ class Generate:
         feats: list[torch.Tensor] = []
         bs = self.job.model.batch_size
         for i in range(0, len(rows), bs):
-            px = torch.stack([torch.from_numpy(np.frombuffer(r["pixels"], dtype=np.float32).reshape(3, S, S).copy())
-                              for r in rows[i:i + bs]])
+            px = np.stack([np.frombuffer(r["pixels"], dtype=np.uint8).reshape(S, S, 3)
+                           for r in rows[i:i + bs]])  # (N, S, S, 3) uint8
+            px = normalize(torch.from_numpy(px).to(self.model.device))  # (N, 3, S, S) float32
             feats.extend(self.model.encode_images(px).unbind(0))
         return feats
 

@@ -160,6 +160,16 @@ def test_local_folder_readable_by_pandas_and_duckdb(ray_cluster, ckpt_v2, tmp_pa
     df = pd.read_parquet(tmp_path / "out" / "data")
     assert sorted(df.key) == sorted([f"img{i}" for i in range(5)] + ["sub/deep"])
     assert (df.status == "ok").all()
+    # the pipeline's answer equals the engine's, run directly on the same image and prompt
+    from cogvlm import CogVLMProcessor, generate, load_model
+    from pipeline.tasks import DEFAULT_CAPTION_PROMPT
+
+    model = load_model(ckpt_v2, dtype="fp32")
+    proc = CogVLMProcessor.from_pretrained(ckpt_v2)
+    b = proc.collate([proc.build_inputs(DEFAULT_CAPTION_PROMPT, (inp / "img3.jpg").read_bytes())])
+    direct = generate(model, **b.as_kwargs(), max_new_tokens=6)
+    row = df[df.key == "img3"].iloc[0]
+    assert row.response == proc.decode(direct.tokens[0]) and row.output_tokens == direct.num_tokens[0]
     con = duckdb.connect()
     n = con.execute(f"select count(*) from read_parquet('{tmp_path / 'out' / 'data'}/*.parquet')").fetchone()[0]
     assert n == 6
@@ -243,4 +253,4 @@ def test_preprocess_stage_called_directly(ckpt_v1, tokenizer_v1, tmp_path):
                                            ("bad", bad_images()["truncated"][1])])]
     out = Preprocess.__call__(stage, pd.DataFrame(rows))
     assert out.status.tolist() == ["ok", "image_too_large", "decode_error"]
-    assert len(out.pixels[0]) == 3 * 56 * 56 * 4 and out.pixels[1] is None
+    assert len(out.pixels[0]) == 3 * 56 * 56 and out.pixels[1] is None  # uint8 (S, S, 3)
