@@ -78,7 +78,7 @@ def main() -> None:
         }
         torch.set_num_threads(a.cpus)
         loop_s = in_process(load_config(data=dict(data, output={"path": str(root / "out-loop")})))
-        ray.init(num_cpus=a.cpus + 2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=a.cpus + 2, include_dashboard=False, log_to_driver=False)
         t0 = time.perf_counter()
         summary = run(load_config(data=dict(data, output={"path": str(root / "out-ray")})))
         ray_s = time.perf_counter() - t0

@@ -104,12 +104,21 @@ class JobConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     s3: S3Config = field(default_factory=S3Config)
     run_id: str | None = None  # default: a timestamp
+    # batch: process every shard without a ledger marker. enrich: the same, for an input prefix
+    # that keeps growing, with claims so that overlapping runs split the new shards.
+    mode: str = "batch"
+    claim_ttl_s: float = 600.0  # enrich: a claim not refreshed for this long is taken over
 
     def validate(self) -> "JobConfig":
         if not self.input.path:
             raise ConfigError("input.path is required")
         if self.input.format not in ("webdataset", "parquet", "folder"):
             raise ConfigError(f"input.format must be webdataset, parquet or folder, got {self.input.format!r}")
+        if self.mode not in ("batch", "enrich"):
+            raise ConfigError(f"mode must be batch or enrich, got {self.mode!r}")
+        if self.mode == "enrich" and self.input.format == "folder":
+            raise ConfigError("mode enrich needs input.format webdataset or parquet: folder shards are "
+                              "chunks of a listing, which shift when files are added")
         if not self.output.path:
             raise ConfigError("output.path is required")
         if not self.model.source:

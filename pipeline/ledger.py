@@ -5,6 +5,7 @@ Layout under the output prefix:
     data/<shard_id>.parquet      all rows of one input shard (written whole, then...)
     _ledger/<shard_id>.json      ...this marker: the shard is committed (counts, run id, file)
     _runs/<run_id>/summary.json  one per run, with the resolved config beside it
+    _claims/<shard_id>.json      enrich mode: a live run's lease on a shard it is processing
 
 A rerun skips shards with a marker. A kill between the two writes leaves a data file without a
 marker; the rerun rewrites the same file name, so nothing is duplicated.
@@ -20,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .storage import join, write_bytes_atomic
+from .storage import create_exclusive, join, write_bytes_atomic
 
 BOX = pa.struct([("phrase", pa.string()), ("x0", pa.float32()), ("y0", pa.float32()),
                  ("x1", pa.float32()), ("y1", pa.float32()), ("x0_px", pa.int32()),
@@ -111,6 +112,10 @@ class Ledger:
         names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.dir, detail=False)]
         return {n[: -len(".json")] for n in names if n.endswith(".json")}
 
+    def is_done(self, shard_id: str) -> bool:
+        """A fresh check of one shard's marker."""
+        return bool(self.fs.exists(join(self.dir, f"{shard_id}.json")))
+
     def data_path(self, shard_id: str) -> str:
         return join(self.root, "data", f"{shard_id}.parquet")
 
@@ -130,3 +135,57 @@ class Ledger:
         }
         write_bytes_atomic(self.fs, join(self.dir, f"{shard_id}.json"), json.dumps(record).encode())
         return record
+
+
+class Claims:
+    """Leases on shards so that concurrent runs split the pending work instead of doubling it.
+
+    A claim is created exclusively (S3 conditional PUT / O_EXCL). Its owner refreshes it every
+    `ttl_s / 3` (`refresh`) and deletes it after the commit; a claim not refreshed for `ttl_s`
+    (its run died) may be taken over. Two runs racing for an expired claim both overwrite it and
+    re-read it: the one whose id is not there backs off. Even if two runs did process one shard,
+    its output file name is deterministic, so rows are never duplicated.
+    """
+
+    def __init__(self, fs: Any, root: str, run_id: str, ttl_s: float = 600.0) -> None:
+        self.fs, self.run_id, self.ttl_s = fs, run_id, ttl_s
+        self.dir = join(root, "_claims")
+        self.held: set[str] = set()
+
+    def _path(self, shard_id: str) -> str:
+        return join(self.dir, f"{shard_id}.json")
+
+    def _record(self) -> bytes:
+        now = dt.datetime.now(dt.timezone.utc).timestamp()
+        return json.dumps({"run_id": self.run_id, "expires_at": now + self.ttl_s}).encode()
+
+    def _owner(self, shard_id: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.fs.cat_file(self._path(shard_id)))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def acquire(self, shard_id: str) -> bool:
+        path = self._path(shard_id)
+        if not create_exclusive(self.fs, path, self._record()):
+            owner = self._owner(shard_id)
+            now = dt.datetime.now(dt.timezone.utc).timestamp()
+            if owner is not None and owner.get("expires_at", 0) > now and owner.get("run_id") != self.run_id:
+                return False
+            write_bytes_atomic(self.fs, path, self._record())  # take over an expired claim
+            owner = self._owner(shard_id)
+            if owner is None or owner.get("run_id") != self.run_id:
+                return False
+        self.held.add(shard_id)
+        return True
+
+    def refresh(self) -> None:
+        for sid in list(self.held):
+            write_bytes_atomic(self.fs, self._path(sid), self._record())
+
+    def release(self, shard_id: str) -> None:
+        self.held.discard(shard_id)
+        try:
+            self.fs.rm(self._path(shard_id))
+        except FileNotFoundError:
+            pass

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import signal
+import threading
 import time
 from collections import Counter, defaultdict
 from typing import Any
@@ -25,7 +26,7 @@ import cogvlm
 from cogvlm.weights import CheckpointError, check_checkpoint, read_config, resolve_source
 
 from .config import JobConfig, to_dict
-from .ledger import Ledger
+from .ledger import Claims, Ledger
 from .readers import InputError, Shard, plan_shards, read_shard
 from .stages import Generate, Preprocess
 from .storage import filesystem, join, s3_options, write_bytes_atomic
@@ -154,12 +155,45 @@ def run(cfg: JobConfig) -> dict[str, Any]:
     ledger = Ledger(out_fs, out_root)
     done = ledger.done()
     pending = [s for s in shards if s.shard_id not in done]
+    claims = Claims(out_fs, out_root, run_id, cfg.claim_ttl_s) if cfg.mode == "enrich" else None
+    base = {"run_id": run_id, "mode": cfg.mode, "project_version": cogvlm.__version__,
+            "shards_total": len(shards), "shards_skipped": len(shards) - len(pending)}
+    if not pending:
+        log.info("run %s: all %d shards are already committed; nothing new to process", run_id, len(shards))
+        return _finish(cfg, out_fs, out_root, dict(base, shards_processed=0, shards=[], images=0, rows=0,
+                                                   status_counts={}, message="nothing new to process",
+                                                   wall_s=round(time.perf_counter() - t0, 3)))
     mcfg = model_config(cfg)
     if not ray.is_initialized():
         ray.init()
     check_resources(cfg)
-    log.info("run %s: %d shards, %d already committed, %d to process", run_id, len(shards),
-             len(shards) - len(pending), len(pending))
+    busy: list[str] = []
+    if claims is not None:
+        mine = []
+        for s in pending:
+            if claims.acquire(s.shard_id):
+                if ledger.is_done(s.shard_id):  # committed by another run since we listed
+                    claims.release(s.shard_id)
+                    continue
+                mine.append(s)
+            else:
+                busy.append(s.shard_id)
+        pending = mine
+        if not pending:
+            log.info("run %s: the %d new shards are claimed by other runs; nothing to do", run_id, len(busy))
+            return _finish(cfg, out_fs, out_root, dict(
+                base, shards_claimed_elsewhere=len(busy), shards_processed=0, shards=[], images=0,
+                rows=0, status_counts={}, message="new shards are being processed by other runs",
+                wall_s=round(time.perf_counter() - t0, 3)))
+    log.info("run %s: %d shards, %d already committed, %d claimed by other runs, %d to process",
+             run_id, len(shards), len(shards) - len(pending) - len(busy), len(busy), len(pending))
+    stop_heartbeat = threading.Event()
+    if claims is not None:
+        def heartbeat() -> None:
+            while not stop_heartbeat.wait(max(1.0, cfg.claim_ttl_s / 3)):
+                claims.refresh()
+
+        threading.Thread(target=heartbeat, name="claims-heartbeat", daemon=True).start()
 
     meta = {"project_version": cogvlm.__version__, "run_id": run_id,
             "timestamp": dt.datetime.now(dt.timezone.utc)}
@@ -177,6 +211,8 @@ def run(cfg: JobConfig) -> dict[str, Any]:
         prompt_tokens += sum(int(r["prompt_tokens"]) for r in rows if r["status"] == "ok")
         output_tokens += sum(int(r["output_tokens"]) for r in rows if r["status"] == "ok")
         committed.append(sid)
+        if claims is not None:
+            claims.release(sid)
         if not first_commit:
             first_commit.extend([time.perf_counter() - t0, images])
         log.info("shard %s committed: %d images, %d rows %s (%d/%d)", sid, rec["images"], rec["rows"],
@@ -184,7 +220,7 @@ def run(cfg: JobConfig) -> dict[str, Any]:
         if kill_after and len(committed) >= kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    if pending:
+    try:
         tracker = ShardTracker()
         source = {s.shard_id: s.uri for s in pending}
         for batch in build_dataset(cfg, pending, mcfg).iter_batches(batch_format="pandas", batch_size=None):
@@ -198,24 +234,34 @@ def run(cfg: JobConfig) -> dict[str, Any]:
                 raise JobError(f"shard {sid}: stream ended with {len(tracker.rows[sid])} rows of an "
                                f"incomplete shard (this is a bug)")
             commit(sid, [], source[sid])  # a shard with no samples
+    finally:
+        stop_heartbeat.set()
+        if claims is not None:
+            for sid in list(claims.held):
+                claims.release(sid)
 
     wall = time.perf_counter() - t0
-    summary = {
-        "run_id": run_id, "project_version": cogvlm.__version__,
-        "shards_total": len(shards), "shards_skipped": len(shards) - len(pending),
-        "shards_processed": len(committed), "images": images, "rows": sum(counts.values()),
-        "status_counts": dict(counts), "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
-        "wall_s": round(wall, 3), "images_per_s": round(images / wall, 4) if wall else None,
+    summary = dict(
+        base,
+        shards_skipped=len(shards) - len(pending) - len(busy),
+        shards_claimed_elsewhere=len(busy), shards_processed=len(committed), shards=committed,
+        images=images, rows=sum(counts.values()), status_counts=dict(counts),
+        prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+        wall_s=round(wall, 3), images_per_s=round(images / wall, 4) if wall else None,
+        output_tokens_per_s=round(output_tokens / wall, 2) if wall else None,
         # time to the first committed shard (startup: actors, model load), and the rate after it
-        "first_commit_s": round(first_commit[0], 3) if first_commit else None,
-        "steady_images_per_s": (round((images - first_commit[1]) / (wall - first_commit[0]), 4)
-                                if first_commit and wall > first_commit[0] else None),
-        "output_tokens_per_s": round(output_tokens / wall, 2) if wall else None,
-        "output": cfg.output.path,
-    }
-    run_dir = join(out_root, "_runs", run_id)
+        first_commit_s=round(first_commit[0], 3) if first_commit else None,
+        steady_images_per_s=(round((images - first_commit[1]) / (wall - first_commit[0]), 4)
+                             if first_commit and wall > first_commit[0] else None),
+    )
+    return _finish(cfg, out_fs, out_root, summary)
+
+
+def _finish(cfg: JobConfig, out_fs: Any, out_root: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """Write the run's record (summary + redacted resolved config) beside the outputs."""
+    summary["output"] = cfg.output.path
+    run_dir = join(out_root, "_runs", summary["run_id"])
     write_bytes_atomic(out_fs, join(run_dir, "summary.json"), json.dumps(summary, indent=2).encode())
     write_bytes_atomic(out_fs, join(run_dir, "config.yaml"),
                        yaml.safe_dump(_redact(to_dict(cfg)), sort_keys=False).encode())
     return summary
-

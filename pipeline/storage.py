@@ -67,3 +67,24 @@ def list_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
         return [root]
     found = fs.find(root, detail=True)
     return sorted(p for p, info in found.items() if info.get("type") == "file" and not p.endswith("/"))
+
+
+def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    """Create `path` only if it does not exist (S3 conditional PUT / O_EXCL). True if we created it."""
+    if to_uri(fs, path).startswith("s3://"):
+        try:
+            fs.pipe_file(path, data, mode="create")
+            return True
+        except (FileExistsError, OSError) as e:
+            if isinstance(e, FileExistsError) or "PreconditionFailed" in str(e) or "412" in str(e) \
+                    or getattr(e, "errno", None) == 22:
+                return False
+            raise
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return True

@@ -115,7 +115,7 @@ def ray_cluster():
     """One local Ray for the whole run (init ~4 s); yields its GCS address."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         yield ray.get_runtime_context().gcs_address
     finally:

@@ -254,3 +254,67 @@ def test_preprocess_stage_called_directly(ckpt_v1, tokenizer_v1, tmp_path):
     out = Preprocess.__call__(stage, pd.DataFrame(rows))
     assert out.status.tolist() == ["ok", "image_too_large", "decode_error"]
     assert len(out.pixels[0]) == 3 * 56 * 56 and out.pixels[1] is None  # uint8 (S, S, 3)
+
+
+def test_enrich_processes_only_new_shards_and_records_runs(ray_cluster, ckpt_v1, tokenizer_v1, tmp_path):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    first = webdataset_shards(inp, n_shards=2, per_shard=2)
+    cfg = load_config(data=job(ckpt_v1, tokenizer_v1, inp, out), overrides=["mode=enrich"])
+    s1 = run(cfg)
+    assert s1["shards"] == ["00000", "00001"] and s1["images"] == 4
+    # new shards land under the prefix
+    from .data import good_image, write_tar
+
+    write_tar(inp / "00002.tar", [("new0", "jpg", good_image(500), None), ("new1", "png", good_image(501, fmt="PNG"), None)])
+    s2 = run(cfg)
+    assert s2["shards"] == ["00002"] and s2["shards_skipped"] == 2 and s2["images"] == 2
+    s3 = run(cfg)
+    assert s3["shards_processed"] == 0 and s3["message"] == "nothing new to process"
+    df = pd.read_parquet(out / "data")
+    assert sorted(df.key) == sorted(list(first) + ["new0", "new1"]) and not df.key.duplicated().any()
+    runs = {p.name: json.loads((p / "summary.json").read_text()) for p in (out / "_runs").iterdir()}
+    assert {r["run_id"] for r in runs.values()} == {s1["run_id"], s2["run_id"], s3["run_id"]}
+    assert all(r["mode"] == "enrich" for r in runs.values())
+    assert not list((out / "_claims").glob("*.json"))  # claims are released after commit
+
+
+def test_overlapping_enrich_runs_split_the_work(ray_cluster, ckpt_v1, tokenizer_v1, tmp_path):
+    import yaml
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    expected = webdataset_shards(inp, n_shards=4, per_shard=2)
+    cfg_path = tmp_path / "job.yaml"
+    cfg_path.write_text(yaml.safe_dump(job(ckpt_v1, tokenizer_v1, inp, out)))
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster)
+    cmd = [sys.executable, "-m", "jobs.caption", "--config", str(cfg_path), "--mode", "enrich"]
+    procs = [subprocess.Popen(cmd + [f"run_id=overlap-{i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    summaries = [json.loads(o[0][o[0].index("{"):]) for o in outs]
+    taken = [set(s["shards"]) for s in summaries]
+    assert not taken[0] & taken[1] and taken[0] | taken[1] == {f"{i:05d}" for i in range(4)}
+    df = pd.read_parquet(out / "data")
+    assert sorted(df.key) == sorted(expected) and not df.key.duplicated().any()
+
+
+def test_claims_respect_live_leases_and_take_over_expired_ones(tmp_path):
+    import fsspec
+
+    from pipeline.ledger import Claims
+
+    fs = fsspec.filesystem("file")
+    a = Claims(fs, str(tmp_path), "run-a", ttl_s=60)
+    b = Claims(fs, str(tmp_path), "run-b", ttl_s=60)
+    assert a.acquire("s1") and not b.acquire("s1")
+    dead = Claims(fs, str(tmp_path), "run-dead", ttl_s=-1)  # its claims are born expired
+    assert dead.acquire("s2") and b.acquire("s2")
+    assert json.loads((tmp_path / "_claims" / "s2.json").read_text())["run_id"] == "run-b"
+    a.release("s1")
+    assert b.acquire("s1")
+
+
+def test_enrich_rejects_folder_input(ckpt_v1, tokenizer_v1, tmp_path):
+    with pytest.raises(ConfigError, match="mode enrich needs"):
+        load_config(data=job(ckpt_v1, tokenizer_v1, tmp_path, tmp_path / "o", input={"format": "folder"}),
+                    overrides=["mode=enrich"])
