@@ -23,8 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cogvlm.config import CogVLMConfig, preset  # noqa: E402
 from cogvlm.decoder import CogVLMForCausalLM  # noqa: E402
-from cogvlm.generate import generate  # noqa: E402
-from cogvlm.processor import Sample, collate  # noqa: E402
+from cogvlm.engine import Engine, Request  # noqa: E402
 from cogvlm.tiny import init_random_  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -80,7 +79,7 @@ class Result:
     decode_ms_per_step: float
 
 
-def workload_prompts(name: str, new_tokens: int) -> list[tuple[int, int]]:
+def workload_prompts(name: str, new_tokens: int) -> list[tuple[int, int]]:  # noqa: D103
     """(prompt text tokens, new tokens) per prompt of one image."""
     if name == "caption":
         return [(20, new_tokens)]
@@ -90,36 +89,42 @@ def workload_prompts(name: str, new_tokens: int) -> list[tuple[int, int]]:
 
 
 def run(cfg_name: str, workload: str, batch: int, n_images: int, new_tokens: int,
-        dtype: torch.dtype, device: torch.device, warmup: int = 1) -> Result:
+        dtype: torch.dtype, device: torch.device, share: bool = True, compile: bool = False,
+        kv_cache_gb: float | None = None, warmup: int = 1) -> Result:
+    """`batch` images per engine call; each image's prompts are decoded together (prefix shared,
+    unless `share=False`, which gives every prompt its own copy of the image: the 4x baseline)."""
     cfg = preset(cfg_name)
     model = build_random(cfg, dtype, device)
+    engine = Engine(model, kv_cache_gb=kv_cache_gb, vision_batch_size=batch, compile=compile)
     g = torch.Generator().manual_seed(0)
     prompts = workload_prompts(workload, new_tokens)
 
-    def batch_for(n: int, text: int) -> list[Sample]:
-        rows = []
-        for _ in range(n):
-            ids = [cfg.bos_token_id] + [cfg.pad_token_id] * cfg.num_vision_tokens
-            ids += torch.randint(3, min(cfg.vocab_size, 30000), (text,), generator=g).tolist()
-            types = [0] + [1] * cfg.num_vision_tokens + [0] * text
-            rows.append(Sample(ids, types, torch.randn(3, cfg.image_size, cfg.image_size, generator=g)))
-        return rows
+    def call(n: int) -> tuple[dict[str, float], int, int]:
+        images = torch.randn(n, 3, cfg.image_size, cfg.image_size, generator=g).to(device)
+        reqs = []
+        for i in range(n):
+            for text, new in prompts:
+                ids = torch.randint(3, min(cfg.vocab_size, 30000), (text,), generator=g).tolist()
+                reqs.append(Request(ids, i, new))
+        if not share:  # every prompt gets its own image copy: its own vision pass and prefix
+            images = images[[r.image for r in reqs]]
+            for k, r in enumerate(reqs):
+                r.image = k
+        t: dict[str, float] = {}
+        out = engine.generate(reqs, images, ignore_eos=True, timings=t)
+        return t, sum(out.prompt_tokens), sum(out.num_tokens)
 
     def one_pass(n_img: int) -> dict[str, float]:
         tot = {"vision_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "prefill_tokens": 0, "new_tokens": 0,
                "calls": 0, "steps": 0}
         for start in range(0, n_img, batch):
-            n = min(batch, n_img - start)
-            for text, new in prompts:
-                b = collate(batch_for(n, text), cfg.pad_token_id)
-                t: dict[str, float] = {}
-                out = generate(model, **b.as_kwargs(), max_new_tokens=new, ignore_eos=True, timings=t)
-                for k in ("vision_s", "prefill_s", "decode_s"):
-                    tot[k] += t[k]
-                tot["prefill_tokens"] += int(b.attention_mask.sum())
-                tot["new_tokens"] += sum(out.num_tokens)
-                tot["calls"] += 1
-                tot["steps"] += max(out.num_tokens) - 1  # decode steps after the prefill's token
+            t, p_tok, n_tok = call(min(batch, n_img - start))
+            for k in ("vision_s", "prefill_s", "decode_s"):
+                tot[k] += t[k]
+            tot["prefill_tokens"] += p_tok
+            tot["new_tokens"] += n_tok
+            tot["calls"] += 1
+            tot["steps"] += max(new for _, new in prompts) - 1
         return tot
 
     for _ in range(warmup):
@@ -136,12 +141,12 @@ def run(cfg_name: str, workload: str, batch: int, n_images: int, new_tokens: int
         peak_flops = next((v for k, v in PEAK_BF16.items() if k in name), None)
         if peak_flops:
             L = 1 + cfg.num_vision_tokens + prompts[0][0]
-            flops = n_images * (vision_flops(cfg) + prefill_flops(cfg, L))
+            flops = n_images * (vision_flops(cfg) + prefill_flops(cfg, L))  # useful work of one image
             mfu = flops / tot["prefill_s"] / peak_flops
-    return Result(cfg_name, workload, batch, n_images / wall, tot["prefill_tokens"] / tot["prefill_s"],
-                  tot["new_tokens"] / tot["decode_s"], tot["vision_s"] / tot["prefill_s"], peak, mfu,
-                  tot["prefill_s"] / n_images, tot["prefill_s"] / tot["calls"],
-                  1000 * tot["decode_s"] / max(1, tot["steps"]))
+    return Result(cfg_name, workload + ("" if share else " (no sharing)"), batch, n_images / wall,
+                  tot["prefill_tokens"] / tot["prefill_s"], tot["new_tokens"] / tot["decode_s"],
+                  tot["vision_s"] / tot["prefill_s"], peak, mfu, tot["prefill_s"] / n_images,
+                  tot["prefill_s"] / tot["calls"], 1000 * tot["decode_s"] / max(1, tot["steps"]))
 
 
 def main() -> None:
@@ -153,6 +158,9 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--dtype", default=None, choices=list(DTYPES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-share", action="store_true", help="also run without prefix sharing")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--kv-cache-gb", type=float, default=None)
     a = p.parse_args()
     device = torch.device(a.device)
     dtype = DTYPES[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
@@ -164,12 +172,14 @@ def main() -> None:
     print("|" + "---|" * len(hdr))
     for c in a.config:
         for w in a.workload:
-            r = run(c, w, a.batch_size, a.images, a.new_tokens, dtype, device)
-            mfu = f"{r.mfu:.1%}" if r.mfu is not None else "-"
-            print(f"| {r.config} | {r.workload} | {r.batch} | {r.images_per_s:.2f} | "
-                  f"{r.prefill_tok_per_s:.0f} | {r.decode_tok_per_s:.0f} | {r.vision_share:.1%} | "
-                  f"{r.vision_prefill_s_per_image:.4f} | {r.prefill_s_per_batch:.3f} | "
-                  f"{r.decode_ms_per_step:.1f} | {r.peak_mem_gb:.2f} | {mfu} |", flush=True)
+            for share in ([True, False] if a.no_share and w == "multi" else [True]):
+                r = run(c, w, a.batch_size, a.images, a.new_tokens, dtype, device, share=share,
+                        compile=a.compile, kv_cache_gb=a.kv_cache_gb)
+                mfu = f"{r.mfu:.1%}" if r.mfu is not None else "-"
+                print(f"| {r.config} | {r.workload} | {r.batch} | {r.images_per_s:.2f} | "
+                      f"{r.prefill_tok_per_s:.0f} | {r.decode_tok_per_s:.0f} | {r.vision_share:.1%} | "
+                      f"{r.vision_prefill_s_per_image:.4f} | {r.prefill_s_per_batch:.3f} | "
+                      f"{r.decode_ms_per_step:.1f} | {r.peak_mem_gb:.2f} | {mfu} |", flush=True)
 
 
 if __name__ == "__main__":

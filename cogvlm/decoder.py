@@ -92,7 +92,9 @@ class VisionExpertAttention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, routing: ExpertRouting, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor, cache_slots: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None, cache_slots: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask` (B, 1, Lq, Lk) bool, or None for plain causal attention over this step's own
+        tokens from slot 0 (no padding: lets SDPA use its flash kernel)."""
         B, L, D = x.shape
         H, KV, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = routing.apply(x, self.language_expert_query_key_value, self.vision_expert_query_key_value)
@@ -103,8 +105,10 @@ class VisionExpertAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache_slots is not None:  # write this step's keys/values, attend over the cache
             assert self.kv_cache is not None, "cache_slots given but no KV cache installed"
-            k, v = self.kv_cache.update(cache_slots, k, v, kv_len=mask.shape[-1])  # (B, KV, Lk, d)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=KV != H)
+            kv_len = mask.shape[-1] if mask is not None else L
+            k, v = self.kv_cache.update(cache_slots, k, v, kv_len=kv_len)  # (B, KV, Lk, d)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and L > 1,
+                                             enable_gqa=KV != H)
         out = out.transpose(1, 2).reshape(B, L, D)  # (B, L, H*d)
         return routing.apply(out, self.language_expert_dense, self.vision_expert_dense)
 
@@ -139,7 +143,7 @@ class CogVLMDecoderLayer(nn.Module):
         self.mlp = VisionExpertMLP(config)
 
     def forward(self, x: torch.Tensor, routing: ExpertRouting, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor, cache_slots: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None, cache_slots: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), routing, cos, sin, mask, cache_slots)
         return x + self.mlp(self.post_attention_layernorm(x), routing)
 
@@ -221,11 +225,12 @@ class CogVLMForCausalLM(nn.Module):
         return embeds
 
     def forward_embeds(self, embeds: torch.Tensor, token_type_ids: torch.Tensor,
-                       position_ids: torch.Tensor, mask: torch.Tensor,
+                       position_ids: torch.Tensor, mask: torch.Tensor | None,
                        cache_slots: torch.Tensor | None = None,
                        routing: ExpertRouting | None = None,
                        logits_to_keep: int | None = None) -> torch.Tensor:
-        """Decoder over prepared embeddings; `mask` is the boolean (B, 1, Lq, Lk) SDPA mask."""
+        """Decoder over prepared embeddings; `mask` is the boolean (B, 1, Lq, Lk) SDPA mask, or
+        None for unpadded causal attention from slot 0."""
         if routing is None:
             routing = ExpertRouting.from_token_types(token_type_ids)
         cos, sin = rope_cos_sin(position_ids, self.model.inv_freq)

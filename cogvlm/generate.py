@@ -88,47 +88,119 @@ class _Clock:
         self.t = now
 
 
+@dataclass
+class Sampling:
+    """How to pick tokens and when to stop (shared by every row of a batch)."""
+
+    temperature: float = 0.0  # <= 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+def decode_loop(model: CogVLMForCausalLM, logits: torch.Tensor, positions: torch.Tensor,
+                key_valid: torch.Tensor, start_slot: int, max_new: torch.Tensor, sampling: Sampling,
+                step_fn=decode_one_token, compact: bool = True,
+                ) -> tuple[list[list[int]], list[int], list[bool]]:
+    """Sample from `logits` (B, V), then decode one token per step from cache slot `start_slot`.
+
+    Row b stops at an eos id (unless `ignore_eos`) or after `max_new[b]` tokens. When at least
+    half the rows of the batch have stopped, the batch is compacted (caches and state keep only
+    the live rows), so finished rows cost no more compute. Returns tokens, counts, eos-stopped.
+    """
+    device = logits.device
+    B = logits.shape[0]
+    pad = model.config.pad_token_id
+    eos = torch.tensor(list(sampling.eos_token_ids) or [-1], device=device)
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    steps = int(max_new.max())
+    out = torch.full((B, steps), pad, dtype=torch.long, device=device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
+    stopped = torch.zeros(B, dtype=torch.bool, device=device)
+    rows = torch.arange(B, device=device)  # original row of each live batch slot
+    max_new = max_new.to(device)
+    active = torch.ones(B, dtype=torch.bool, device=device)  # per live batch slot
+    for step in range(steps):
+        tok = sample(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
+        tok = torch.where(active, tok, pad)
+        out[rows, step] = tok
+        lengths[rows] += active.long()
+        if not sampling.ignore_eos:
+            hit = torch.isin(tok, eos) & active
+            stopped[rows] |= hit
+            active &= ~hit
+        active &= lengths[rows] < max_new[rows]
+        n_live = int(active.sum())
+        if n_live == 0 or step == steps - 1:
+            break
+        if compact and n_live <= rows.numel() // 2:
+            keep = active.nonzero().squeeze(1)
+            for layer in model.model.layers:
+                cache = layer.self_attn.kv_cache
+                cache.k_cache = cache.k_cache.index_select(0, keep)
+                cache.v_cache = cache.v_cache.index_select(0, keep)
+            rows, tok, positions = rows[keep], tok[keep], positions[keep]
+            key_valid, active = key_valid[keep], active[keep]
+        slot = start_slot + step
+        key_valid[:, slot] = True
+        logits = step_fn(model, tok, positions, torch.tensor([slot], device=device), key_valid)
+        positions = positions + 1
+    n = lengths.tolist()
+    return [r[:k] for r, k in zip(out.tolist(), n)], n, stopped.tolist()
+
+
+def _max_new(max_new_tokens: int | Sequence[int], B: int) -> torch.Tensor:
+    t = torch.tensor([max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens))
+    if t.numel() != B or bool((t < 1).any()):
+        raise ValueError("max_new_tokens must be >= 1 (one value, or one per row)")
+    return t
+
+
+def _check_context(model: CogVLMForCausalLM, last_positions: torch.Tensor, max_new: torch.Tensor) -> None:
+    over = last_positions.cpu() + max_new > model.config.max_position_embeddings
+    if bool(over.any()):
+        b = int(over.nonzero()[0])
+        raise ValueError(f"row {b}: prompt ends at position {int(last_positions[b])}; with "
+                         f"{int(max_new[b])} new tokens it passes max_position_embeddings="
+                         f"{model.config.max_position_embeddings}")
+
+
 @torch.inference_mode()
 def generate(model: CogVLMForCausalLM, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
              attention_mask: torch.Tensor | None = None,
              images: Sequence[torch.Tensor | None] | None = None, *,
-             max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-             seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
+             max_new_tokens: int | Sequence[int] = 32, temperature: float = 0.0, top_p: float = 1.0,
+             top_k: int = 0, seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
              ignore_eos: bool = False, timings: dict[str, float] | None = None,
              image_features: torch.Tensor | None = None) -> GenerationOutput:
     """Greedy (temperature 0) or sampled generation for a left-padded batch.
 
-    Stops a row at any eos id (the config's unless `eos_token_id` is given) unless `ignore_eos`.
+    Stops a row at any eos id (the config's unless `eos_token_id` is given) unless `ignore_eos`,
+    or after `max_new_tokens` (one value or one per row).
     Raises ValueError when a row's positions would pass `max_position_embeddings`.
     `timings`, when given, receives `vision_s`, `prefill_s` (vision included) and `decode_s`.
-    `image_features` (N, T, D), one per non-None image in row order, skips the vision tower
-    (lets several prompts about one image share one vision pass).
+    `image_features` (N, T, D), one per non-None image in row order, skips the vision tower.
     """
-    if max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be >= 1")
     device = model.device
     input_ids = input_ids.to(device)
     token_type_ids = token_type_ids.to(device)
     B, L = input_ids.shape
+    max_new = _max_new(max_new_tokens, B)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     attention_mask = attention_mask.to(device)
     if eos_token_id is None:
         eos_token_id = model.config.eos_token_ids
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
-                       device=device)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    eos = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
+    sampling = Sampling(temperature, top_p, top_k, seed, eos, ignore_eos)
 
-    max_len = L + max_new_tokens
+    max_len = L + int(max_new.max())
     key_valid = torch.zeros(B, max_len, dtype=torch.bool, device=device)
     key_valid[:, :L] = attention_mask.bool()
-    out = torch.full((B, max_new_tokens), model.config.pad_token_id, dtype=torch.long, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    stopped = torch.zeros(B, dtype=torch.bool, device=device)
-    lengths = torch.zeros(B, dtype=torch.long, device=device)
-
     clock = _Clock(device, timings)
     model.setup_caches(B, max_len)
     try:
@@ -138,37 +210,13 @@ def generate(model: CogVLMForCausalLM, input_ids: torch.Tensor, token_type_ids: 
         clock.lap("vision_s")
         logits, position_ids = prefill(model, input_ids, token_type_ids, attention_mask, images,
                                        key_valid, features)
-        last_pos = int(position_ids[:, -1].max())
-        if last_pos + max_new_tokens > model.config.max_position_embeddings:
-            raise ValueError(f"prompt ends at position {last_pos}; with {max_new_tokens} new tokens it "
-                             f"passes max_position_embeddings={model.config.max_position_embeddings}")
-        positions = position_ids[:, -1] + 1  # (B,)
+        _check_context(model, position_ids[:, -1], max_new)
         clock.lap("prefill_s", include="vision_s")
-        for step in range(max_new_tokens):
-            tok = sample(logits, temperature, top_k, top_p, generator)
-            tok = torch.where(finished, model.config.pad_token_id, tok)
-            out[:, step] = tok
-            lengths += (~finished).long()
-            if not ignore_eos:
-                hit = torch.isin(tok, eos) & ~finished
-                stopped |= hit
-                finished |= hit
-            if step == max_new_tokens - 1 or bool(finished.all()):
-                break
-            slot = L + step
-            key_valid[:, slot] = True
-            logits = decode_one_token(model, tok, positions,
-                                      torch.tensor([slot], device=device), key_valid)
-            positions = positions + 1
+        tokens, n, stopped = decode_loop(model, logits, position_ids[:, -1] + 1, key_valid, L, max_new,
+                                         sampling)
         clock.lap("decode_s")
     finally:
         model.clear_caches()
-
-    n = lengths.tolist()
-    rows = out.tolist()
-    return GenerationOutput(
-        tokens=[r[:k] for r, k in zip(rows, n)],
-        num_tokens=n,
-        finish_reasons=["stop" if s else "length" for s in stopped.tolist()],
-        prompt_tokens=attention_mask.sum(1).tolist(),
-    )
+    return GenerationOutput(tokens=tokens, num_tokens=n,
+                            finish_reasons=["stop" if s else "length" for s in stopped],
+                            prompt_tokens=attention_mask.sum(1).tolist())

@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--working-dir", default=str(ROOT))
     p.add_argument("--submission-id", default=None, help="override the deterministic id")
     p.add_argument("--no-wait", action="store_true", help="submit (or find) the job and return")
+    p.add_argument("--agent-wait-s", type=float, default=120,
+                   help="how long to retry while a freshly started head has no job agent yet")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
     from ray.job_submission import JobSubmissionClient
@@ -92,11 +94,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"job {sid} already succeeded; nothing submitted")
         return 0
     if status is None:
-        client.submit_job(
-            entrypoint=entrypoint(a.mode, a.overrides), submission_id=sid,
-            runtime_env={"working_dir": a.working_dir, "excludes": EXCLUDES, "env_vars": env_vars},
-            metadata={"project": "cogvlm-ray", "mode": a.mode, "config": Path(a.config).name},
-        )
+        deadline = time.time() + a.agent_wait_s
+        while True:
+            try:
+                client.submit_job(
+                    entrypoint=entrypoint(a.mode, a.overrides), submission_id=sid,
+                    runtime_env={"working_dir": a.working_dir, "excludes": EXCLUDES, "env_vars": env_vars},
+                    metadata={"project": "cogvlm-ray", "mode": a.mode, "config": Path(a.config).name},
+                )
+                break
+            except RuntimeError as e:  # a head that just started may not have its job agent yet
+                if "No available agent" not in str(e) or time.time() > deadline:
+                    raise
+                time.sleep(2)
         print(f"submitted job {sid}", flush=True)
     else:
         print(f"job {sid} is already {status}; following it", flush=True)

@@ -81,7 +81,9 @@ class ModelConfig:
     source: str = ""  # local dir, s3:// prefix or hub id
     tokenizer: str | None = None  # path, s3:// prefix or hub id; default: the checkpoint's own
     dtype: str = "bf16"
-    batch_size: int = 8  # prompts per generate() call
+    batch_size: int = 8  # images per model call (each image's prompts are decoded together)
+    kv_cache_gb: float | None = None  # KV-cache budget of a decode batch; None: 90% of free GPU memory
+    compile: bool = False  # torch.compile the decode step (CUDA graphs on GPUs)
     min_replicas: int = 1
     max_replicas: int = 1
     gpus_per_replica: float = 1  # 0 runs on CPU (tests, demo)

@@ -17,9 +17,10 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from cogvlm import CogVLMProcessor, build_prompt, collate, generate, load_model, open_image, parse_boxes
+from cogvlm import CogVLMProcessor, build_prompt, load_model, open_image, parse_boxes
 from cogvlm.config import CogVLMConfig
-from cogvlm.processor import Sample, normalize, resize_image
+from cogvlm.engine import Engine, Request
+from cogvlm.processor import normalize, resize_image
 from cogvlm.weights import resolve_source, weights_fingerprint
 
 from .config import JobConfig
@@ -114,7 +115,8 @@ class Preprocess:
 
 
 class Generate:
-    """One model replica per actor (loaded once); one vision pass per image; batched prompts."""
+    """One model replica per actor (loaded once), driving the prefix-sharing `Engine`: one vision
+    pass and one image prefix per image, all prompts of the batch's images decoded together."""
 
     def __init__(self, job: JobConfig, model_config: CogVLMConfig) -> None:
         self.job = job
@@ -124,6 +126,8 @@ class Generate:
         self.model = load_model(job.model.source, dtype=job.model.dtype, device=device,
                                 cache_dir=job.model.cache_dir, storage_options=s3_options(job.s3))
         self.config = self.model.config
+        self.engine = Engine(self.model, kv_cache_gb=job.model.kv_cache_gb,
+                             vision_batch_size=job.model.batch_size, compile=job.model.compile)
         self.processor = CogVLMProcessor(load_tokenizer(job), self.config)
         self.fingerprint = weights_fingerprint(self.model.checkpoint_dir)
 
@@ -131,17 +135,10 @@ class Generate:
         return [Prompt(p["task"], p["query"], p["template"], getattr(self.job.tasks, p["task"]))
                 for p in json.loads(prompts_json)]
 
-    @torch.inference_mode()
-    def _features(self, rows: list[dict[str, Any]]) -> list[torch.Tensor]:
+    def _pixels(self, rows: list[dict[str, Any]]) -> torch.Tensor:
         S = self.config.image_size
-        feats: list[torch.Tensor] = []
-        bs = self.job.model.batch_size
-        for i in range(0, len(rows), bs):
-            px = np.stack([np.frombuffer(r["pixels"], dtype=np.uint8).reshape(S, S, 3)
-                           for r in rows[i:i + bs]])  # (N, S, S, 3) uint8
-            px = normalize(torch.from_numpy(px).to(self.model.device))  # (N, 3, S, S) float32
-            feats.extend(self.model.encode_images(px).unbind(0))
-        return feats
+        px = np.stack([np.frombuffer(r["pixels"], dtype=np.uint8).reshape(S, S, 3) for r in rows])
+        return normalize(torch.from_numpy(px).to(self.model.device))  # (N, 3, S, S) float32
 
     def _too_long(self, n_text: int, max_new: int) -> str | None:
         last = 3 + n_text  # bos 0, boi 1, patches 2, eoi 3, text from 4
@@ -155,8 +152,15 @@ class Generate:
         rows = batch.to_dict("records")
         out: list[dict[str, Any]] = []
         ok_rows = [r for r in rows if r["status"] == "ok"]
-        feats = dict(zip((id(r) for r in ok_rows), self._features(ok_rows))) if ok_rows else {}
-        work = []  # (row, prompt index, prompt, text ids)
+        feats = None
+        if ok_rows:
+            try:
+                feats = self.engine.encode_images(self._pixels(ok_rows))
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory: every prompt gets the error
+                for r in ok_rows:
+                    r.update(status="generation_error", error_message=f"vision: {type(e).__name__}: {e}")
+        image_of = {id(r): i for i, r in enumerate(ok_rows)}
+        work = []  # (row, prompt index, prompts of the image, prompt, text ids)
         for r in rows:
             prompts = self._prompts(r["prompts"])
             ids = json.loads(r["prompt_ids"])
@@ -167,43 +171,36 @@ class Generate:
                     out.append(self._row(r, j, len(ids), p, status="prompt_too_long", error=msg))
                 else:
                     work.append((r, j, len(ids), p, t))
-        groups: dict[str, list] = defaultdict(list)
+        groups: dict[tuple, list] = defaultdict(list)  # prompts that may share a decode batch
         for item in work:
-            groups[item[3].settings_json()].append(item)
+            s = item[3].settings
+            groups[(s.temperature, s.top_p, s.top_k, s.seed)].append(item)
         for items in groups.values():
-            items.sort(key=lambda it: len(it[4]))
-            bs = self.job.model.batch_size
-            for i in range(0, len(items), bs):
-                out.extend(self._generate(items[i:i + bs], feats))
+            out.extend(self._generate(items, feats, image_of))
         return pd.DataFrame(out, columns=OUTPUT_COLUMNS)
 
-    def _generate(self, items: list, feats: dict[int, torch.Tensor]) -> list[dict[str, Any]]:
-        n_vis = self.config.num_vision_tokens
-        cfg = self.config
-        samples = [Sample([cfg.bos_token_id] + [cfg.pad_token_id] * n_vis + t, [0] + [1] * n_vis + [0] * len(t),
-                          torch.empty(0)) for (_, _, _, _, t) in items]
+    def _generate(self, items: list, feats: torch.Tensor | None, image_of: dict[int, int]) -> list[dict[str, Any]]:
         s = items[0][3].settings
+        reqs = [Request(t, image_of[id(r)], p.settings.max_new_tokens) for (r, _, _, p, t) in items]
         try:
-            b = collate(samples, cfg.pad_token_id)
-            features = torch.stack([feats[id(r)] for (r, *_rest) in items])
             t0 = time.perf_counter()
-            res = generate(self.model, **b.as_kwargs(), image_features=features,
-                           max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                           top_k=s.top_k, seed=s.seed)
+            res = self.engine.generate(reqs, image_features=feats, temperature=s.temperature,
+                                       top_p=s.top_p, top_k=s.top_k, seed=s.seed)
             dt = (time.perf_counter() - t0) / len(items)
-        except Exception as e:  # noqa: BLE001 - isolate the failing row(s)
+        except Exception as e:  # noqa: BLE001 - isolate the failing prompt(s)
             if len(items) > 1:
-                return [row for it in items for row in self._generate([it], feats)]
+                return [row for it in items for row in self._generate([it], feats, image_of)]
             r, j, n, p, _ = items[0]
             return [self._row(r, j, n, p, status="generation_error", error=f"{type(e).__name__}: {e}")]
         rows = []
-        for (r, j, n, p, t), toks, k, why in zip(items, res.tokens, res.num_tokens, res.finish_reasons):
+        for (r, j, n, p, t), toks, k, why, pt in zip(items, res.tokens, res.num_tokens, res.finish_reasons,
+                                                     res.prompt_tokens):
             text = self.processor.decode(toks)
             boxes = None
             if p.task == "grounding":
                 g = parse_boxes(text, (r["width"], r["height"]))
                 boxes = json.dumps(g.to_dict())
-            rows.append(self._row(r, j, n, p, response=text, boxes=boxes, prompt_tokens=1 + n_vis + len(t),
+            rows.append(self._row(r, j, n, p, response=text, boxes=boxes, prompt_tokens=pt,
                                   output_tokens=k, finish_reason=why, generation_s=dt))
         return rows
 

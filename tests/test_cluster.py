@@ -40,15 +40,18 @@ def ray_head(tmp_path_factory):
     try:
         from ray.job_submission import JobSubmissionClient
 
-        deadline = time.time() + 90
-        while True:
+        deadline = time.time() + 120
+        while True:  # ready when a (trivial) job can be submitted: the job agent is up too
             try:
-                JobSubmissionClient(address).list_jobs()
+                client = JobSubmissionClient(address)
+                probe = client.submit_job(entrypoint="true")
                 break
             except Exception:  # noqa: BLE001 - not up yet
                 if time.time() > deadline or proc.poll() is not None:
                     raise RuntimeError(f"ray head did not come up: {Path(log.name).read_text()[-2000:]}")
                 time.sleep(1)
+        while str(client.get_job_status(probe)).split(".")[-1] not in ("SUCCEEDED", "FAILED", "STOPPED"):
+            time.sleep(0.5)
         yield address, env
     finally:
         try:
