@@ -95,3 +95,12 @@ def test_kv_budget_sets_batch_size(model_v1):
     for b in batches:  # an image's prompts stay together; text-only rows are separate batches
         kinds = {reqs[i].image is None for i in b}
         assert len(kinds) == 1
+
+
+def test_compiled_decode_step_gives_the_same_tokens(model_v1):
+    """`compile=True` (torch.compile of the static-shape step; CUDA graphs on a GPU) changes no token."""
+    reqs, images = _requests(model_v1, seed=6)
+    reqs = [r for r in reqs if r.image is not None][:4]
+    plain = Engine(model_v1).generate(reqs, images, ignore_eos=True)
+    compiled = Engine(model_v1, compile=True).generate(reqs, images, ignore_eos=True)
+    assert compiled.tokens == plain.tokens
