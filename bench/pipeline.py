@@ -3,7 +3,7 @@
     python bench/pipeline.py --config small --images 64 --batch-size 8 --new-tokens 16
 
 Both sides run the same stage code: the loop calls read -> Preprocess -> Generate one batch at a
-time in this process; the pipeline runs `pipeline.run` on a local Ray (started before timing, as
+time in this process; the pipeline runs `pipeline.job` on a local Ray (started before timing, as
 on a cluster). Both times include loading the model. Prints one table.
 """
 

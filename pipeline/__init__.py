@@ -1,7 +1,23 @@
-"""Ray Data batch pipeline around the `cogvlm` engine: shards in, one Parquet file per shard out."""
+"""Ray Data batch pipeline around the `cogvlm` engine: shards in, one Parquet file per shard out.
 
-from .config import ConfigError, JobConfig, load_config
-from .readers import InputError
-from .run import JobError, run
+Names are imported lazily, so that a read task importing `pipeline.readers` does not pay for
+torch and the model code.
+"""
 
-__all__ = ["ConfigError", "InputError", "JobConfig", "JobError", "load_config", "run"]
+from __future__ import annotations
+
+from typing import Any
+
+_EXPORTS = {
+    "ConfigError": "pipeline.config", "JobConfig": "pipeline.config", "load_config": "pipeline.config",
+    "InputError": "pipeline.readers", "JobError": "pipeline.job", "run": "pipeline.job",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

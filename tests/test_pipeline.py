@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import ConfigError, InputError, JobError, load_config, run
-from pipeline.run import KILL_AFTER_ENV
+from pipeline.job import KILL_AFTER_ENV
 
 from .data import bad_images, good_image, webdataset_shards
 
