@@ -78,6 +78,7 @@ def main() -> None:
         }
         torch.set_num_threads(a.cpus)
         loop_s = in_process(load_config(data=dict(data, output={"path": str(root / "out-loop")})))
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # as pipeline.run sets it when it starts Ray itself
         ray.init(address="local", num_cpus=a.cpus + 2, include_dashboard=False, log_to_driver=False)
         t0 = time.perf_counter()
         summary = run(load_config(data=dict(data, output={"path": str(root / "out-ray")})))

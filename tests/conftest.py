@@ -115,6 +115,7 @@ def ray_cluster():
     """One local Ray for the whole run (init ~4 s); yields its GCS address."""
     import ray
 
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # CPU model actors share the cores
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         yield ray.get_runtime_context().gcs_address
