@@ -27,7 +27,7 @@ from cogvlm.weights import CheckpointError, check_checkpoint, read_config, resol
 
 from .config import JobConfig, to_dict
 from .ledger import Claims, Ledger
-from .readers import InputError, Shard, plan_shards, read_shard
+from .readers import Shard, plan_shards, read_shard
 from .stages import Generate, Preprocess
 from .storage import filesystem, join, s3_options, write_bytes_atomic
 

@@ -12,7 +12,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cogvlm import CheckpointError, load_model, weights_fingerprint
-from cogvlm.tiny import write_checkpoint
 from cogvlm.weights import read_config
 
 
