@@ -77,6 +77,38 @@ def model_config(cfg: JobConfig) -> cogvlm.CogVLMConfig:
         raise JobError(f"model.source {cfg.model.source}: {e}") from e
 
 
+def _live_local_cluster() -> str | None:
+    """The GCS address of a cluster started on this machine with `ray start`, if it answers.
+
+    Ray would otherwise try to connect to the address left in `ray_current_cluster` by a cluster
+    that died, and wait for it forever.
+    """
+    import socket
+
+    path = os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray", "ray_current_cluster")
+    try:
+        address = open(path).read().strip()
+        host, port = address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=2):
+            return address
+    except (OSError, ValueError):
+        return None
+
+
+def init_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`) or a live local one;
+    otherwise start a local Ray."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    # CPU replicas share cores with reading/Preprocess workers; OpenMP threads that spin while
+    # waiting then stall each other (measured: 17x slower). Passive waiting avoids that.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    ray.init(address=_live_local_cluster() or "local")
+
+
 def check_resources(cfg: JobConfig) -> None:
     import ray
 
@@ -165,10 +197,7 @@ def run(cfg: JobConfig) -> dict[str, Any]:
                                                    wall_s=round(time.perf_counter() - t0, 3)))
     mcfg = model_config(cfg)
     if not ray.is_initialized():
-        # CPU replicas share cores with decoding/reading workers; OpenMP threads that spin while
-        # waiting then stall each other (measured: 17x slower). Passive waiting avoids that.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        ray.init()
+        init_ray()
     check_resources(cfg)
     busy: list[str] = []
     if claims is not None:
