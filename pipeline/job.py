@@ -95,9 +95,9 @@ def _live_local_cluster() -> str | None:
         return None
 
 
-def init_ray() -> None:
+def init_ray(cfg: JobConfig) -> None:
     """Join the cluster named by RAY_ADDRESS (as under `ray job submit`) or a live local one;
-    otherwise start a local Ray."""
+    otherwise start a local Ray with enough logical CPUs for the stages (they may exceed cores)."""
     import ray
 
     if os.environ.get("RAY_ADDRESS"):
@@ -106,7 +106,13 @@ def init_ray() -> None:
     # CPU replicas share cores with reading/Preprocess workers; OpenMP threads that spin while
     # waiting then stall each other (measured: 17x slower). Passive waiting avoids that.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    ray.init(address=_live_local_cluster() or "local")
+    address = _live_local_cluster()
+    if address:
+        ray.init(address=address)
+        return
+    m = cfg.model
+    needed = m.preprocess_workers + m.max_replicas * m.cpus_per_replica + 1
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)))
 
 
 def check_resources(cfg: JobConfig) -> None:
@@ -164,7 +170,7 @@ def build_dataset(cfg: JobConfig, shards: list[Shard], mcfg: cogvlm.CogVLMConfig
     # one shard per read task; flat_map (unlike map_batches) is not fused into the batched
     # actor stage below, so shards stay separate blocks and results stream back shard by shard
     ds = ray.data.from_items([s.to_dict() for s in shards], override_num_blocks=len(shards))
-    ds = ds.flat_map(read)
+    ds = ds.flat_map(read, num_cpus=0.25)  # I/O-bound: must not wait behind the actor pools' CPUs
     ds = ds.map_batches(Preprocess, fn_constructor_kwargs={"job": cfg, "model_config": mcfg},
                         compute=ActorPoolStrategy(min_size=1, max_size=max(1, cfg.model.preprocess_workers)),
                         num_cpus=1, batch_size=16, batch_format="pandas")
@@ -197,7 +203,7 @@ def run(cfg: JobConfig) -> dict[str, Any]:
                                                    wall_s=round(time.perf_counter() - t0, 3)))
     mcfg = model_config(cfg)
     if not ray.is_initialized():
-        init_ray()
+        init_ray(cfg)
     check_resources(cfg)
     busy: list[str] = []
     if claims is not None:
