@@ -318,3 +318,27 @@ def test_enrich_rejects_folder_input(ckpt_v1, tokenizer_v1, tmp_path):
     with pytest.raises(ConfigError, match="mode enrich needs"):
         load_config(data=job(ckpt_v1, tokenizer_v1, tmp_path, tmp_path / "o", input={"format": "folder"}),
                     overrides=["mode=enrich"])
+
+
+def test_cli_starts_its_own_ray_on_this_machine(ckpt_v1, tokenizer_v1, tmp_path):
+    """`python -m jobs.caption` with no cluster around: it starts a local Ray sized for its stages
+    (on a 2-core machine the read tasks once waited forever behind the two actor pools)."""
+    import shutil
+    import tempfile
+
+    import yaml
+
+    expected = webdataset_shards(tmp_path / "in", n_shards=2, per_shard=2)
+    cfg_path = tmp_path / "job.yaml"
+    cfg_path.write_text(yaml.safe_dump(job(ckpt_v1, tokenizer_v1, tmp_path / "in", tmp_path / "out")))
+    ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # no leftover cluster address; short socket paths
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = ray_tmp
+    try:
+        proc = subprocess.run([sys.executable, "-m", "jobs.caption", "--config", str(cfg_path)], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=240)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Started a local Ray instance" in proc.stderr
+    assert sorted(pd.read_parquet(tmp_path / "out" / "data").key) == sorted(expected)
