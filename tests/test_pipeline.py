@@ -342,3 +342,16 @@ def test_cli_starts_its_own_ray_on_this_machine(ckpt_v1, tokenizer_v1, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Started a local Ray instance" in proc.stderr
     assert sorted(pd.read_parquet(tmp_path / "out" / "data").key) == sorted(expected)
+
+
+def test_claims_on_s3_use_conditional_puts(s3_bucket):
+    from pipeline.config import S3Config
+    from pipeline.ledger import Claims
+    from pipeline.storage import filesystem
+
+    bucket, endpoint = s3_bucket
+    fs, root = filesystem(f"s3://{bucket}/out", S3Config(endpoint_url=endpoint))
+    a, b = Claims(fs, root, "run-a", ttl_s=60), Claims(fs, root, "run-b", ttl_s=60)
+    assert a.acquire("00001") and not b.acquire("00001")  # If-None-Match: * refused the second
+    a.release("00001")
+    assert b.acquire("00001")
