@@ -79,7 +79,7 @@ class Result:
     decode_ms_per_step: float
 
 
-def workload_prompts(name: str, new_tokens: int) -> list[tuple[int, int]]:  # noqa: D103
+def workload_prompts(name: str, new_tokens: int) -> list[tuple[int, int]]:
     """(prompt text tokens, new tokens) per prompt of one image."""
     if name == "caption":
         return [(20, new_tokens)]

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from cogvlm.tiny import write_checkpoint  # noqa: E402
 from cogvlm.weights import read_config  # noqa: E402
 from pipeline import load_config, run  # noqa: E402
-from pipeline.readers import plan_shards, read_shard  # noqa: E402
+from pipeline.readers import ROW_COLUMNS, plan_shards, read_shard  # noqa: E402
 from pipeline.stages import Generate, Preprocess  # noqa: E402
 
 
@@ -45,7 +45,7 @@ def in_process(cfg) -> float:
     pre, gen = Preprocess(cfg, mcfg), Generate(cfg, mcfg)
     n = 0
     for shard in plan_shards(cfg.input, cfg.s3):
-        rows = pd.concat(list(read_shard(shard, cfg.input, cfg.s3)), ignore_index=True)
+        rows = pd.DataFrame(read_shard(shard, cfg.input, cfg.s3), columns=ROW_COLUMNS)
         for i in range(0, len(rows), cfg.model.batch_size):
             out = gen(pre(rows.iloc[i:i + cfg.model.batch_size]))
             n += int((out.status == "ok").sum())

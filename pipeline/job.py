@@ -165,7 +165,7 @@ def build_dataset(cfg: JobConfig, shards: list[Shard], mcfg: cogvlm.CogVLMConfig
     def read(shard: dict[str, Any]) -> list[dict[str, Any]]:
         files = [str(f) for f in (shard["files"] if shard["files"] is not None else [])]
         s = Shard(str(shard["shard_id"]), str(shard["uri"]), files)
-        return [r for block in read_shard(s, input_cfg, s3) for r in block.to_dict("records")]
+        return read_shard(s, input_cfg, s3)
 
     # one shard per read task; flat_map (unlike map_batches) is not fused into the batched
     # actor stage below, so shards stay separate blocks and results stream back shard by shard

@@ -6,15 +6,12 @@ import json
 import posixpath
 import tarfile
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
-
-import pandas as pd
+from typing import Any
 
 from .config import InputConfig, S3Config
 from .storage import filesystem, list_files, to_uri
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-CHUNK_ROWS = 32  # rows per emitted block from a read task
 
 ROW_COLUMNS = ["shard_id", "source_uri", "shard_total", "image_index", "key", "image", "image_uri",
                "questions", "read_error"]
@@ -160,8 +157,8 @@ def _rows_from_folder(shard: Shard, cfg: InputConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def read_shard(shard: Shard, cfg: InputConfig, s3: S3Config) -> Iterator[pd.DataFrame]:
-    """Yield the shard's samples in blocks; every row carries the shard's total sample count."""
+def read_shard(shard: Shard, cfg: InputConfig, s3: S3Config) -> list[dict[str, Any]]:
+    """The shard's samples as rows (ROW_COLUMNS); every row carries the shard's total sample count."""
     if cfg.format == "webdataset":
         rows = _rows_from_tar(shard, cfg, s3)
     elif cfg.format == "parquet":
@@ -171,17 +168,4 @@ def read_shard(shard: Shard, cfg: InputConfig, s3: S3Config) -> Iterator[pd.Data
     total = len(rows)
     for i, r in enumerate(rows):
         r.update(shard_id=shard.shard_id, source_uri=shard.uri, shard_total=total, image_index=i)
-    for start in range(0, total, CHUNK_ROWS):
-        yield pd.DataFrame(rows[start:start + CHUNK_ROWS], columns=ROW_COLUMNS)
-
-
-class ReadShards:
-    """Ray Data UDF: a batch of shard descriptions in, the shards' raw samples out (as a generator)."""
-
-    def __init__(self, cfg: InputConfig, s3: S3Config) -> None:
-        self.cfg, self.s3 = cfg, s3
-
-    def __call__(self, batch: dict[str, Any]) -> Iterator[pd.DataFrame]:
-        for sid, uri, files in zip(batch["shard_id"], batch["uri"], batch["files"]):
-            yield from read_shard(Shard(str(sid), str(uri), list(files) if files is not None else []),
-                                  self.cfg, self.s3)
+    return rows
