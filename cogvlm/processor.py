@@ -134,7 +134,7 @@ class CogVLMProcessor:
         source = tokenizer if tokenizer is not None else default_tok
         if source is None:
             raise ValueError("give a tokenizer path or hub id")
-        tok = AutoTokenizer.from_pretrained(str(source))
+        tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)  # never run checkpoint code
         return cls(tok, config)
 
     @property

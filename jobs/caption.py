@@ -6,6 +6,10 @@
 
 Overrides use dotted keys, values parsed as YAML: `model.batch_size=16 tasks.vqa.questions='[a?, b?]'`.
 Starts a local Ray unless one is reachable (RAY_ADDRESS, as under `ray job submit`).
+
+Exit codes: 0 done; 2 bad config or setup (nothing was done); 3 some shards were left for a rerun
+(transient failures after retries; the summary lists them); 1 the run stopped (store down, error
+guard, pipeline failure). Errors are one line on stderr; `--debug` adds the traceback.
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ import logging
 import os
 import sys
 
-import yaml
-
-from pipeline import ConfigError, InputError, JobError, load_config, run
 from cogvlm.weights import CheckpointError
+from pipeline import ConfigError, InputError, JobError, load_config, run
+from pipeline.config import parse_yaml
+from pipeline.errors import describe
+from pipeline.job import IncompleteRun, RunStopped
 
 CONFIG_ENV = "COGVLM_JOB_CONFIG"
 
@@ -30,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"YAML job config (default: the YAML text in ${CONFIG_ENV}, as jobs.submit sends it)")
     p.add_argument("--mode", choices=["batch", "enrich"], default=None,
                    help="enrich: process only shards not yet in the ledger, safe to overlap (same as mode=enrich)")
+    p.add_argument("--debug", action="store_true", help="print tracebacks with errors")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -39,16 +45,29 @@ def main(argv: list[str] | None = None) -> int:
             text = os.environ.get(CONFIG_ENV)
             if not text:
                 raise ConfigError(f"give --config FILE or set {CONFIG_ENV}")
-            data = yaml.safe_load(text)
-            if not isinstance(data, dict):
-                raise ConfigError(f"{CONFIG_ENV} does not hold a YAML mapping")
-            cfg = load_config(data=data, overrides=overrides)
+            cfg = load_config(data=parse_yaml(text, CONFIG_ENV), overrides=overrides)
         else:
             cfg = load_config(a.config, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         summary = run(cfg)
+    except IncompleteRun as e:
+        print(json.dumps(e.summary, indent=2))
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except RunStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (ConfigError, InputError, JobError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - one line, not a page of traceback
+        if a.debug:
+            raise
+        print(f"error: {describe(e)} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
     print(json.dumps(summary, indent=2))
     return 0
 

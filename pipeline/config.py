@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,9 @@ class S3Config:
     region: str | None = None
     profile: str | None = None
     anonymous: bool = False
+    max_attempts: int = 5  # botocore's retries of one request (standard mode, with backoff)
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
 
 
 @dataclass
@@ -36,7 +41,10 @@ class InputConfig:
     questions_column: str | None = None  # parquet/webdataset json: per-row VQA question(s)
     images_per_shard: int = 256  # folder input: images per unit of work
     max_image_pixels: int = 89_478_485  # larger declared sizes are rejected before decoding
-    max_image_bytes: int = 64 * 1024 * 1024
+    max_image_bytes: int = 64 * 1024 * 1024  # enforced while reading
+    # uri_column values must lie under the input's own location or one of these prefixes
+    # (local folders or s3://bucket/prefix); anything else is refused with a read_error row
+    allowed_uri_prefixes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -99,19 +107,46 @@ class OutputConfig:
 
 
 @dataclass
+class RetryConfig:
+    """Transient failures (network, throttling, timeouts) of a shard read, an image fetch or a
+    commit are retried with jittered exponential backoff for up to `deadline_s`."""
+
+    deadline_s: float = 120.0
+    backoff_s: float = 0.5
+
+
+@dataclass
+class ErrorsConfig:
+    # stop the run (committing nothing) when more than guard_share of its first guard_images
+    # images failed with the same error: wrong credentials, wrong column, unreachable store
+    guard_images: int = 200  # 0: no guard
+    guard_share: float = 0.5
+    # an image during which a worker process died this many times (alone) becomes a worker_died row
+    max_crashes_per_image: int = 2
+
+
+@dataclass
 class JobConfig:
     input: InputConfig = field(default_factory=InputConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     s3: S3Config = field(default_factory=S3Config)
-    run_id: str | None = None  # default: a timestamp
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    errors: ErrorsConfig = field(default_factory=ErrorsConfig)
+    run_id: str | None = None  # default: a timestamp; letters, digits, '.', '_', '-'
+
     # batch: process every shard without a ledger marker. enrich: the same, for an input prefix
     # that keeps growing, with claims so that overlapping runs split the new shards.
     mode: str = "batch"
     claim_ttl_s: float = 600.0  # enrich: a claim not refreshed for this long is taken over
 
     def validate(self) -> "JobConfig":
+        _check_numbers(self, "")
+        _check_no_credentials(self, "")
+        if self.run_id is not None and not RUN_ID.fullmatch(self.run_id):
+            raise ConfigError("run_id must be 1-128 letters, digits, '.', '_' or '-', not starting with "
+                              "'.', '_' or '-'")
         if not self.input.path:
             raise ConfigError("input.path is required")
         if self.input.format not in ("webdataset", "parquet", "folder"):
@@ -143,7 +178,76 @@ class JobConfig:
                     raise ConfigError(f"tasks.{name}.max_new_tokens must be >= 1")
                 if task.template not in (None, "base", "chat", "vqa"):
                     raise ConfigError(f"tasks.{name}.template must be base, chat or vqa")
+                if task.temperature < 0:
+                    raise ConfigError(f"tasks.{name}.temperature must be >= 0 (0 is greedy), got {task.temperature:g}")
+                if not 0 < task.top_p <= 1:
+                    raise ConfigError(f"tasks.{name}.top_p must be in (0, 1], got {task.top_p:g}")
+                for key in ("top_k", "seed"):
+                    if getattr(task, key) < 0:
+                        raise ConfigError(f"tasks.{name}.{key} must be >= 0, got {getattr(task, key)}")
+        for key, value, low in (
+                ("input.images_per_shard", self.input.images_per_shard, 1),
+                ("input.max_image_pixels", self.input.max_image_pixels, 1),
+                ("input.max_image_bytes", self.input.max_image_bytes, 1),
+                ("model.preprocess_workers", self.model.preprocess_workers, 1),
+                ("model.gpus_per_replica", self.model.gpus_per_replica, 0),
+                ("model.cpus_per_replica", self.model.cpus_per_replica, 0),
+                ("s3.max_attempts", self.s3.max_attempts, 1),
+                ("errors.guard_images", self.errors.guard_images, 0),
+                ("errors.max_crashes_per_image", self.errors.max_crashes_per_image, 1),
+                ("retry.deadline_s", self.retry.deadline_s, 0),
+                ("retry.backoff_s", self.retry.backoff_s, 0)):
+            if value < low:
+                raise ConfigError(f"{key} must be >= {low}, got {value:g}")
+        for key, value in (("claim_ttl_s", self.claim_ttl_s), ("s3.connect_timeout_s", self.s3.connect_timeout_s),
+                           ("s3.read_timeout_s", self.s3.read_timeout_s)):
+            if value <= 0:
+                raise ConfigError(f"{key} must be > 0, got {value:g}")
+        if not 0 < self.errors.guard_share <= 1:
+            raise ConfigError(f"errors.guard_share must be in (0, 1], got {self.errors.guard_share:g}")
         return self
+
+
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def _check_numbers(node: Any, prefix: str) -> None:
+    """NaN and infinities are never meaningful settings."""
+    for f in dataclasses.fields(node):
+        v = getattr(node, f.name)
+        if dataclasses.is_dataclass(v):
+            _check_numbers(v, f"{prefix}{f.name}.")
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{prefix}{f.name} must be a finite number")
+
+
+def has_credentials(url: str) -> bool:
+    """True when a URL carries `user:secret@` (secrets may contain '/', ':' and '@')."""
+    m = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)", url.strip(), re.S)
+    if not m:
+        return False
+    scheme, rest = m.group(1).lower(), m.group(2)
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if "@" in authority:
+        return True
+    if ":" in authority:  # bucket names hold no ':'; elsewhere only host:port is legitimate
+        return scheme in ("s3", "s3a", "gs", "gcs") or not authority.rsplit(":", 1)[1].isdigit()
+    return False
+
+
+def _check_no_credentials(node: Any, prefix: str) -> None:
+    """Refuse credentials in any URL of the config. The message names the key, never the value."""
+    for f in dataclasses.fields(node):
+        v = getattr(node, f.name)
+        key = prefix + f.name
+        if dataclasses.is_dataclass(v):
+            _check_no_credentials(v, key + ".")
+            continue
+        for item in (v if isinstance(v, list) else [v]):
+            if isinstance(item, str) and has_credentials(item):
+                raise ConfigError(f"{key} holds credentials in its URL (user:secret@); remove them and use "
+                                  f"the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), a profile "
+                                  f"(s3.profile) or an instance/pod role")
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
@@ -204,12 +308,35 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         raise ConfigError(f"override {item!r} is not key=value")
     key, raw = item.split("=", 1)
     parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key.strip()}: the value is not valid YAML ({_yaml_problem(e)})") from None
     node = data
     for p in parts[:-1]:
         if not isinstance(node.get(p), dict):
             node[p] = {}
         node = node[p]
-    node[parts[-1]] = yaml.safe_load(raw)
+    node[parts[-1]] = value
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or 'syntax error'}{where}"
+
+
+def parse_yaml(text: str, what: str) -> dict[str, Any]:
+    """A YAML mapping, or a one-line ConfigError naming `what` and the position."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} is not valid YAML: {_yaml_problem(e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} must hold a YAML mapping (key: value), got {type(data).__name__}")
+    return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -218,9 +345,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw: dict[str, Any] = {}
     if path is not None:
         try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e}") from e
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read config file {path}: {type(e).__name__}") from None
+        raw = parse_yaml(text, f"config file {path}")
     if data:
         raw.update(copy.deepcopy(data))
     for o in overrides or []:

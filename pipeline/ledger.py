@@ -5,7 +5,10 @@ Layout under the output prefix:
     data/<shard_id>.parquet      all rows of one input shard (written whole, then...)
     _ledger/<shard_id>.json      ...this marker: the shard is committed (counts, run id, file)
     _runs/<run_id>/summary.json  one per run, with the resolved config beside it
-    _claims/<shard_id>.json      enrich mode: a live run's lease on a shard it is processing
+    _claims/<shard_id>.json      a live run's lease on a shard it is processing
+    _tmp/                        local outputs: files being written, renamed into place when whole
+
+Shard ids never start with '_' or '.', so no data file is hidden from dataset readers.
 
 A rerun skips shards with a marker. A kill between the two writes leaves a data file without a
 marker; the rerun rewrites the same file name, so nothing is duplicated.
@@ -21,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .storage import create_exclusive, join, write_bytes_atomic
+from .storage import create_exclusive, fresh_exists, join, write_bytes_atomic
 
 BOX = pa.struct([("phrase", pa.string()), ("x0", pa.float32()), ("y0", pa.float32()),
                  ("x1", pa.float32()), ("y1", pa.float32()), ("x0_px", pa.int32()),
@@ -107,14 +110,15 @@ class Ledger:
         self.dir = join(root, "_ledger")
 
     def done(self) -> set[str]:
+        self.fs.invalidate_cache(self.dir)
         if not self.fs.exists(self.dir):
             return set()
-        names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.dir, detail=False)]
+        names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.dir, detail=False, refresh=True)]
         return {n[: -len(".json")] for n in names if n.endswith(".json")}
 
     def is_done(self, shard_id: str) -> bool:
-        """A fresh check of one shard's marker."""
-        return bool(self.fs.exists(join(self.dir, f"{shard_id}.json")))
+        """A fresh check of one shard's marker (never answered from a listing cache)."""
+        return fresh_exists(self.fs, join(self.dir, f"{shard_id}.json"))
 
     def data_path(self, shard_id: str) -> str:
         return join(self.root, "data", f"{shard_id}.parquet")
@@ -126,14 +130,15 @@ class Ledger:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
         path = self.data_path(shard_id)
-        write_bytes_atomic(self.fs, path, sink.getvalue().to_pybytes())
+        write_bytes_atomic(self.fs, path, sink.getvalue().to_pybytes(), tmp_root=self.root)
         record = {
             "shard_id": shard_id, "source_uri": source_uri, "file": f"data/{shard_id}.parquet",
             "rows": table.num_rows, "images": len({r["image_index"] for r in rows}),
             "status": dict(Counter(r["status"] for r in rows)), "run_id": run["run_id"],
             "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         }
-        write_bytes_atomic(self.fs, join(self.dir, f"{shard_id}.json"), json.dumps(record).encode())
+        write_bytes_atomic(self.fs, join(self.dir, f"{shard_id}.json"), json.dumps(record).encode(),
+                           tmp_root=self.root)
         return record
 
 
@@ -148,7 +153,7 @@ class Claims:
     """
 
     def __init__(self, fs: Any, root: str, run_id: str, ttl_s: float = 600.0) -> None:
-        self.fs, self.run_id, self.ttl_s = fs, run_id, ttl_s
+        self.fs, self.root, self.run_id, self.ttl_s = fs, root, run_id, ttl_s
         self.dir = join(root, "_claims")
         self.held: set[str] = set()
 
@@ -172,7 +177,7 @@ class Claims:
             now = dt.datetime.now(dt.timezone.utc).timestamp()
             if owner is not None and owner.get("expires_at", 0) > now and owner.get("run_id") != self.run_id:
                 return False
-            write_bytes_atomic(self.fs, path, self._record())  # take over an expired claim
+            write_bytes_atomic(self.fs, path, self._record(), tmp_root=self.root)  # take over an expired claim
             owner = self._owner(shard_id)
             if owner is None or owner.get("run_id") != self.run_id:
                 return False
@@ -181,7 +186,7 @@ class Claims:
 
     def refresh(self) -> None:
         for sid in list(self.held):
-            write_bytes_atomic(self.fs, self._path(sid), self._record())
+            write_bytes_atomic(self.fs, self._path(sid), self._record(), tmp_root=self.root)
 
     def release(self, shard_id: str) -> None:
         self.held.discard(shard_id)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import posixpath
+import stat
+import uuid
 from typing import Any
 
 import fsspec
 
 from .config import S3Config
+
+TMP_DIR = "_tmp"  # under the output root: temporary files never sit where readers look
 
 
 def is_s3(uri: str) -> bool:
@@ -30,6 +34,10 @@ def s3_options(s3: S3Config) -> dict[str, Any]:
         opts["profile"] = s3.profile
     if s3.anonymous:
         opts["anon"] = True
+    # botocore retries each request (connection errors, throttling, 5xx) with backoff; timeouts
+    # make a hung connection an error instead of a stall
+    opts["config_kwargs"] = {"retries": {"max_attempts": s3.max_attempts, "mode": "standard"},
+                             "connect_timeout": s3.connect_timeout_s, "read_timeout": s3.read_timeout_s}
     return opts
 
 
@@ -49,16 +57,72 @@ def join(*parts: str) -> str:
     return posixpath.join(*parts)
 
 
-def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Whole-or-nothing write: an S3 PUT is atomic; locally write a temp file and rename."""
-    if to_uri(fs, path).startswith("s3://"):
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes,
+                       tmp_root: str | None = None) -> None:
+    """Whole-or-nothing write: an S3 PUT is atomic; locally write a temp file and rename it.
+
+    The temp file goes to `tmp_root/_tmp/` (same filesystem, so the rename is atomic), not beside
+    `path`: a failed write (disk full) must not leave a partial file where dataset readers look.
+    """
+    if is_s3(to_uri(fs, path)):
         fs.pipe_file(path, data)
         return
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    tmp_dir = posixpath.join(tmp_root or posixpath.dirname(path), TMP_DIR)
+    os.makedirs(tmp_dir, exist_ok=True)
+    tmp = posixpath.join(tmp_dir, f"{posixpath.basename(path)}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def fresh_exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """`exists` asked of the store itself, not of s3fs's listing cache (another run may have
+    written `path` since this process listed its folder)."""
+    fs.invalidate_cache(path)
+    fs.invalidate_cache(posixpath.dirname(path))
+    return bool(fs.exists(path))
+
+
+def read_capped(fs: fsspec.AbstractFileSystem, path: str, max_bytes: int) -> bytes:
+    """Read a whole regular file, refusing devices, FIFOs and sockets and anything over
+    `max_bytes` (counted while reading: a device reports size 0 and never ends)."""
+    if is_s3(to_uri(fs, path)):
+        with fs.open(path, "rb", block_size=min(max_bytes + 1, 8 * 1024 * 1024)) as f:
+            data = f.read(max_bytes + 1)
+    else:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError("not a regular file")
+            os.set_blocking(fd, True)
+            chunks, n = [], 0
+            while n <= max_bytes:
+                chunk = os.read(fd, min(1 << 20, max_bytes + 1 - n))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                n += len(chunk)
+            data = b"".join(chunks)
+        finally:
+            os.close(fd)
+    if len(data) > max_bytes:
+        raise FileTooLarge(f"image file is over max_image_bytes ({max_bytes} bytes)")
+    return data
+
+
+class FileTooLarge(ValueError):
+    """A file over the configured byte limit."""
 
 
 def list_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
@@ -70,14 +134,21 @@ def list_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
 
 
 def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
-    """Create `path` only if it does not exist (S3 conditional PUT / O_EXCL). True if we created it."""
-    if to_uri(fs, path).startswith("s3://"):
+    """Create `path` only if it does not exist (S3 conditional PUT / O_EXCL). True if we created it.
+
+    On S3 only the service's answer counts as "exists": 412 PreconditionFailed, or 409
+    ConditionalRequestConflict (a concurrent conditional write won); any other error is raised.
+    """
+    from .errors import error_code
+
+    if is_s3(to_uri(fs, path)):
         try:
             fs.pipe_file(path, data, mode="create")
             return True
-        except (FileExistsError, OSError) as e:
-            if isinstance(e, FileExistsError) or "PreconditionFailed" in str(e) or "412" in str(e) \
-                    or getattr(e, "errno", None) == 22:
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if error_code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
                 return False
             raise
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
@@ -88,3 +159,66 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> b
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     return True
+
+
+class UriRefused(ValueError):
+    """A data-borne URI outside the allowed locations (or of an unsupported scheme)."""
+
+
+def _input_root(path: str) -> str:
+    """The location an input path names: a prefix itself, or the folder of a single file."""
+    last = path.rstrip("/").rsplit("/", 1)[-1]
+    return path.rstrip("/").rsplit("/", 1)[0] if last.endswith((".parquet", ".tar")) else path
+
+
+class UriPolicy:
+    """Which image URIs a dataset may point at: the input's own location and the configured
+    `allowed_uri_prefixes`, nothing else (not /etc, /proc, $HOME, or other buckets).
+
+    Relative URIs are resolved against the folder of the shard file that holds them. Local paths
+    are compared after resolving symlinks and '..'; S3 keys may not hold '.' or '..' segments.
+    """
+
+    def __init__(self, input_path: str, allowed: list[str] | tuple[str, ...] = ()) -> None:
+        self.local: list[str] = []
+        self.s3: list[str] = []
+        for p in [_input_root(input_path), *allowed]:
+            scheme, path = self._split(p)
+            if scheme == "s3":
+                self.s3.append(path.rstrip("/"))
+            else:
+                self.local.append(os.path.realpath(os.path.expanduser(path)))
+
+    @staticmethod
+    def _split(uri: str) -> tuple[str, str]:
+        if "://" not in uri:
+            return "file", uri
+        scheme, path = uri.split("://", 1)
+        scheme = scheme.lower()
+        if scheme in ("s3", "s3a"):
+            return "s3", path
+        if scheme == "file":
+            return "file", path
+        raise UriRefused(f"unsupported URI scheme {scheme}:// (local paths and s3:// are read)")
+
+    def resolve(self, uri: str, base: str) -> tuple[str, str]:
+        """('file' | 's3', path without scheme) for `uri`, or UriRefused."""
+        scheme, path = self._split(uri)
+        refused = UriRefused(f"URI refused: {uri} is outside the input location and "
+                             f"input.allowed_uri_prefixes")
+        if scheme == "s3":
+            if any(seg in (".", "..") for seg in path.split("/")):
+                raise refused
+            if not any(path == p or path.startswith(p + "/") for p in self.s3):
+                raise refused
+            return "s3", path
+        if not path.startswith("/") and "://" not in uri:  # relative: beside the shard file
+            b_scheme, b_path = self._split(base)
+            if b_scheme == "s3":
+                joined = posixpath.normpath(posixpath.join(b_path, path))
+                return self.resolve(f"s3://{joined}", base)
+            path = os.path.join(b_path, path)
+        real = os.path.realpath(path)
+        if not any(real == p or real.startswith(p.rstrip(os.sep) + os.sep) for p in self.local):
+            raise refused
+        return "file", real

@@ -1,0 +1,156 @@
+"""The error taxonomy: row statuses, transient vs permanent failures, one-line messages, retries.
+
+A *permanent* failure belongs to the input (bad bytes, a missing file, no access): it becomes the
+row's final status. A *transient* failure belongs to the moment (network, throttling, timeouts,
+out of memory): it is retried with backoff and, if it persists, the row gets TRANSIENT, which is
+never committed: its shard is left for the rerun.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+import re
+import time
+from typing import Callable, Iterator, TypeVar
+
+log = logging.getLogger("pipeline")
+
+# --- row statuses -------------------------------------------------------------------------------
+OK = "ok"
+DECODE_ERROR = "decode_error"  # the bytes are not a decodable image
+IMAGE_TOO_LARGE = "image_too_large"  # declared pixels or file bytes over the limits
+READ_ERROR = "read_error"  # missing file, refused URI, sample without image, broken shard
+PROMPT_TOO_LONG = "prompt_too_long"
+GENERATION_ERROR = "generation_error"
+NO_QUESTIONS = "no_questions"
+WORKER_DIED = "worker_died"  # the image killed its worker process again and again
+TRANSIENT = "transient_error"  # internal: retries ran out; the shard is not committed
+
+FINAL_STATUSES = (OK, DECODE_ERROR, IMAGE_TOO_LARGE, READ_ERROR, PROMPT_TOO_LONG, GENERATION_ERROR,
+                  NO_QUESTIONS, WORKER_DIED)
+
+# --- classification -----------------------------------------------------------------------------
+_TRANSIENT_CODES = {
+    "Throttling", "ThrottlingException", "ThrottledException", "SlowDown", "RequestTimeout",
+    "RequestTimeoutException", "RequestLimitExceeded", "TooManyRequestsException", "InternalError",
+    "ServiceUnavailable", "PriorRequestNotComplete", "ProvisionedThroughputExceededException",
+    "500", "502", "503", "504", "429", "408",
+}
+_TRANSIENT_ERRNOS = {errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED,
+                     errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EAGAIN, errno.EBUSY,
+                     errno.EPIPE, getattr(errno, "EREMOTEIO", 121)}
+_TRANSIENT_NAMES = {
+    # botocore / aiobotocore / aiohttp / fsspec names, matched by class name so that this module
+    # imports none of them (read tasks stay light) and a missing optional package is no problem
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+    "HTTPClientError", "ProxyConnectionError", "ResponseStreamingError", "IncompleteReadError",
+    "ClientConnectionError", "ClientConnectorError", "ServerDisconnectedError", "ClientOSError",
+    "ServerTimeoutError", "ClientPayloadError", "FSTimeoutError", "OutOfMemoryError",
+}
+
+
+class TransientError(RuntimeError):
+    """A failure that may pass: retried with backoff, and never committed as a final answer."""
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def error_code(exc: BaseException) -> str | None:
+    """The service's error code (S3 `Error.Code`, else the HTTP status) anywhere in the chain."""
+    for e in _chain(exc):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            code = (response.get("Error") or {}).get("Code")
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            if code or status:
+                return str(code or status)
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for network, throttling, timeout and out-of-memory failures (anywhere in the chain)."""
+    code = error_code(exc)
+    if code is not None:
+        return code in _TRANSIENT_CODES
+    for e in _chain(exc):
+        if isinstance(e, TransientError):
+            return True
+        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+            return False
+        if isinstance(e, (TimeoutError, ConnectionError, MemoryError)):
+            return True
+        if any(c.__name__ in _TRANSIENT_NAMES for c in type(e).__mro__):
+            return True
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+            return True
+    return False
+
+
+_OBJECT_REPR = re.compile(r"\s*<[^<>]*? (?:object )?at 0x[0-9a-fA-F]+>")
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^\s'\"<>]*@")
+
+
+def redact(text: str) -> str:
+    """Drop `user:secret@` from every URL in `text` (secrets may hold `/` and `@`)."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def describe(exc: BaseException) -> str:
+    """`Type: message` on one line: no object addresses, no credentials, no working directory."""
+    msg = str(exc) or (str(exc.args[0]) if exc.args else "")
+    msg = _OBJECT_REPR.sub("", msg)
+    cwd = os.getcwd()
+    if len(cwd) > 1:
+        msg = msg.replace(cwd + os.sep, "")
+    msg = redact(" ".join(msg.split()))
+    if len(msg) > 500:
+        msg = msg[:500] + "..."
+    code = error_code(exc)
+    name = type(exc).__name__
+    if code and code not in msg:
+        name += f" [{code}]"
+    return f"{name}: {msg}" if msg else name
+
+
+# --- retries ------------------------------------------------------------------------------------
+T = TypeVar("T")
+
+
+def retry(fn: Callable[[], T], what: str, deadline_s: float, backoff_s: float = 0.5,
+          max_backoff_s: float = 15.0) -> T:
+    """Call `fn` until it succeeds, retrying transient failures with jittered exponential backoff
+    for up to `deadline_s`; then raise TransientError. Permanent failures are raised at once.
+
+    botocore already retries single requests (standard mode, see storage.s3_options); this loop
+    is for whole operations that a request-level retry cannot resume (a tar streamed from its
+    start, a commit of several objects) and for outages longer than botocore's few seconds.
+    """
+    start = time.monotonic()
+    wait = backoff_s
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - classified below
+            if not is_transient(e):
+                raise
+            left = deadline_s - (time.monotonic() - start)
+            if left <= 0:
+                raise TransientError(f"{what}: still failing after {attempt} attempts in "
+                                     f"{time.monotonic() - start:.0f} s: {describe(e)}") from e
+            pause = min(left, wait * (0.5 + random.random()))
+            log.warning("%s: transient failure (attempt %d), retrying in %.1f s: %s", what, attempt, pause,
+                        describe(e))
+            time.sleep(pause)
+            wait = min(max_backoff_s, wait * 2)

@@ -1,0 +1,422 @@
+"""Faults injected for real: the S3 server's network taken away, a full disk, workers killed,
+hostile URIs and names, bad configs. Each test failed on the code before the fixes it covers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline import ConfigError, InputError, load_config, run
+from pipeline.job import IncompleteRun, RunStopped
+
+from .data import good_image, webdataset_shards, write_tar
+from .netfault import FlakyProxy
+from .test_pipeline import job, read_output_s3, s3_client, upload_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def keys_once(df: pd.DataFrame, expected) -> None:
+    """Exactly one row per image (caption only): nothing lost, nothing doubled."""
+    assert sorted(df.key) == sorted(expected), (len(df), len(expected))
+    assert not df.key.duplicated().any()
+
+
+# --- network faults against the S3 server (finding 1 and 7) ------------------------------------
+
+@pytest.fixture()
+def flaky_s3(s3_bucket):
+    bucket, endpoint = s3_bucket
+    proxy = FlakyProxy(int(endpoint.rsplit(":", 1)[1]))
+    try:
+        yield bucket, endpoint, proxy
+    finally:
+        proxy.close()
+
+
+def test_s3_outage_during_reads_is_retried(ray_cluster, ckpt_v1, tokenizer_v1, flaky_s3, tmp_path):
+    bucket, endpoint, proxy = flaky_s3
+    expected = webdataset_shards(tmp_path / "in", n_shards=4, per_shard=3)
+    upload_dir(s3_client(endpoint), bucket, tmp_path / "in", "shards")
+    proxy.outage_on(b"00002.tar", seconds=8)  # S3 unreachable while that shard is read
+    cfg = load_config(data=job(ckpt_v1, tokenizer_v1, f"s3://{bucket}/shards", tmp_path / "out",
+                               s3={"endpoint_url": proxy.url, "max_attempts": 2},
+                               retry={"deadline_s": 60, "backoff_s": 0.5}))
+    summary = run(cfg)
+    assert proxy.outages, "the outage never happened"
+    assert summary["shards_processed"] == 4 and summary["shards_failed"] == []
+    df = pd.read_parquet(tmp_path / "out" / "data")
+    keys_once(df, expected)
+    assert (df.status == "ok").all()
+
+
+def test_s3_outage_longer_than_retries_leaves_the_shard_for_the_rerun(
+        ray_cluster, ckpt_v1, tokenizer_v1, flaky_s3, tmp_path):
+    bucket, endpoint, proxy = flaky_s3
+    expected = webdataset_shards(tmp_path / "in", n_shards=4, per_shard=3)
+    upload_dir(s3_client(endpoint), bucket, tmp_path / "in", "shards")
+    proxy.outage_on(b"00002.tar", seconds=12)
+    data = job(ckpt_v1, tokenizer_v1, f"s3://{bucket}/shards", tmp_path / "out",
+               s3={"endpoint_url": proxy.url, "max_attempts": 1}, retry={"deadline_s": 2, "backoff_s": 0.3})
+    with pytest.raises(IncompleteRun, match=r"1 shards left uncommitted .*\(00002\).*Rerun") as e:
+        run(load_config(data=data))
+    assert e.value.summary["shards_failed"] == ["00002"]
+    ledger = {p.stem for p in (tmp_path / "out" / "_ledger").glob("*.json")}
+    assert "00002" not in ledger and len(ledger) == 3  # not committed as an error row
+    assert not (tmp_path / "out" / "data" / "00002.parquet").exists()
+    assert not list((tmp_path / "out" / "_claims").glob("*.json"))  # released for the rerun
+    again = run(load_config(data=data))  # the network is back
+    assert again["shards"] == ["00002"] and again["shards_skipped"] == 3
+    df = pd.read_parquet(tmp_path / "out" / "data")
+    keys_once(df, expected)
+    assert (df.status == "ok").all()
+
+
+def test_s3_outage_during_commits(ray_cluster, ckpt_v1, tokenizer_v1, flaky_s3, tmp_path):
+    """Commits retry through a short outage; a long one ends the CLI with one line and exit 1,
+    and the rerun finishes the job without duplicates."""
+    bucket, endpoint, proxy = flaky_s3
+    expected = webdataset_shards(tmp_path / "in", n_shards=3, per_shard=2)
+    out = f"s3://{bucket}/out"
+    proxy.outage_on(b"out/data/00000.parquet", seconds=5)
+    cfg = job(ckpt_v1, tokenizer_v1, tmp_path / "in", out, s3={"endpoint_url": proxy.url, "max_attempts": 2},
+              retry={"deadline_s": 60, "backoff_s": 0.5})
+    summary = run(load_config(data=cfg))
+    assert proxy.outages and summary["shards_processed"] == 3
+    keys_once(read_output_s3(endpoint, out), expected)
+
+    out2 = f"s3://{bucket}/out2"
+    proxy.outage_on(b"out2/data/00001.parquet", seconds=25)
+    cfg2 = dict(cfg, output={"path": out2}, retry={"deadline_s": 3, "backoff_s": 0.5})
+    cfg_path = tmp_path / "job.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg2))
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster)
+    proc = subprocess.run([sys.executable, "-m", "jobs.caption", "--config", str(cfg_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "could not commit shard 00001" in errors[0] and "rerun" in errors[0]
+    assert "Traceback" not in proc.stderr
+    import time
+
+    while time.time() - proxy.outages[-1][1] < 26:  # wait for the network to come back
+        time.sleep(0.5)
+    again = run(load_config(data=cfg2))
+    assert "00001" in again["shards"]
+    keys_once(read_output_s3(endpoint, out2), expected)
+
+
+# --- names, temp files, caches, conditional writes (findings 2-5) -------------------------------
+
+def test_colliding_and_hidden_shard_names_all_come_back(ray_cluster, ckpt_v1, tokenizer_v1, tmp_path):
+    inp = tmp_path / "in"
+    names = ["a/b.tar", "a__b.tar", "_under.tar", "...tar", ".tar", "x y.tar", "a~b.tar"]
+    expected = []
+    for n, name in enumerate(names):
+        key = f"k{n}"
+        write_tar(inp / name, [(key, "jpg", good_image(n), None)])
+        expected.append(key)
+    summary = run(load_config(data=job(ckpt_v1, tokenizer_v1, inp, tmp_path / "out")))
+    ids = summary["shards"]
+    assert len(set(ids)) == len(names) and not any(i.startswith(("_", ".")) for i in ids)
+    df = pd.read_parquet(tmp_path / "out" / "data")  # the README's way to read the output
+    keys_once(df, expected)
+    for sid in ids:  # every marker names the file that holds that shard's rows
+        rec = json.loads((tmp_path / "out" / "_ledger" / f"{sid}.json").read_text())
+        rows = pq.read_table(tmp_path / "out" / rec["file"]).to_pandas()
+        assert set(rows.source_uri) == {rec["source_uri"]}
+
+
+def test_a_failed_commit_leaves_nothing_where_readers_look(tmp_path):
+    """A real write failure (the file-size limit, as a full disk would) during a commit."""
+    out = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        import resource, signal, sys
+        import fsspec
+        from pipeline.ledger import Ledger
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        ledger = Ledger(fsspec.filesystem("file"), {str(out)!r})
+        row = dict(key="k", source_uri="u", shard_id="s", image_index=0, task="caption", task_index=0,
+                   prompt="p", status="ok", response="x" * 200000, prompt_tokens=1, output_tokens=1)
+        run = dict(run_id="r", project_version="0", timestamp=None)
+        ledger.commit("small", "u", [dict(row, response="ok")], run)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        try:
+            ledger.commit("big", "u", [row], run)
+        except OSError as e:
+            print("failed:", e.errno)
+            sys.exit(0)
+        sys.exit("the oversized commit did not fail")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "failed: 27" in proc.stdout, proc.stderr[-2000:]  # EFBIG
+    assert sorted(p.name for p in (out / "data").iterdir()) == ["small.parquet"]
+    assert not list((out / "_tmp").iterdir())  # the partial file was removed
+    assert pd.read_parquet(out / "data").response.tolist() == ["ok"]
+    assert not (out / "_ledger" / "big.json").exists()
+
+
+def test_ledger_and_claims_on_s3_ask_the_store(s3_bucket):
+    from pipeline.config import S3Config
+    from pipeline.ledger import Ledger
+    from pipeline.storage import create_exclusive, filesystem
+
+    bucket, endpoint = s3_bucket
+    fs, root = filesystem(f"s3://{bucket}/out", S3Config(endpoint_url=endpoint))
+    client = s3_client(endpoint)
+    client.put_object(Bucket=bucket, Key="out/_ledger/a.json", Body=b"{}")
+    ledger = Ledger(fs, root)
+    assert ledger.done() == {"a"}  # lists _ledger/ (s3fs caches the listing)
+    client.put_object(Bucket=bucket, Key="out/_ledger/b.json", Body=b"{}")  # another run commits
+    assert ledger.is_done("b")
+    assert ledger.done() == {"a", "b"}
+    # conditional create: "exists" only from the service's 412; other failures are raised
+    assert create_exclusive(fs, f"{bucket}/out/_claims/x.json", b"1")
+    assert not create_exclusive(fs, f"{bucket}/out/_claims/x.json", b"2")
+    with pytest.raises(OSError):
+        create_exclusive(fs, f"no-such-bucket-{bucket}/out/_claims/x.json", b"1")
+
+
+# --- hostile data-borne paths (findings 8, 11) ---------------------------------------------------
+
+def _preprocess(ckpt, tok, inp, **input_cfg):
+    from cogvlm.weights import read_config
+    from pipeline.stages import Preprocess
+
+    cfg = load_config(data=job(ckpt, tok, inp, inp.parent / "o", input=dict(format="parquet", uri_column="u",
+                                                                            **input_cfg)))
+    return Preprocess(cfg, read_config(ckpt))
+
+
+def test_uri_inputs_are_confined_bounded_and_never_hang(ckpt_v1, tokenizer_v1, tmp_path):
+    inp = tmp_path / "in"
+    (inp / "imgs").mkdir(parents=True)
+    (inp / "imgs" / "ok.png").write_bytes(good_image(1, fmt="PNG"))
+    (inp / "imgs" / "big.png").write_bytes(good_image(2, (400, 400), fmt="PNG"))
+    (inp / "leak").symlink_to("/etc/passwd")
+    os.mkfifo(inp / "imgs" / "fifo.png")
+    shard = str(inp / "index.parquet")
+    stage = _preprocess(ckpt_v1, tokenizer_v1, inp, max_image_bytes=100_000, allowed_uri_prefixes=["/dev/zero"])
+    cases = {
+        "imgs/ok.png": ("ok", None),  # relative to the shard file's folder
+        str(inp / "imgs" / "ok.png"): ("ok", None),
+        "../outside.png": ("read_error", "URI refused"),
+        "/etc/passwd": ("read_error", "URI refused"),
+        "/proc/self/environ": ("read_error", "URI refused"),
+        os.path.expanduser("~/.bashrc"): ("read_error", "URI refused"),
+        "~/.bashrc": ("read_error", "not found"),  # no tilde expansion: a name inside the input
+        str(inp / "leak"): ("read_error", "URI refused"),  # a symlink out of the input
+        "s3://some-other-bucket/x.jpg": ("read_error", "URI refused"),
+        "http://127.0.0.1:1/x.jpg": ("read_error", "unsupported URI scheme"),
+        "/dev/zero": ("read_error", "not a regular file"),  # allowed, but a device
+        str(inp / "imgs" / "fifo.png"): ("read_error", "not a regular file"),  # would block forever
+        str(inp / "imgs" / "big.png"): ("image_too_large", "max_image_bytes"),
+        str(inp / "imgs" / "missing.png"): ("read_error", "not found"),
+    }
+    rows = [{"shard_id": "s", "source_uri": shard, "shard_total": len(cases), "image_index": i, "key": f"k{i}",
+             "image": None, "image_uri": uri, "questions": None, "read_error": None, "read_status": None}
+            for i, uri in enumerate(cases)]
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(stage(pd.DataFrame(rows))), daemon=True)
+    t.start()
+    t.join(60)
+    assert result, "Preprocess hung"
+    out = result[0]
+    for (uri, (status, words)), (_, r) in zip(cases.items(), out.iterrows()):
+        assert r.status == status, (uri, r.status, r.error_message)
+        if words:
+            assert words in r.error_message, (uri, r.error_message)
+            assert "root:" not in r.error_message and os.getcwd() not in r.error_message
+
+
+def test_error_messages_are_deterministic_and_reveal_no_paths(ckpt_v1, tokenizer_v1, tmp_path):
+    from pipeline.errors import describe
+
+    stage = _preprocess(ckpt_v1, tokenizer_v1, tmp_path)
+    rows = [{"shard_id": "s", "source_uri": "u", "shard_total": 1, "image_index": 0, "key": "k",
+             "image": b"not an image", "image_uri": None, "questions": None, "read_error": None,
+             "read_status": None}]
+    msgs = {stage(pd.DataFrame(rows)).error_message[0] for _ in range(2)}
+    assert len(msgs) == 1 and "0x" not in msgs.pop()
+    e = FileNotFoundError(2, "No such file", os.path.join(os.getcwd(), "data", "x.jpg"))
+    assert os.getcwd() not in describe(e)
+
+
+# --- inputs: corrupt Parquet, schema, image kinds (findings 10, 14) ------------------------------
+
+def test_corrupt_parquet_shard_is_an_error_row_and_wrong_column_fails_before_ray(
+        ray_cluster, ckpt_v1, tokenizer_v1, tmp_path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    pq.write_table(pa.table({"image": [good_image(1), good_image(2)]}), inp / "good.parquet")
+    (inp / ".parquet").write_bytes(b"this is not parquet")
+    (inp / "broken.parquet").write_bytes(b"PAR1 truncated")
+    summary = run(load_config(data=job(ckpt_v1, tokenizer_v1, inp, tmp_path / "out", input={"format": "parquet"})))
+    df = pd.read_parquet(tmp_path / "out" / "data")
+    assert Counter(df.status) == {"ok": 2, "read_error": 2}
+    bad = df[df.status == "read_error"]
+    assert set(bad.key) == {"__shard__"} and bad.error_message.str.contains("not a readable Parquet file").all()
+    assert summary["shards_processed"] == 3
+
+    cfg_path = tmp_path / "wrong.yaml"
+    cfg_path.write_text(yaml.safe_dump(job(ckpt_v1, tokenizer_v1, inp, tmp_path / "out2",
+                                           input={"format": "parquet", "image_column": "jpg"})))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = str(tmp_path / "nothing-here")  # no cluster to join: it must fail before starting one
+    proc = subprocess.run([sys.executable, "-m", "jobs.caption", "--config", str(cfg_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "'jpg'" in proc.stderr
+    assert "Started a local Ray" not in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(InputError, match="no image column 'jpg'"):
+        run(load_config(cfg_path))
+
+
+def test_folder_images_of_every_kind_get_rows_and_other_files_are_counted(ray_cluster, ckpt_v1, tokenizer_v1,
+                                                                          tmp_path):
+    from PIL import Image
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / "a.jpg").write_bytes(good_image(1))
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(inp / "icon.ico")
+    (inp / "logo.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="4" height="4"/>')
+    (inp / "README.md").write_text("not an image")
+    (inp / "labels.json").write_text("{}")
+    summary = run(load_config(data=job(ckpt_v1, tokenizer_v1, inp, tmp_path / "out", input={"format": "folder"})))
+    df = pd.read_parquet(tmp_path / "out" / "data").set_index("key")
+    assert df.status.to_dict() == {"a": "ok", "icon": "ok", "logo": "decode_error"}
+    assert summary["files_skipped"] == 2 and sorted(summary["files_skipped_examples"]) == ["README.md", "labels.json"]
+
+
+# --- crashing inputs (finding 9) ------------------------------------------------------------------
+
+def test_an_image_that_kills_its_worker_ends_as_error_rows(ray_cluster, ckpt_v1, tokenizer_v1, tmp_path):
+    from pipeline.crashes import FAULT_ENV
+
+    expected = webdataset_shards(tmp_path / "in", n_shards=2, per_shard=3)
+    cfg_path = tmp_path / "job.yaml"
+    cfg_path.write_text(yaml.safe_dump(job(ckpt_v1, tokenizer_v1, tmp_path / "in", tmp_path / "out",
+                                           errors={"max_crashes_per_image": 1})))
+    # one image kills its Preprocess worker, another its Generate worker, every time (SIGKILL)
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster, **{FAULT_ENV: "preprocess:000000001,generate:000010002"})
+    proc = subprocess.run([sys.executable, "-m", "jobs.caption", "--config", str(cfg_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = pd.read_parquet(tmp_path / "out" / "data").set_index("key")
+    keys_once(df.reset_index(), expected)
+    died = df[df.status == "worker_died"]
+    assert sorted(died.index) == ["000000001", "000010002"]
+    assert "Preprocess worker process died" in died.error_message["000000001"]
+    assert "Generate worker process died" in died.error_message["000010002"]
+    assert (df.drop(died.index).status == "ok").all()
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert summary["batches_retried_after_worker_death"] >= 2
+
+
+# --- the error-rate guard -------------------------------------------------------------------------
+
+def test_error_guard_stops_a_run_that_mostly_fails_the_same_way(ray_cluster, ckpt_v1, tokenizer_v1, tmp_path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    uris = [f"imgs/missing-{i}.jpg" for i in range(12)]  # e.g. a wrong prefix in the dataset
+    for n in range(3):
+        pq.write_table(pa.table({"u": uris[n * 4:(n + 1) * 4]}), inp / f"{n}.parquet")
+    data = job(ckpt_v1, tokenizer_v1, inp, tmp_path / "out", input={"format": "parquet", "uri_column": "u"},
+               errors={"guard_images": 10, "guard_share": 0.5})
+    with pytest.raises(RunStopped, match=r"stopped before committing anything: 1[02] of the first 1[02] images "
+                                         r"failed with read_error \(not found"):
+        run(load_config(data=data))
+    assert not (tmp_path / "out" / "data").exists() or not list((tmp_path / "out" / "data").iterdir())
+    # accepted explicitly: the rows are committed
+    summary = run(load_config(data=data, overrides=["errors.guard_share=1.0"]))
+    assert summary["status_counts"] == {"read_error": 12}
+
+
+# --- configs (findings 10, 12, 13) and the tokenizer (finding 15) ---------------------------------
+
+SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+
+
+@pytest.mark.parametrize("url", [
+    f"s3://AKIAIOSFODNN7EXAMPLE:{SECRET}@models/cogvlm",
+    f"s3://AKIAIOSFODNN7EXAMPLE:{SECRET}@bucket",
+    "s3://user@bucket/x",
+    "http://user:p@ss/word@minio:9000",
+    f"https://key:{SECRET}@store.example:443/b",
+])
+def test_credentials_in_urls_are_refused_without_repeating_them(tmp_path, url):
+    base = job("ckpt", "tok", tmp_path, tmp_path / "o")
+    for key in ("input.path", "output.path", "model.source", "s3.endpoint_url"):
+        with pytest.raises(ConfigError) as e:
+            load_config(data=base, overrides=[f"{key}={url}"])
+        assert str(e.value).startswith(key) and "credentials" in str(e.value)
+        for part in (SECRET, "EXAMPLE", "p@ss", "word"):
+            assert part not in str(e.value)
+
+
+def test_redaction_handles_slashes_and_at_signs():
+    from pipeline.errors import redact
+
+    assert redact(f"output s3://AKIA:{SECRET}@models/cogvlm is not writable") == \
+        "output s3://***@models/cogvlm is not writable"
+    assert "p@ss" not in redact("http://u:p@ss@host:9000/x") and "host:9000/x" in redact("http://u:p@ss@host:9000/x")
+
+
+def test_config_values_are_validated_before_any_work(tmp_path):
+    base = job("ckpt", "tok", tmp_path, tmp_path / "o")
+    for override, match in [("run_id=../../escaped", "run_id"), ("run_id=a/b", "run_id"),
+                            ("run_id=.hidden", "run_id"), ("tasks.caption.temperature=-1", "temperature"),
+                            ("tasks.caption.top_p=0", "top_p"), ("tasks.caption.top_k=-3", "top_k"),
+                            ("tasks.caption.temperature=.nan", "finite"), ("errors.guard_share=2", "guard_share"),
+                            ("claim_ttl_s=0", "claim_ttl_s"), ("input.max_image_bytes=0", "max_image_bytes")]:
+        with pytest.raises(ConfigError, match=match):
+            load_config(data=base, overrides=[override])
+    assert load_config(data=base, overrides=["run_id=nightly-2026.11.27_a"]).run_id == "nightly-2026.11.27_a"
+
+
+def test_malformed_yaml_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("input:\n  path: [unclosed\nmodel: {source: x}\n")
+    with pytest.raises(ConfigError, match=r"config file .*bad.yaml is not valid YAML: .*line \d+"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"override model.batch_size: the value is not valid YAML"):
+        load_config(data=job("c", "t", tmp_path, tmp_path / "o"), overrides=["model.batch_size=[1,"])
+    proc = subprocess.run([sys.executable, "-m", "jobs.caption", "--config", str(bad)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    env = dict(os.environ, COGVLM_JOB_CONFIG="input: {path: [x")
+    proc = subprocess.run([sys.executable, "-m", "jobs.caption"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: COGVLM_JOB_CONFIG is not valid YAML")
+
+
+def test_tokenizer_of_a_release_format_v2_folder_loads_without_asking(ckpt_v2, tmp_path):
+    assert "auto_map" in json.loads((ckpt_v2 / "config.json").read_text())  # as the release ships it
+    script = textwrap.dedent(f"""
+        from cogvlm import CogVLMProcessor
+        from pipeline import load_config
+        from pipeline.stages import load_tokenizer
+        CogVLMProcessor.from_pretrained({str(ckpt_v2)!r})
+        cfg = load_config(data={{"input": {{"path": "x"}}, "output": {{"path": "y"}},
+                                 "model": {{"source": {str(ckpt_v2)!r}}}}})
+        load_tokenizer(cfg)
+        print("loaded")
+    """)
+    # stdin is a pipe that answers 'y': a prompt would read it and print its question
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, input="y\n", capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "loaded" in proc.stdout, proc.stderr[-2000:]
+    assert "custom code" not in proc.stdout + proc.stderr and "[y/N]" not in proc.stdout + proc.stderr
