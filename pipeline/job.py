@@ -498,6 +498,7 @@ def run(cfg: JobConfig) -> dict[str, Any]:
             claims.release(sid)
     try:
         crash_stats = ray.get(crash_ledger.stats.remote())
+        ray.kill(crash_ledger)
     except Exception:  # noqa: BLE001
         crash_stats = {}
     # record

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
+import os
+import socket
 from collections import Counter
 from typing import Any
 
@@ -25,6 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .storage import create_exclusive, fresh_exists, join, write_bytes_atomic
+
+log = logging.getLogger("pipeline")
 
 BOX = pa.struct([("phrase", pa.string()), ("x0", pa.float32()), ("y0", pa.float32()),
                  ("x1", pa.float32()), ("y1", pa.float32()), ("x0_px", pa.int32()),
@@ -162,7 +167,7 @@ class Claims:
 
     def _record(self) -> bytes:
         now = dt.datetime.now(dt.timezone.utc).timestamp()
-        return json.dumps({"run_id": self.run_id, "expires_at": now + self.ttl_s}).encode()
+        return json.dumps({"run_id": self.run_id, "expires_at": now + self.ttl_s, "owner": _process_id()}).encode()
 
     def _owner(self, shard_id: str) -> dict[str, Any] | None:
         try:
@@ -175,7 +180,8 @@ class Claims:
         if not create_exclusive(self.fs, path, self._record()):
             owner = self._owner(shard_id)
             now = dt.datetime.now(dt.timezone.utc).timestamp()
-            if owner is not None and owner.get("expires_at", 0) > now and owner.get("run_id") != self.run_id:
+            if owner is not None and owner.get("expires_at", 0) > now and owner.get("run_id") != self.run_id \
+                    and not _is_dead(owner.get("owner")):
                 return False
             write_bytes_atomic(self.fs, path, self._record(), tmp_root=self.root)  # take over an expired claim
             owner = self._owner(shard_id)
@@ -189,8 +195,44 @@ class Claims:
             write_bytes_atomic(self.fs, self._path(sid), self._record(), tmp_root=self.root)
 
     def release(self, shard_id: str) -> None:
+        """Drop our claim. Never raises: a claim left behind (store unreachable) expires after
+        the TTL, or at once for a rerun on this machine (its owner process is gone)."""
         self.held.discard(shard_id)
         try:
             self.fs.rm(self._path(shard_id))
         except FileNotFoundError:
             pass
+        except Exception as e:  # noqa: BLE001
+            from .errors import describe
+
+            log.warning("could not release the claim on shard %s: %s", shard_id, describe(e))
+
+
+def _start_time(pid: int) -> str | None:
+    """A process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _process_id() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid())}
+
+
+def _is_dead(owner: Any) -> bool:
+    """True only when the claim's driver ran on this machine and is gone (a killed run's claims
+    then need not wait out their TTL); an owner elsewhere is alive until its claim expires."""
+    if not isinstance(owner, dict) or owner.get("host") != socket.gethostname() or not owner.get("pid"):
+        return False
+    start = _start_time(int(owner["pid"]))
+    if start is None:
+        try:
+            os.kill(int(owner["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return False
+    return owner.get("start") is not None and start != owner["start"]

@@ -52,7 +52,7 @@ def ray_head(tmp_path_factory):
                 time.sleep(1)
         while str(client.get_job_status(probe)).split(".")[-1] not in ("SUCCEEDED", "FAILED", "STOPPED"):
             time.sleep(0.5)
-        yield address, env
+        yield address, env, f"127.0.0.1:{port}"
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -73,7 +73,7 @@ def _config(ckpt, tok, inp, out) -> dict:
 
 
 def test_ray_job_submit_cli(ray_head, ckpt_v1, tokenizer_v1, tmp_path):
-    address, env = ray_head
+    address, env, _ = ray_head
     expected = webdataset_shards(tmp_path / "in", n_shards=2, per_shard=2)
     cfg = _config(ckpt_v1, tokenizer_v1, tmp_path / "in", tmp_path / "out")
     runtime_env = {"env_vars": {"COGVLM_JOB_CONFIG": yaml.safe_dump(cfg)},
@@ -89,7 +89,7 @@ def test_ray_job_submit_cli(ray_head, ckpt_v1, tokenizer_v1, tmp_path):
 
 
 def test_submit_helper_is_idempotent_and_reports_failure(ray_head, ckpt_v1, tokenizer_v1, tmp_path):
-    address, env = ray_head
+    address, env, _ = ray_head
     expected = webdataset_shards(tmp_path / "in", n_shards=2, per_shard=2)
     cfg_path = tmp_path / "job.yaml"
     cfg_path.write_text(yaml.safe_dump(_config(ckpt_v1, tokenizer_v1, tmp_path / "in", tmp_path / "out")))
@@ -114,3 +114,32 @@ def test_submit_helper_is_idempotent_and_reports_failure(ray_head, ckpt_v1, toke
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1, bad.stdout[-3000:]
     assert "FAILED" in bad.stdout and "does not exist" in bad.stdout
+
+
+def test_two_batch_runs_on_a_small_cluster_finish_and_split_the_work(ray_head, ckpt_v1, tokenizer_v1, tmp_path):
+    """Two batch jobs started together on a 4-CPU cluster whose actor pools can take every CPU
+    (they once deadlocked, each job's reads waiting for a CPU): both finish, each shard is
+    processed by one of them, every image comes back once."""
+    _, env, gcs = ray_head
+    expected = webdataset_shards(tmp_path / "in", n_shards=6, per_shard=3)
+    cfg = _config(ckpt_v1, tokenizer_v1, tmp_path / "in", tmp_path / "out")
+    cfg["model"]["preprocess_workers"] = 2
+    cfg_path = tmp_path / "job.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    run_env = dict(env, RAY_ADDRESS=gcs)
+    procs = [subprocess.Popen([sys.executable, "-m", "jobs.caption", "--config", str(cfg_path), f"run_id=twin-{i}"],
+                              cwd=ROOT, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=400) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    summaries = [json.loads(o[0][o[0].index("{"):]) for o in outs]
+    taken = [set(s["shards"]) for s in summaries]
+    assert not taken[0] & taken[1] and taken[0] | taken[1] == {f"{i:05d}" for i in range(6)}
+    df = pd.read_parquet(tmp_path / "out" / "data")
+    assert sorted(df.key) == sorted(expected) and not df.key.duplicated().any()
+    runs = {json.loads(p.read_text())["run_id"] for p in (tmp_path / "out" / "_ledger").glob("*.json")}
+    assert runs <= {"twin-0", "twin-1"}
