@@ -76,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     from ray.job_submission import JobSubmissionClient
 
+    from pipeline.config import ConfigError, load_config
+
+    try:  # a bad config is named here, before anything reaches the cluster
+        load_config(a.config, list(a.overrides) + [f"mode={a.mode}"])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     text = Path(a.config).read_text()
     env_vars = {CONFIG_ENV: text}
     for name in a.env:

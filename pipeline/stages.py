@@ -8,7 +8,6 @@ Each input image leaves `Generate` as exactly one row per prompt, with a status.
 from __future__ import annotations
 
 import json
-import os
 import posixpath
 import time
 from collections import defaultdict

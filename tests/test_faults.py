@@ -86,6 +86,33 @@ def test_s3_outage_longer_than_retries_leaves_the_shard_for_the_rerun(
     assert (df.status == "ok").all()
 
 
+def test_transient_uri_fetch_failure_is_not_committed_as_a_read_error(
+        ray_cluster, ckpt_v1, tokenizer_v1, flaky_s3, tmp_path):
+    bucket, endpoint, proxy = flaky_s3
+    client = s3_client(endpoint)
+    uris = []
+    for i in range(6):
+        client.put_object(Bucket=bucket, Key=f"imgs/{i}.jpg", Body=good_image(i))
+        uris.append(f"s3://{bucket}/imgs/{i}.jpg")
+    pq.write_table(pa.table({"u": uris}), tmp_path / "index.parquet")
+    client.upload_file(str(tmp_path / "index.parquet"), bucket, "index/part-0.parquet")
+    proxy.outage_on(b"imgs/3.jpg", seconds=10)
+    data = job(ckpt_v1, tokenizer_v1, f"s3://{bucket}/index", tmp_path / "out",
+               input={"format": "parquet", "uri_column": "u", "allowed_uri_prefixes": [f"s3://{bucket}/imgs"]},
+               s3={"endpoint_url": proxy.url, "max_attempts": 1}, retry={"deadline_s": 2, "backoff_s": 0.3})
+    with pytest.raises(IncompleteRun, match=r"\(part-0\): fetching s3://.*imgs/3.jpg"):
+        run(load_config(data=data))
+    assert not (tmp_path / "out" / "data" / "part-0.parquet").exists()
+    import time
+
+    while time.time() - proxy.outages[-1][1] < 11:
+        time.sleep(0.5)
+    again = run(load_config(data=data))
+    assert again["shards"] == ["part-0"]
+    df = pd.read_parquet(tmp_path / "out" / "data")
+    assert (df.status == "ok").all() and len(df) == 6
+
+
 def test_s3_outage_during_commits(ray_cluster, ckpt_v1, tokenizer_v1, flaky_s3, tmp_path):
     """Commits retry through a short outage; a long one ends the CLI with one line and exit 1,
     and the rerun finishes the job without duplicates."""
