@@ -116,30 +116,33 @@ def test_submit_helper_is_idempotent_and_reports_failure(ray_head, ckpt_v1, toke
     assert "FAILED" in bad.stdout and "does not exist" in bad.stdout
 
 
-def test_two_batch_runs_on_a_small_cluster_finish_and_split_the_work(ray_head, ckpt_v1, tokenizer_v1, tmp_path):
-    """Two batch jobs started together on a 4-CPU cluster whose actor pools can take every CPU
-    (they once deadlocked, each job's reads waiting for a CPU): both finish, each shard is
-    processed by one of them, every image comes back once."""
+def test_batch_runs_on_a_small_cluster_finish_and_split_the_work(ray_head, ckpt_v1, tokenizer_v1, tmp_path):
+    """Three batch jobs started together on a 4-CPU cluster whose actor pools can take every CPU
+    (two such jobs once deadlocked, each one's reads waiting for a CPU): two on one output, one on
+    another. All finish; the two on one output split its shards; every image comes back once."""
     _, env, gcs = ray_head
-    expected = webdataset_shards(tmp_path / "in", n_shards=6, per_shard=3)
-    cfg = _config(ckpt_v1, tokenizer_v1, tmp_path / "in", tmp_path / "out")
-    cfg["model"]["preprocess_workers"] = 2
-    cfg_path = tmp_path / "job.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    run_env = dict(env, RAY_ADDRESS=gcs)
-    procs = [subprocess.Popen([sys.executable, "-m", "jobs.caption", "--config", str(cfg_path), f"run_id=twin-{i}"],
-                              cwd=ROOT, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+    procs = []
+    expected = {}
+    for name, copies in (("shared", 2), ("other", 1)):
+        expected[name] = webdataset_shards(tmp_path / f"in-{name}", n_shards=6, per_shard=4)
+        cfg = _config(ckpt_v1, tokenizer_v1, tmp_path / f"in-{name}", tmp_path / f"out-{name}")
+        cfg["model"]["preprocess_workers"] = 2
+        cfg["model"]["batch_size"] = 2
+        cfg_path = tmp_path / f"{name}.yaml"
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        for i in range(copies):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "jobs.caption", "--config", str(cfg_path), f"run_id={name}-{i}"],
+                cwd=ROOT, env=dict(env, RAY_ADDRESS=gcs), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
-        outs = [p.communicate(timeout=400) for p in procs]
+        outs = [p.communicate(timeout=300) for p in procs]
     finally:
         for p in procs:
             p.kill()
-    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
-    summaries = [json.loads(o[0][o[0].index("{"):]) for o in outs]
-    taken = [set(s["shards"]) for s in summaries]
+    assert [p.returncode for p in procs] == [0, 0, 0], [o[1][-2000:] for o in outs]
+    summaries = [json.JSONDecoder().raw_decode(o[0][o[0].index('{\n  "run_id"'):])[0] for o in outs]
+    taken = [set(s["shards"]) for s in summaries[:2]]
     assert not taken[0] & taken[1] and taken[0] | taken[1] == {f"{i:05d}" for i in range(6)}
-    df = pd.read_parquet(tmp_path / "out" / "data")
-    assert sorted(df.key) == sorted(expected) and not df.key.duplicated().any()
-    runs = {json.loads(p.read_text())["run_id"] for p in (tmp_path / "out" / "_ledger").glob("*.json")}
-    assert runs <= {"twin-0", "twin-1"}
+    for name in ("shared", "other"):
+        df = pd.read_parquet(tmp_path / f"out-{name}" / "data")
+        assert sorted(df.key) == sorted(expected[name]) and not df.key.duplicated().any()
