@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from .errors import redact
+
 
 class ConfigError(ValueError):
     """A bad configuration: the message names the key."""
@@ -287,17 +289,17 @@ def _coerce(tp: Any, v: Any, key: str) -> Any:
         return [str(x) for x in v]
     if tp is bool:
         if not isinstance(v, bool):
-            raise ConfigError(f"{key} must be true or false, got {v!r}")
+            raise ConfigError(f"{key} must be true or false, got {redact(repr(v))}")
         return v
     if tp in (int, float):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {v!r}")
+            raise ConfigError(f"{key} must be a number, got {redact(repr(v))}")
         if tp is int and float(v) != int(v):
-            raise ConfigError(f"{key} must be an integer, got {v!r}")
+            raise ConfigError(f"{key} must be an integer, got {redact(repr(v))}")
         return tp(v)
     if tp is str:
         if not isinstance(v, (str, int, float)):
-            raise ConfigError(f"{key} must be a string, got {v!r}")
+            raise ConfigError(f"{key} must be a string, got {redact(repr(v))}")
         return str(v)
     return v
 
@@ -305,7 +307,7 @@ def _coerce(tp: Any, v: Any, key: str) -> Any:
 def apply_override(data: dict[str, Any], item: str) -> None:
     """`a.b.c=value` (value parsed as YAML) into a nested dict."""
     if "=" not in item:
-        raise ConfigError(f"override {item!r} is not key=value")
+        raise ConfigError(f"override {redact(item)!r} is not key=value")
     key, raw = item.split("=", 1)
     parts = key.strip().split(".")
     try:

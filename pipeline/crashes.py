@@ -10,14 +10,16 @@ processed when a worker died:
   without being touched again, and the rest of the batch goes on.
 
 Every death either happens in a batch's first attempt (then it is isolated) or is charged to
-exactly one image, so a batch of n images ends after at most 1 + n * max_crashes attempts.
+exactly one image, so a batch of n images ends after at most 1 + n * max_crashes attempts. A death
+that no image can be charged with (after all images were processed, e.g. while the results are
+returned) is bounded too: past 2 + n * max_crashes attempts the batch's images become error rows.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Any, Callable
 
 FAULT_ENV = "COGVLM_FAULT_KILL_WORKER_ON"  # testing hook: "stage:key,..." SIGKILLs that worker
@@ -26,18 +28,25 @@ FAULT_ENV = "COGVLM_FAULT_KILL_WORKER_ON"  # testing hook: "stage:key,..." SIGKI
 class CrashLedger:
     """The per-run memory of images in flight (run as a Ray actor; plain object in tests)."""
 
+    RECENT = 200_000  # attempt counts kept for this many recent images (a retry comes soon)
+
     def __init__(self) -> None:
         self.in_flight: Counter = Counter()  # batch attempts started and not finished, per image
         self.alone: Counter = Counter()  # solo attempts started and not finished, per image
+        self.attempts: OrderedDict[str, int] = OrderedDict()  # batch attempts ever, recent images
         self.deaths = 0
 
-    def begin(self, ids: list[str]) -> bool:
-        """Start a batch attempt; True if any of its images was in flight when a worker died."""
-        retried = any(self.in_flight[i] for i in ids)
+    def begin(self, ids: list[str]) -> tuple[bool, int]:
+        """Start a batch attempt: (whether these images were seen before, i.e. a worker died
+        during or after an earlier attempt; the most attempts any of them has had)."""
+        retried = any(self.in_flight[i] or self.attempts.get(i, 0) for i in ids)
         for i in ids:
             self.in_flight[i] += 1
+            self.attempts[i] = self.attempts.pop(i, 0) + 1
+        while len(self.attempts) > self.RECENT:
+            self.attempts.popitem(last=False)
         self.deaths += int(retried)
-        return retried
+        return retried, max(self.attempts[i] for i in ids)
 
     def begin_alone(self, image_id: str) -> int:
         """Start processing one image alone; returns how many workers died on it alone before."""
@@ -77,13 +86,18 @@ def process_isolating(ledger: Any, stage: str, rows: list[dict[str, Any]],
     import ray
 
     ids = [image_id(stage, r) for r in rows]
-    if not ray.get(ledger.begin.remote(ids)):
+    retried, attempts = ray.get(ledger.begin.remote(ids))
+    if not retried:
         out = process(rows)
         ray.get(ledger.end.remote(ids))
         return out
+    cap = 2 + len(ids) * max_crashes
     out = []
     for r, i in zip(rows, ids):
         deaths = ray.get(ledger.begin_alone.remote(i))
-        out += died(r, deaths) if deaths >= max_crashes else process([r])
+        if deaths >= max_crashes or attempts > cap:
+            out += died(r, max(deaths, attempts - 1))
+        else:
+            out += process([r])
         ray.get(ledger.end.remote([i]))
     return out

@@ -49,6 +49,8 @@ _TRANSIENT_NAMES = {
     "HTTPClientError", "ProxyConnectionError", "ResponseStreamingError", "IncompleteReadError",
     "ClientConnectionError", "ClientConnectorError", "ServerDisconnectedError", "ClientOSError",
     "ServerTimeoutError", "ClientPayloadError", "FSTimeoutError", "OutOfMemoryError",
+    "IncompleteRead", "ProtocolError", "ResponseParserError", "ChunkedEncodingError",
+    "RemoteDisconnected",
 }
 
 
@@ -92,6 +94,8 @@ def is_transient(exc: BaseException) -> bool:
         if any(c.__name__ in _TRANSIENT_NAMES for c in type(e).__mro__):
             return True
         if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+            return True
+        if isinstance(e, RuntimeError) and "out of memory" in str(e).lower():  # CUDA / allocator OOM
             return True
     return False
 

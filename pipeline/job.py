@@ -202,7 +202,8 @@ class ShardTracker:
         return rows
 
 
-def build_dataset(cfg: JobConfig, shards: list[Shard], mcfg: cogvlm.CogVLMConfig, crash_ledger: Any) -> Any:
+def build_dataset(cfg: JobConfig, shards: list[Shard], mcfg: cogvlm.CogVLMConfig, crash_ledger: Any,
+                  input_root: str) -> Any:
     import ray
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
@@ -223,7 +224,7 @@ def build_dataset(cfg: JobConfig, shards: list[Shard], mcfg: cogvlm.CogVLMConfig
     ds = ray.data.from_items([s.to_dict() for s in shards], override_num_blocks=len(shards))
     ds = ds.flat_map(read, num_cpus=0, compute=TaskPoolStrategy(size=max(2, 2 * cfg.model.preprocess_workers)))
     kwargs = {"job": cfg, "model_config": mcfg, "crash_ledger": crash_ledger}
-    ds = ds.map_batches(Preprocess, fn_constructor_kwargs=kwargs,
+    ds = ds.map_batches(Preprocess, fn_constructor_kwargs=dict(kwargs, input_root=input_root),
                         compute=ActorPoolStrategy(min_size=1, max_size=max(1, cfg.model.preprocess_workers)),
                         num_cpus=1, batch_size=16, batch_format="pandas", **stage_env)
     return ds.map_batches(Generate, fn_constructor_kwargs=kwargs,
@@ -372,13 +373,13 @@ def _claim(claims: Claims, ledger: Ledger, shards: list[Shard], cfg: JobConfig) 
 
 
 def _execute(cfg: JobConfig, shards: list[Shard], mcfg: cogvlm.CogVLMConfig, committer: Committer,
-             crash_ledger: Any) -> None:
+             crash_ledger: Any, input_root: str) -> None:
     tracker = ShardTracker()
     source = {s.shard_id: s.uri for s in shards}
     finished: set[str] = set()
     try:
-        for batch in build_dataset(cfg, shards, mcfg, crash_ledger).iter_batches(batch_format="pandas",
-                                                                                 batch_size=None):
+        dataset = build_dataset(cfg, shards, mcfg, crash_ledger, input_root)
+        for batch in dataset.iter_batches(batch_format="pandas", batch_size=None):
             for r in batch.to_dict("records"):
                 sid = tracker.add(r)
                 if sid is not None:
@@ -408,15 +409,18 @@ def _wait_for_others(claims: Claims, ledger: Ledger, busy: list[Shard], cfg: Job
     while left:
         still, taken = [], []
         for s in left:
-            if ledger.is_done(s.shard_id):
-                continue
-            if claims.acquire(s.shard_id):
+            try:
                 if ledger.is_done(s.shard_id):
-                    claims.release(s.shard_id)
-                else:
-                    taken.append(s)
-            else:
-                still.append(s)
+                    continue
+                if claims.acquire(s.shard_id):
+                    if ledger.is_done(s.shard_id):
+                        claims.release(s.shard_id)
+                    else:
+                        taken.append(s)
+                    continue
+            except Exception as e:  # noqa: BLE001 - a blip while waiting: ask again next round
+                log.warning("checking shard %s: %s", s.shard_id, describe(e))
+            still.append(s)
         if taken:
             return taken
         left = still
@@ -465,9 +469,6 @@ def run(cfg: JobConfig) -> dict[str, Any]:
     check_resources(cfg)
     # claim: batch and enrich runs alike, so that concurrent runs on one output split the work
     claims = Claims(out_fs, out_root, run_id, cfg.claim_ttl_s)
-    mine, busy = _claim(claims, ledger, pending, cfg)
-    log.info("run %s: %d shards, %d already committed, %d claimed by other runs, %d to process",
-             run_id, len(shards), len(shards) - len(pending), len(busy), len(mine))
     stop_heartbeat = threading.Event()
 
     def heartbeat() -> None:
@@ -477,15 +478,19 @@ def run(cfg: JobConfig) -> dict[str, Any]:
             except Exception as e:  # noqa: BLE001 - try again next beat; the TTL covers several
                 log.warning("claims heartbeat failed: %s", describe(e))
 
-    threading.Thread(target=heartbeat, name="claims-heartbeat", daemon=True).start()
+    beat = threading.Thread(target=heartbeat, name="claims-heartbeat", daemon=True)
+    beat.start()
     crash_ledger = ray.remote(num_cpus=0)(CrashLedger).remote()
     committer = Committer(cfg, ledger, claims, state, run_id)
     try:
+        mine, busy = _claim(claims, ledger, pending, cfg)
+        log.info("run %s: %d shards, %d already committed, %d claimed by other runs, %d to process",
+                 run_id, len(shards), len(shards) - len(pending), len(busy), len(mine))
         # execute -> commit, then (batch mode) wait for the shards other runs hold, taking over
         # those whose run died, until every shard of the input is committed
         while True:
             if mine:
-                _execute(cfg, mine, mcfg, committer, crash_ledger)
+                _execute(cfg, mine, mcfg, committer, crash_ledger, plan.root)
             if cfg.mode != "batch" or not busy:
                 break
             mine = _wait_for_others(claims, ledger, busy, cfg)
@@ -494,13 +499,14 @@ def run(cfg: JobConfig) -> dict[str, Any]:
             busy = [s for s in busy if s not in mine]
     finally:
         stop_heartbeat.set()
+        beat.join(timeout=60)
         for sid in list(claims.held):
             claims.release(sid)
-    try:
-        crash_stats = ray.get(crash_ledger.stats.remote())
-        ray.kill(crash_ledger)
-    except Exception:  # noqa: BLE001
-        crash_stats = {}
+        try:
+            crash_stats = ray.get(crash_ledger.stats.remote(), timeout=30)
+            ray.kill(crash_ledger)
+        except Exception:  # noqa: BLE001
+            crash_stats = {}
     # record
     wall = time.perf_counter() - state.t0
     summary = dict(

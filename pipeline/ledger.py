@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import socket
+import threading
 from collections import Counter
 from typing import Any
 
@@ -161,6 +162,7 @@ class Claims:
         self.fs, self.root, self.run_id, self.ttl_s = fs, root, run_id, ttl_s
         self.dir = join(root, "_claims")
         self.held: set[str] = set()
+        self._lock = threading.Lock()  # the heartbeat must not rewrite a claim being released
 
     def _path(self, shard_id: str) -> str:
         return join(self.dir, f"{shard_id}.json")
@@ -187,17 +189,21 @@ class Claims:
             owner = self._owner(shard_id)
             if owner is None or owner.get("run_id") != self.run_id:
                 return False
-        self.held.add(shard_id)
+        with self._lock:
+            self.held.add(shard_id)
         return True
 
     def refresh(self) -> None:
         for sid in list(self.held):
-            write_bytes_atomic(self.fs, self._path(sid), self._record(), tmp_root=self.root)
+            with self._lock:
+                if sid in self.held:
+                    write_bytes_atomic(self.fs, self._path(sid), self._record(), tmp_root=self.root)
 
     def release(self, shard_id: str) -> None:
         """Drop our claim. Never raises: a claim left behind (store unreachable) expires after
         the TTL, or at once for a rerun on this machine (its owner process is gone)."""
-        self.held.discard(shard_id)
+        with self._lock:
+            self.held.discard(shard_id)
         try:
             self.fs.rm(self._path(shard_id))
         except FileNotFoundError:
@@ -217,14 +223,24 @@ def _start_time(pid: int) -> str | None:
         return None
 
 
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def _process_id() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid())}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid()),
+            "pid_ns": _pid_namespace()}
 
 
 def _is_dead(owner: Any) -> bool:
     """True only when the claim's driver ran on this machine and is gone (a killed run's claims
     then need not wait out their TTL); an owner elsewhere is alive until its claim expires."""
     if not isinstance(owner, dict) or owner.get("host") != socket.gethostname() or not owner.get("pid"):
+        return False
+    if owner.get("pid_ns") != _pid_namespace():  # another container on this host: cannot tell
         return False
     start = _start_time(int(owner["pid"]))
     if start is None:

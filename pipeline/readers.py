@@ -42,6 +42,7 @@ class Shard:
 @dataclass
 class InputPlan:
     shards: list[Shard]
+    root: str  # the input's location: the prefix, or the folder of a single input file
     skipped_files: int = 0  # files under the input that are neither shards nor images
     skipped_examples: list[str] = field(default_factory=list)
 
@@ -116,7 +117,7 @@ def plan_input(cfg: InputConfig, s3: S3Config) -> InputPlan:
         seen[s.shard_id] = s.uri
     taken = set(chosen)
     skipped = [posixpath.relpath(f, base) for f in files if f not in taken]
-    return InputPlan(shards, len(skipped), skipped[:5])
+    return InputPlan(shards, to_uri(fs, base), len(skipped), skipped[:5])
 
 
 def plan_shards(cfg: InputConfig, s3: S3Config) -> list[Shard]:
@@ -202,10 +203,25 @@ def _read_tar(shard: Shard, cfg: InputConfig, s3: S3Config) -> tuple[dict[str, d
                     except (ValueError, AttributeError) as e:
                         sample["error"] = (f"bad json sidecar: {describe(e)}", READ_ERROR)
     except Exception as e:  # noqa: BLE001 - a truncated/corrupt tar keeps what was read
-        if is_transient(e):
+        if is_transient(e) or not _is_corrupt_tar(e):
             raise
         return samples, f"shard read failed after {len(samples)} samples: {describe(e)}"
     return samples, None
+
+
+def _is_corrupt_tar(e: BaseException) -> bool:
+    """The bytes themselves are bad (truncated, not a tar, bad compression): a permanent answer.
+    Anything else (an unknown error) must not be committed as the shard's final state."""
+    import gzip  # bz2's errors are OSError("Invalid data stream")
+    import lzma
+    import zlib
+
+    return isinstance(e, (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError)) or (
+        type(e) is OSError and "Invalid data stream" in str(e))
+
+
+def _permanent_read_failure(e: BaseException) -> bool:
+    return isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError))
 
 
 def _rows_from_tar(shard: Shard, cfg: InputConfig, s3: S3Config, policy: RetryConfig) -> list[dict[str, Any]]:
@@ -214,8 +230,10 @@ def _rows_from_tar(shard: Shard, cfg: InputConfig, s3: S3Config, policy: RetryCo
                                policy.deadline_s, policy.backoff_s)
     except TransientError as e:  # not committed: the shard is left for the rerun
         return [_row(SHARD_KEY, error=str(e), status=TRANSIENT)]
-    except Exception as e:  # noqa: BLE001 - e.g. the shard was deleted since planning
-        return [_row(SHARD_KEY, error=f"shard read failed: {describe(e)}")]
+    except Exception as e:  # noqa: BLE001
+        if _permanent_read_failure(e):  # e.g. the shard was deleted since planning
+            return [_row(SHARD_KEY, error=f"shard read failed: {describe(e)}")]
+        return [_row(SHARD_KEY, error=f"unexpected error reading {shard.uri}: {describe(e)}", status=TRANSIENT)]
     rows = []
     for key, s in samples.items():
         err, status = s.get("error", (None, None))
@@ -241,8 +259,14 @@ def _rows_from_parquet(shard: Shard, cfg: InputConfig, s3: S3Config, policy: Ret
                       policy.backoff_s)
     except TransientError as e:
         return [_row(SHARD_KEY, error=str(e), status=TRANSIENT)]
-    except Exception as e:  # noqa: BLE001 - not Parquet, truncated: one error row, the job goes on
-        return [_row(SHARD_KEY, error=f"not a readable Parquet file: {describe(e)}")]
+    except Exception as e:  # noqa: BLE001
+        import pyarrow as pa
+
+        if isinstance(e, pa.ArrowInvalid):  # not Parquet, truncated: one error row, the job goes on
+            return [_row(SHARD_KEY, error=f"not a readable Parquet file: {describe(e)}")]
+        if _permanent_read_failure(e):
+            return [_row(SHARD_KEY, error=f"shard read failed: {describe(e)}")]
+        return [_row(SHARD_KEY, error=f"unexpected error reading {shard.uri}: {describe(e)}", status=TRANSIENT)]
     cols = table.column_names
     problem = _missing_columns(cfg, cols)
     if problem is not None:

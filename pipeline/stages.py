@@ -56,12 +56,14 @@ def load_tokenizer(job: JobConfig) -> Any:
 class Preprocess:
     """Decode (EXIF-rotated RGB), guard sizes, resize/normalize, tokenize every prompt of the image."""
 
-    def __init__(self, job: JobConfig, model_config: CogVLMConfig, crash_ledger: Any = None) -> None:
+    def __init__(self, job: JobConfig, model_config: CogVLMConfig, crash_ledger: Any = None,
+                 input_root: str | None = None) -> None:
+        """`input_root`: the input's location as planned (default: `input.path`, as a folder)."""
         self.job = job
         self.config = model_config
         self.processor = CogVLMProcessor(load_tokenizer(job), model_config)
         self.crash_ledger = crash_ledger
-        self.uris = UriPolicy(job.input.path, job.input.allowed_uri_prefixes)
+        self.uris = UriPolicy(input_root or job.input.path, job.input.allowed_uri_prefixes)
         self._fs: dict[str, Any] = {}
 
     def _fetch(self, uri: str, source_uri: str) -> bytes:
@@ -107,15 +109,15 @@ class Preprocess:
     def _died(self, row: dict[str, Any], deaths: int) -> list[dict[str, Any]]:
         rec = self._record(row)
         rec.update(status=st.WORKER_DIED, error_message=f"the Preprocess worker process died {deaths} times "
-                                                        f"while decoding this image alone; skipped")
+                                                        f"while processing this image; skipped")
         return [rec]
 
     def _one(self, row: dict[str, Any]) -> dict[str, Any]:
         rec = self._record(row)
-        if rec["status"] != st.OK:
-            return rec
-        if row.get("read_error"):
+        if row.get("read_error"):  # first: a transient read must never pass as no_questions
             rec.update(status=row.get("read_status") or st.READ_ERROR, error_message=row["read_error"])
+            return rec
+        if rec["status"] != st.OK:
             return rec
         maybe_inject_fault("preprocess", str(row["key"]))
         data = row.get("image")
@@ -209,7 +211,7 @@ class Generate:
 
     def _died(self, r: dict[str, Any], deaths: int) -> list[dict[str, Any]]:
         prompts = self._prompts(r["prompts"])
-        msg = f"the Generate worker process died {deaths} times while processing this image alone; skipped"
+        msg = f"the Generate worker process died {deaths} times while processing this image; skipped"
         return [self._row(r, j, len(prompts), p, status=st.WORKER_DIED, error=msg) for j, p in enumerate(prompts)]
 
     @staticmethod

@@ -152,23 +152,21 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> b
                 return False
             raise
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    # write whole, then link: nobody ever sees the file empty or half-written
+    tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.new"
+    with open(tmp, "wb") as f:
+        f.write(data)
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.link(tmp, path)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    finally:
+        os.unlink(tmp)
     return True
 
 
 class UriRefused(ValueError):
     """A data-borne URI outside the allowed locations (or of an unsupported scheme)."""
-
-
-def _input_root(path: str) -> str:
-    """The location an input path names: a prefix itself, or the folder of a single file."""
-    last = path.rstrip("/").rsplit("/", 1)[-1]
-    return path.rstrip("/").rsplit("/", 1)[0] if last.endswith((".parquet", ".tar")) else path
 
 
 class UriPolicy:
@@ -179,10 +177,11 @@ class UriPolicy:
     are compared after resolving symlinks and '..'; S3 keys may not hold '.' or '..' segments.
     """
 
-    def __init__(self, input_path: str, allowed: list[str] | tuple[str, ...] = ()) -> None:
+    def __init__(self, input_root: str, allowed: list[str] | tuple[str, ...] = ()) -> None:
+        """`input_root`: the input's location (a folder or prefix, never a file's path)."""
         self.local: list[str] = []
         self.s3: list[str] = []
-        for p in [_input_root(input_path), *allowed]:
+        for p in [input_root, *allowed]:
             scheme, path = self._split(p)
             if scheme == "s3":
                 self.s3.append(path.rstrip("/"))

@@ -449,3 +449,60 @@ def test_tokenizer_of_a_release_format_v2_folder_loads_without_asking(ckpt_v2, t
                           text=True, timeout=120)
     assert proc.returncode == 0 and "loaded" in proc.stdout, proc.stderr[-2000:]
     assert "custom code" not in proc.stdout + proc.stderr and "[y/N]" not in proc.stdout + proc.stderr
+
+
+def test_read_failures_keep_their_status_whatever_the_prompts(ckpt_v1, tokenizer_v1, tmp_path):
+    """A shard whose read failed transiently must not pass as no_questions (VQA from a column)."""
+    from cogvlm.weights import read_config
+    from pipeline.stages import Preprocess
+
+    cfg = load_config(data=job(ckpt_v1, tokenizer_v1, tmp_path, tmp_path / "o",
+                               input={"questions_column": "q"},
+                               tasks={"vqa": {"questions": [], "use_column": True}}))
+    stage = Preprocess(cfg, read_config(ckpt_v1))
+    rows = [{"shard_id": "s", "source_uri": "u", "shard_total": 2, "image_index": i, "key": "__shard__",
+             "image": None, "image_uri": None, "questions": None, "read_error": "store unreachable",
+             "read_status": status} for i, status in enumerate(["transient_error", "read_error"])]
+    assert stage(pd.DataFrame(rows)).status.tolist() == ["transient_error", "read_error"]
+
+
+def test_unknown_read_errors_are_not_final_and_known_ones_are():
+    import tarfile
+
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    from pipeline.errors import is_transient
+    from pipeline.readers import _is_corrupt_tar
+
+    assert is_transient(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
+    assert is_transient(OSError(5, "wrapped")) is False
+    wrapped = OSError(16, "Please reduce your request rate")
+    wrapped.__cause__ = ClientError({"Error": {"Code": "SlowDown"}}, "GetObject")
+    assert is_transient(wrapped)
+    denied = PermissionError("Access Denied")
+    denied.__cause__ = ClientError({"Error": {"Code": "AccessDenied"}}, "GetObject")
+    assert not is_transient(denied)
+    assert is_transient(RuntimeError("CUDA error: out of memory"))
+    assert _is_corrupt_tar(tarfile.ReadError("invalid header")) and _is_corrupt_tar(EOFError())
+    assert not _is_corrupt_tar(RuntimeError("something else"))
+
+
+def test_the_input_location_comes_from_the_listing(tmp_path):
+    from pipeline.config import InputConfig, S3Config
+    from pipeline.readers import plan_input
+
+    table = tmp_path / "table.parquet"  # a Spark-style dataset folder with a file-like name
+    table.mkdir()
+    pq.write_table(pa.table({"image": [b"x"]}), table / "part-0.parquet")
+    assert plan_input(InputConfig(path=str(table), format="parquet"), S3Config()).root == str(table)
+    one = plan_input(InputConfig(path=str(table / "part-0.parquet"), format="parquet"), S3Config())
+    assert one.root == str(table)
+
+
+def test_config_errors_never_echo_credentials(tmp_path):
+    base = job("ckpt", "tok", tmp_path, tmp_path / "o")
+    for override in (f"s3.endpoint_url: https://u:{SECRET}@h", f"input.path=[https://u:{SECRET}@h]",
+                     f"model.batch_size=https://u:{SECRET}@h"):
+        with pytest.raises(ConfigError) as e:
+            load_config(data=base, overrides=[override])
+        assert SECRET not in str(e.value) and "EXAMPLE" not in str(e.value)
