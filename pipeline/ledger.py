@@ -151,7 +151,7 @@ class Ledger:
 class Claims:
     """Leases on shards so that concurrent runs split the pending work instead of doubling it.
 
-    A claim is created exclusively (S3 conditional PUT / O_EXCL). Its owner refreshes it every
+    A claim is created exclusively (S3 conditional PUT / an exclusive hard link). Its owner refreshes it every
     `ttl_s / 3` (`refresh`) and deletes it after the commit; a claim not refreshed for `ttl_s`
     (its run died) may be taken over. Two runs racing for an expired claim both overwrite it and
     re-read it: the one whose id is not there backs off. Even if two runs did process one shard,

@@ -134,7 +134,7 @@ def list_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
 
 
 def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
-    """Create `path` only if it does not exist (S3 conditional PUT / O_EXCL). True if we created it.
+    """Create `path` only if it does not exist (S3 conditional PUT / an exclusive hard link). True if we created it.
 
     On S3 only the service's answer counts as "exists": 412 PreconditionFailed, or 409
     ConditionalRequestConflict (a concurrent conditional write won); any other error is raised.
