@@ -16,6 +16,7 @@ marker; the rerun rewrites the same file name, so nothing is duplicated.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -23,12 +24,12 @@ import os
 import socket
 import threading
 from collections import Counter
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .storage import create_exclusive, fresh_exists, join, write_bytes_atomic
+from .storage import create_exclusive, fresh_exists, is_s3, join, to_uri, write_bytes_atomic
 
 log = logging.getLogger("pipeline")
 
@@ -151,11 +152,14 @@ class Ledger:
 class Claims:
     """Leases on shards so that concurrent runs split the pending work instead of doubling it.
 
-    A claim is created exclusively (S3 conditional PUT / an exclusive hard link). Its owner refreshes it every
-    `ttl_s / 3` (`refresh`) and deletes it after the commit; a claim not refreshed for `ttl_s`
-    (its run died) may be taken over. Two runs racing for an expired claim both overwrite it and
-    re-read it: the one whose id is not there backs off. Even if two runs did process one shard,
-    its output file name is deterministic, so rows are never duplicated.
+    A claim is created exclusively (S3 conditional PUT / an exclusive hard link). Its owner
+    rewrites it every `ttl_s / 3` (`refresh`) and deletes it after the commit; a claim not
+    refreshed for `ttl_s` (its run died), or whose process on this machine is gone, may be taken
+    over. Taking over and refreshing are read-check-write steps made atomic: on S3 the write is
+    conditional on the ETag that was read (`If-Match`), locally both hold a file lock. So of two
+    runs racing for one expired claim exactly one gets it, and an owner that was too slow to
+    refresh learns that its claim was taken instead of overwriting it. Even if two runs did process
+    one shard, its output file name is deterministic, so rows are never duplicated.
     """
 
     def __init__(self, fs: Any, root: str, run_id: str, ttl_s: float = 600.0) -> None:
@@ -163,6 +167,7 @@ class Claims:
         self.dir = join(root, "_claims")
         self.held: set[str] = set()
         self._lock = threading.Lock()  # the heartbeat must not rewrite a claim being released
+        self.s3 = is_s3(to_uri(fs, root))
 
     def _path(self, shard_id: str) -> str:
         return join(self.dir, f"{shard_id}.json")
@@ -171,33 +176,88 @@ class Claims:
         now = dt.datetime.now(dt.timezone.utc).timestamp()
         return json.dumps({"run_id": self.run_id, "expires_at": now + self.ttl_s, "owner": _process_id()}).encode()
 
-    def _owner(self, shard_id: str) -> dict[str, Any] | None:
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Locally: one read-check-write at a time across processes (S3 uses If-Match instead)."""
+        if self.s3:
+            yield
+            return
+        import fcntl
+
+        self.fs.makedirs(self.dir, exist_ok=True)
+        with open(join(self.dir, ".lock"), "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _read(self, path: str) -> tuple[bool, str | None, dict[str, Any] | None]:
+        """(exists, ETag on S3, owner record or None if unreadable)."""
+        etag = None
         try:
-            return json.loads(self.fs.cat_file(self._path(shard_id)))
-        except (FileNotFoundError, ValueError):
-            return None
+            if self.s3:
+                self.fs.invalidate_cache(path)
+                etag = self.fs.info(path).get("ETag")  # first: a newer body then fails If-Match
+            data = self.fs.cat_file(path)
+        except FileNotFoundError:
+            return False, None, None
+        try:
+            owner = json.loads(data)
+        except ValueError:
+            owner = None
+        return True, etag, owner if isinstance(owner, dict) else None
+
+    def _write(self, path: str, etag: str | None) -> bool:
+        """Overwrite the claim we read (S3: only if it is still the version we read)."""
+        if not self.s3:
+            write_bytes_atomic(self.fs, path, self._record(), tmp_root=self.root)
+            return True
+        try:
+            self.fs.pipe_file(path, self._record(), IfMatch=etag)
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            from .errors import error_code
+
+            if error_code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False
+            raise
+
+    def _free(self, owner: dict[str, Any] | None) -> bool:
+        now = dt.datetime.now(dt.timezone.utc).timestamp()
+        return owner is None or owner.get("run_id") == self.run_id or owner.get("expires_at", 0) <= now \
+            or _is_dead(owner.get("owner"))
 
     def acquire(self, shard_id: str) -> bool:
         path = self._path(shard_id)
-        if not create_exclusive(self.fs, path, self._record()):
-            owner = self._owner(shard_id)
-            now = dt.datetime.now(dt.timezone.utc).timestamp()
-            if owner is not None and owner.get("expires_at", 0) > now and owner.get("run_id") != self.run_id \
-                    and not _is_dead(owner.get("owner")):
-                return False
-            write_bytes_atomic(self.fs, path, self._record(), tmp_root=self.root)  # take over an expired claim
-            owner = self._owner(shard_id)
-            if owner is None or owner.get("run_id") != self.run_id:
-                return False
-        with self._lock:
-            self.held.add(shard_id)
-        return True
+        got = create_exclusive(self.fs, path, self._record())
+        if not got:
+            with self._exclusive():
+                exists, etag, owner = self._read(path)
+                if not exists:  # released meanwhile: compete for it afresh
+                    got = create_exclusive(self.fs, path, self._record())
+                elif self._free(owner):  # take over an expired claim, or one whose run died
+                    got = self._write(path, etag)
+        if got:
+            with self._lock:
+                self.held.add(shard_id)
+        return got
 
     def refresh(self) -> None:
         for sid in list(self.held):
-            with self._lock:
-                if sid in self.held:
-                    write_bytes_atomic(self.fs, self._path(sid), self._record(), tmp_root=self.root)
+            with self._lock, self._exclusive():
+                if sid not in self.held:
+                    continue
+                exists, etag, owner = self._read(self._path(sid))
+                if exists and owner is not None and owner.get("run_id") == self.run_id \
+                        and self._write(self._path(sid), etag):
+                    continue
+                # our claim expired and another run took it (or it is gone): stop refreshing it
+                self.held.discard(sid)
+                log.warning("the claim on shard %s was taken over by run %s; it may be processed twice "
+                            "(rows are not duplicated)", sid, (owner or {}).get("run_id"))
 
     def release(self, shard_id: str) -> None:
         """Drop our claim. Never raises: a claim left behind (store unreachable) expires after
@@ -205,6 +265,9 @@ class Claims:
         with self._lock:
             self.held.discard(shard_id)
         try:
+            exists, _, owner = self._read(self._path(shard_id))
+            if not exists or (owner is not None and owner.get("run_id") != self.run_id):
+                return  # gone, or taken over by another run: theirs now
             self.fs.rm(self._path(shard_id))
         except FileNotFoundError:
             pass

@@ -506,3 +506,41 @@ def test_config_errors_never_echo_credentials(tmp_path):
         with pytest.raises(ConfigError) as e:
             load_config(data=base, overrides=[override])
         assert SECRET not in str(e.value) and "EXAMPLE" not in str(e.value)
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_exactly_one_run_takes_over_an_expired_claim(store, tmp_path, request):
+    """Eight runs race for one expired claim: one gets it; a slow owner cannot overwrite it."""
+    import fsspec
+
+    from pipeline.config import S3Config
+    from pipeline.ledger import Claims
+    from pipeline.storage import filesystem
+
+    if store == "s3":
+        bucket, endpoint = request.getfixturevalue("s3_bucket")
+        fs, root = filesystem(f"s3://{bucket}/out", S3Config(endpoint_url=endpoint))
+    else:
+        fs, root = fsspec.filesystem("file"), str(tmp_path / "out")
+    late = Claims(fs, root, "run-late", ttl_s=-1)  # its claims are born expired
+    assert late.acquire("s1")
+    racers = [Claims(fs, root, f"run-{i}", ttl_s=60) for i in range(8)]
+    barrier = threading.Barrier(len(racers))
+    won: list[str] = []
+
+    def race(c: Claims) -> None:
+        barrier.wait()
+        if c.acquire("s1"):
+            won.append(c.run_id)
+
+    threads = [threading.Thread(target=race, args=(c,)) for c in racers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(won) == 1, won
+    late.refresh()  # the expired owner wakes up: it must not take the claim back
+    assert "s1" not in late.held
+    assert json.loads(fs.cat_file(f"{root}/_claims/s1.json"))["run_id"] == won[0]
+    late.release("s1")  # nor delete the new owner's claim
+    assert json.loads(fs.cat_file(f"{root}/_claims/s1.json"))["run_id"] == won[0]
