@@ -133,21 +133,19 @@ def init_ray(cfg: JobConfig) -> None:
     otherwise start a local Ray with enough logical CPUs for the stages (they may exceed cores)."""
     import ray
 
-    # the fault-injection hook of the tests reaches the workers through the job's runtime env
-    runtime_env = {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}} if os.environ.get(FAULT_ENV) else None
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=runtime_env)
+        ray.init()
         return
     # CPU replicas share cores with reading/Preprocess workers; OpenMP threads that spin while
     # waiting then stall each other (measured: 17x slower). Passive waiting avoids that.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     address = _live_local_cluster()
     if address:
-        ray.init(address=address, runtime_env=runtime_env)
+        ray.init(address=address)
         return
     m = cfg.model
     needed = m.preprocess_workers + m.max_replicas * m.cpus_per_replica + 1
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), runtime_env=runtime_env)
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)))
 
 
 def check_resources(cfg: JobConfig) -> None:
@@ -216,6 +214,7 @@ def build_dataset(cfg: JobConfig, shards: list[Shard], mcfg: cogvlm.CogVLMConfig
         s = Shard(str(shard["shard_id"]), str(shard["uri"]), files)
         return read_shard(s, input_cfg, s3, policy)
 
+    # the tests' fault-injection hook reaches the stage workers through their runtime env
     stage_env = {"runtime_env": {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}}} if os.environ.get(FAULT_ENV) else {}
     # one shard per read task; flat_map (unlike map_batches) is not fused into the batched
     # actor stage below, so shards stay separate blocks and results stream back shard by shard.
@@ -358,17 +357,22 @@ class Committer:
 
 
 def _claim(claims: Claims, ledger: Ledger, shards: list[Shard], cfg: JobConfig) -> tuple[list[Shard], list[Shard]]:
-    """(shards this run now holds, shards other runs hold)."""
+    """(shards this run now holds, shards other runs hold); committed shards are in neither."""
+    def claim(s: Shard) -> bool | None:
+        if not claims.acquire(s.shard_id):
+            return False
+        if ledger.is_done(s.shard_id):  # committed by another run since we listed
+            claims.release(s.shard_id)
+            return None
+        return True
+
     mine, busy = [], []
     for s in shards:
-        got = retry(lambda: claims.acquire(s.shard_id), f"claiming shard {s.shard_id}",
-                    cfg.retry.deadline_s, cfg.retry.backoff_s)
-        if not got:
-            busy.append(s)
-        elif ledger.is_done(s.shard_id):  # committed by another run since we listed
-            claims.release(s.shard_id)
-        else:
+        got = retry(lambda: claim(s), f"claiming shard {s.shard_id}", cfg.retry.deadline_s, cfg.retry.backoff_s)
+        if got:
             mine.append(s)
+        elif got is False:
+            busy.append(s)
     return mine, busy
 
 
@@ -404,26 +408,12 @@ def _wait_for_others(claims: Claims, ledger: Ledger, busy: list[Shard], cfg: Job
     """Batch mode: wait until every shard another run holds is committed, and take over those
     whose claim expires (their run died). Returns the shards taken over."""
     poll = max(1.0, min(10.0, cfg.claim_ttl_s / 3))
-    left = list(busy)
     last_log = 0.0
+    left = list(busy)
     while left:
-        still, taken = [], []
-        for s in left:
-            try:
-                if ledger.is_done(s.shard_id):
-                    continue
-                if claims.acquire(s.shard_id):
-                    if ledger.is_done(s.shard_id):
-                        claims.release(s.shard_id)
-                    else:
-                        taken.append(s)
-                    continue
-            except Exception as e:  # noqa: BLE001 - a blip while waiting: ask again next round
-                log.warning("checking shard %s: %s", s.shard_id, describe(e))
-            still.append(s)
+        taken, left = _claim(claims, ledger, left, cfg)
         if taken:
             return taken
-        left = still
         if left:
             if time.monotonic() - last_log > 60:
                 log.info("waiting for %d shards that other runs are processing (%s%s)", len(left),

@@ -29,7 +29,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .storage import create_exclusive, fresh_exists, is_s3, join, to_uri, write_bytes_atomic
+from .storage import create_exclusive, fresh_exists, is_s3, join, put_conditional, to_uri, write_bytes_atomic
 
 log = logging.getLogger("pipeline")
 
@@ -214,16 +214,9 @@ class Claims:
             write_bytes_atomic(self.fs, path, self._record(), tmp_root=self.root)
             return True
         try:
-            self.fs.pipe_file(path, self._record(), IfMatch=etag)
-            return True
-        except FileNotFoundError:
+            return put_conditional(self.fs, path, self._record(), IfMatch=etag)
+        except FileNotFoundError:  # released meanwhile: not ours to recreate here
             return False
-        except OSError as e:
-            from .errors import error_code
-
-            if error_code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
-                return False
-            raise
 
     def _free(self, owner: dict[str, Any] | None) -> bool:
         now = dt.datetime.now(dt.timezone.utc).timestamp()

@@ -220,20 +220,26 @@ def _is_corrupt_tar(e: BaseException) -> bool:
         type(e) is OSError and "Invalid data stream" in str(e))
 
 
-def _permanent_read_failure(e: BaseException) -> bool:
-    return isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError))
+def _read_or_error_row(shard: Shard, read: Any, policy: RetryConfig, corrupt: tuple[type, ...] = (),
+                       what: str = "shard read failed") -> tuple[Any, list[dict[str, Any]] | None]:
+    """(`read()`, None), retrying transient failures; or (None, the shard's one error row): a final
+    read_error when the bytes are bad (`corrupt`) or the file is gone or forbidden, a TRANSIENT row
+    (never committed) when the failure may pass or is unknown."""
+    try:
+        return retry(read, f"reading {shard.uri}", policy.deadline_s, policy.backoff_s), None
+    except TransientError as e:
+        return None, [_row(SHARD_KEY, error=str(e), status=TRANSIENT)]
+    except Exception as e:  # noqa: BLE001
+        if isinstance(e, (*corrupt, FileNotFoundError, PermissionError, IsADirectoryError)):
+            return None, [_row(SHARD_KEY, error=f"{what}: {describe(e)}")]
+        return None, [_row(SHARD_KEY, error=f"unexpected error reading {shard.uri}: {describe(e)}", status=TRANSIENT)]
 
 
 def _rows_from_tar(shard: Shard, cfg: InputConfig, s3: S3Config, policy: RetryConfig) -> list[dict[str, Any]]:
-    try:
-        samples, error = retry(lambda: _read_tar(shard, cfg, s3), f"reading {shard.uri}",
-                               policy.deadline_s, policy.backoff_s)
-    except TransientError as e:  # not committed: the shard is left for the rerun
-        return [_row(SHARD_KEY, error=str(e), status=TRANSIENT)]
-    except Exception as e:  # noqa: BLE001
-        if _permanent_read_failure(e):  # e.g. the shard was deleted since planning
-            return [_row(SHARD_KEY, error=f"shard read failed: {describe(e)}")]
-        return [_row(SHARD_KEY, error=f"unexpected error reading {shard.uri}: {describe(e)}", status=TRANSIENT)]
+    result, failed = _read_or_error_row(shard, lambda: _read_tar(shard, cfg, s3), policy)
+    if failed:
+        return failed
+    samples, error = result
     rows = []
     for key, s in samples.items():
         err, status = s.get("error", (None, None))
@@ -254,19 +260,13 @@ def _read_parquet(shard: Shard, s3: S3Config) -> Any:
 
 
 def _rows_from_parquet(shard: Shard, cfg: InputConfig, s3: S3Config, policy: RetryConfig) -> list[dict[str, Any]]:
-    try:
-        table = retry(lambda: _read_parquet(shard, s3), f"reading {shard.uri}", policy.deadline_s,
-                      policy.backoff_s)
-    except TransientError as e:
-        return [_row(SHARD_KEY, error=str(e), status=TRANSIENT)]
-    except Exception as e:  # noqa: BLE001
-        import pyarrow as pa
+    import pyarrow as pa
 
-        if isinstance(e, pa.ArrowInvalid):  # not Parquet, truncated: one error row, the job goes on
-            return [_row(SHARD_KEY, error=f"not a readable Parquet file: {describe(e)}")]
-        if _permanent_read_failure(e):
-            return [_row(SHARD_KEY, error=f"shard read failed: {describe(e)}")]
-        return [_row(SHARD_KEY, error=f"unexpected error reading {shard.uri}: {describe(e)}", status=TRANSIENT)]
+    # not Parquet, truncated: one error row, the job goes on
+    table, failed = _read_or_error_row(shard, lambda: _read_parquet(shard, s3), policy, (pa.ArrowInvalid,),
+                                       "not a readable Parquet file")
+    if failed:
+        return failed
     cols = table.column_names
     problem = _missing_columns(cfg, cols)
     if problem is not None:

@@ -133,24 +133,31 @@ def list_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     return sorted(p for p, info in found.items() if info.get("type") == "file" and not p.endswith("/"))
 
 
+def put_conditional(fs: fsspec.AbstractFileSystem, path: str, data: bytes, **condition: Any) -> bool:
+    """An S3 PUT under a condition (`mode="create"` for If-None-Match: *, or `IfMatch=etag`).
+    False when the service says the condition failed (412 PreconditionFailed, 409
+    ConditionalRequestConflict: a concurrent conditional write won); other errors are raised."""
+    from .errors import error_code
+
+    try:
+        fs.pipe_file(path, data, **condition)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if error_code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+            return False
+        raise
+
+
 def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
     """Create `path` only if it does not exist (S3 conditional PUT / an exclusive hard link). True if we created it.
 
     On S3 only the service's answer counts as "exists": 412 PreconditionFailed, or 409
     ConditionalRequestConflict (a concurrent conditional write won); any other error is raised.
     """
-    from .errors import error_code
-
     if is_s3(to_uri(fs, path)):
-        try:
-            fs.pipe_file(path, data, mode="create")
-            return True
-        except FileExistsError:
-            return False
-        except OSError as e:
-            if error_code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
-                return False
-            raise
+        return put_conditional(fs, path, data, mode="create")
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     # write whole, then link: nobody ever sees the file empty or half-written
     tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.new"
