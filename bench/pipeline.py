@@ -47,7 +47,7 @@ def in_process(cfg) -> float:
     for shard in plan_shards(cfg.input, cfg.s3):
         rows = pd.DataFrame(read_shard(shard, cfg.input, cfg.s3), columns=ROW_COLUMNS)
         for i in range(0, len(rows), cfg.model.batch_size):
-            out = gen(pre(rows.iloc[i:i + cfg.model.batch_size]))
+            out = gen.run(pre(rows.iloc[i:i + cfg.model.batch_size]))
             n += int((out.status == "ok").sum())
     dt = time.perf_counter() - t0
     assert n > 0

@@ -92,9 +92,12 @@ class VisionExpertAttention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, routing: ExpertRouting, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, cache_slots: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None, cache_slots: torch.Tensor | None = None,
+                cache_rows: torch.Tensor | None = None) -> torch.Tensor:
         """`mask` (B, 1, Lq, Lk) bool, or None for plain causal attention over this step's own
-        tokens from slot 0 (no padding: lets SDPA use its flash kernel)."""
+        tokens from slot 0 (lets SDPA use its flash kernel; padding may only follow real tokens).
+        `cache_slots`: the cache columns of this step's tokens ((Lq,) or (B, Lq)); `cache_rows`:
+        the cache rows of the batch's rows (None: rows 0..B-1)."""
         B, L, D = x.shape
         H, KV, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = routing.apply(x, self.language_expert_query_key_value, self.vision_expert_query_key_value)
@@ -105,8 +108,10 @@ class VisionExpertAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache_slots is not None:  # write this step's keys/values, attend over the cache
             assert self.kv_cache is not None, "cache_slots given but no KV cache installed"
-            kv_len = mask.shape[-1] if mask is not None else L
-            k, v = self.kv_cache.update(cache_slots, k, v, kv_len=kv_len)  # (B, KV, Lk, d)
+            if mask is None:  # a fresh sequence from column 0: its own keys are the whole context
+                self.kv_cache.write(cache_slots, k, v, cache_rows)
+            else:
+                k, v = self.kv_cache.update(cache_slots, k, v, mask.shape[-1], cache_rows)  # (B, KV, Lk, d)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and L > 1,
                                              enable_gqa=KV != H)
         out = out.transpose(1, 2).reshape(B, L, D)  # (B, L, H*d)
@@ -143,8 +148,9 @@ class CogVLMDecoderLayer(nn.Module):
         self.mlp = VisionExpertMLP(config)
 
     def forward(self, x: torch.Tensor, routing: ExpertRouting, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, cache_slots: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), routing, cos, sin, mask, cache_slots)
+                mask: torch.Tensor | None, cache_slots: torch.Tensor | None = None,
+                cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), routing, cos, sin, mask, cache_slots, cache_rows)
         return x + self.mlp(self.post_attention_layernorm(x), routing)
 
 
@@ -228,16 +234,20 @@ class CogVLMForCausalLM(nn.Module):
                        position_ids: torch.Tensor, mask: torch.Tensor | None,
                        cache_slots: torch.Tensor | None = None,
                        routing: ExpertRouting | None = None,
-                       logits_to_keep: int | None = None) -> torch.Tensor:
+                       logits_to_keep: int | None = None, cache_rows: torch.Tensor | None = None,
+                       logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder over prepared embeddings; `mask` is the boolean (B, 1, Lq, Lk) SDPA mask, or
-        None for unpadded causal attention from slot 0."""
+        None for causal attention from slot 0. Logits of the last `logits_to_keep` positions, or
+        of position `logits_at[b]` of each row b ((B, 1, V)), or of all."""
         if routing is None:
             routing = ExpertRouting.from_token_types(token_type_ids)
         cos, sin = rope_cos_sin(position_ids, self.model.inv_freq)
         h = embeds
         for layer in self.model.layers:
-            h = layer(h, routing, cos, sin, mask, cache_slots)
-        if logits_to_keep is not None:
+            h = layer(h, routing, cos, sin, mask, cache_slots, cache_rows)
+        if logits_at is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), logits_at][:, None]  # (B, 1, D)
+        elif logits_to_keep is not None:
             h = h[:, -logits_to_keep:]
         h = self.model.norm(h)
         return self.lm_head(h).float()

@@ -9,6 +9,7 @@ import torch
 
 from .decoder import CogVLMForCausalLM, ExpertRouting
 from .positions import attention_mask_4d, build_position_ids
+from .sampling import sample
 
 
 @dataclass
@@ -19,25 +20,6 @@ class GenerationOutput:
     num_tokens: list[int]
     finish_reasons: list[str]  # "stop" (an eos id) or "length" (max_new_tokens)
     prompt_tokens: list[int] = field(default_factory=list)
-
-
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, V) fp32 logits -> (B,) token ids. `temperature <= 0` is greedy."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        drop = probs.cumsum(dim=-1) - probs > top_p  # keep the smallest prefix reaching top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 def prefill(model: CogVLMForCausalLM, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
@@ -95,7 +77,7 @@ class Sampling:
     temperature: float = 0.0  # <= 0: greedy
     top_p: float = 1.0
     top_k: int = 0
-    seed: int | None = None
+    seed: int | Sequence[int] | None = None  # one for every row, or one per row (`sampling.py`)
     eos_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
 
@@ -114,9 +96,13 @@ def decode_loop(model: CogVLMForCausalLM, logits: torch.Tensor, positions: torch
     B = logits.shape[0]
     pad = model.config.pad_token_id
     eos = torch.tensor(list(sampling.eos_token_ids) or [-1], device=device)
-    generator = None
-    if sampling.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    seed = 0 if sampling.seed is None else sampling.seed
+    seeds = torch.tensor([seed] * B if isinstance(seed, int) else list(seed), device=device)
+    temperature = torch.full((B,), float(sampling.temperature), device=device)
+    top_k = torch.full((B,), int(sampling.top_k), device=device)
+    top_p = torch.full((B,), float(sampling.top_p), device=device)
+    sampled = sampling.temperature > 0
+    filtered = sampling.top_k > 0 or sampling.top_p < 1
     steps = int(max_new.max())
     out = torch.full((B, steps), pad, dtype=torch.long, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
@@ -125,7 +111,8 @@ def decode_loop(model: CogVLMForCausalLM, logits: torch.Tensor, positions: torch
     max_new = max_new.to(device)
     active = torch.ones(B, dtype=torch.bool, device=device)  # per live batch slot
     for step in range(steps):
-        tok = sample(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
+        tok = sample(logits, temperature[rows] if sampled else None, top_k[rows], top_p[rows], seeds[rows],
+                     lengths[rows], filtered)
         tok = torch.where(active, tok, pad)
         out[rows, step] = tok
         lengths[rows] += active.long()
@@ -160,7 +147,7 @@ def _max_new(max_new_tokens: int | Sequence[int], B: int) -> torch.Tensor:
     return t
 
 
-def _check_context(model: CogVLMForCausalLM, last_positions: torch.Tensor, max_new: torch.Tensor) -> None:
+def check_context(model: CogVLMForCausalLM, last_positions: torch.Tensor, max_new: torch.Tensor) -> None:
     over = last_positions.cpu() + max_new > model.config.max_position_embeddings
     if bool(over.any()):
         b = int(over.nonzero()[0])
@@ -174,13 +161,14 @@ def generate(model: CogVLMForCausalLM, input_ids: torch.Tensor, token_type_ids: 
              attention_mask: torch.Tensor | None = None,
              images: Sequence[torch.Tensor | None] | None = None, *,
              max_new_tokens: int | Sequence[int] = 32, temperature: float = 0.0, top_p: float = 1.0,
-             top_k: int = 0, seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
+             top_k: int = 0, seed: int | Sequence[int] | None = None, eos_token_id: int | Sequence[int] | None = None,
              ignore_eos: bool = False, timings: dict[str, float] | None = None,
              image_features: torch.Tensor | None = None) -> GenerationOutput:
     """Greedy (temperature 0) or sampled generation for a left-padded batch.
 
     Stops a row at any eos id (the config's unless `eos_token_id` is given) unless `ignore_eos`,
-    or after `max_new_tokens` (one value or one per row).
+    or after `max_new_tokens` (one value or one per row). A sampled row draws from its own random
+    stream, `seed` (one for all rows or one per row; see `sampling.py`), so it is batch-invariant.
     Raises ValueError when a row's positions would pass `max_position_embeddings`.
     `timings`, when given, receives `vision_s`, `prefill_s` (vision included) and `decode_s`.
     `image_features` (N, T, D), one per non-None image in row order, skips the vision tower.
@@ -210,7 +198,7 @@ def generate(model: CogVLMForCausalLM, input_ids: torch.Tensor, token_type_ids: 
         clock.lap("vision_s")
         logits, position_ids = prefill(model, input_ids, token_type_ids, attention_mask, images,
                                        key_valid, features)
-        _check_context(model, position_ids[:, -1], max_new)
+        check_context(model, position_ids[:, -1], max_new)
         clock.lap("prefill_s", include="vision_s")
         tokens, n, stopped = decode_loop(model, logits, position_ids[:, -1] + 1, key_valid, L, max_new,
                                          sampling)

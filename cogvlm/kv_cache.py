@@ -1,4 +1,4 @@
-"""Preallocated per-layer KV cache with static shapes (installed before prefill, freed after)."""
+"""Per-layer KV cache: (rows, KV heads, max_len, head_dim) buffers allocated once, with static shapes."""
 
 from __future__ import annotations
 
@@ -14,10 +14,35 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, KV, Lq, d) at sequence slots (Lq,); return the first `kv_len` slots."""
-        B = k.shape[0]
-        self.k_cache[:B].index_copy_(2, slots, k)
-        self.v_cache[:B].index_copy_(2, slots, v)
-        return self.k_cache[:B, :, :kv_len], self.v_cache[:B, :, :kv_len]
+    def write(self, cols: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              rows: torch.Tensor | None = None) -> None:
+        """Store k, v (B, KV, Lq, d) at sequence columns `cols`, (Lq,) for every row or (B, Lq) per
+        row, of cache rows `rows` (B,) (None: rows 0..B-1, the static-shape path)."""
+        B, KV, Lq, d = k.shape
+        if rows is None:
+            kc, vc = self.k_cache[:B], self.v_cache[:B]
+            if cols.dim() == 1:
+                kc.index_copy_(2, cols, k)
+                vc.index_copy_(2, cols, v)
+            else:
+                index = cols[:, None, :, None].expand(B, KV, Lq, d)
+                kc.scatter_(2, index, k)
+                vc.scatter_(2, index, v)
+            return
+        heads = torch.arange(KV, device=k.device)
+        c = cols if cols.dim() == 2 else cols.expand(B, Lq)
+        index = (rows[:, None, None], heads[None, :, None], c[:, None, :])  # broadcast to (B, KV, Lq)
+        self.k_cache.index_put_(index, k)
+        self.v_cache.index_put_(index, v)
+
+    def read(self, kv_len: int, batch: int, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the first `kv_len` columns: a view of rows 0..batch-1, or a copy of `rows`."""
+        if rows is None:
+            return self.k_cache[:batch, :, :kv_len], self.v_cache[:batch, :, :kv_len]
+        return self.k_cache[rows, :, :kv_len], self.v_cache[rows, :, :kv_len]
+
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int,
+               rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`write`, then `read` the first `kv_len` columns of the same rows: (B, KV, kv_len, d)."""
+        self.write(slots, k, v, rows)
+        return self.read(kv_len, k.shape[0], rows)

@@ -91,9 +91,17 @@ class ModelConfig:
     source: str = ""  # local dir, s3:// prefix or hub id
     tokenizer: str | None = None  # path, s3:// prefix or hub id; default: the checkpoint's own
     dtype: str = "bf16"
-    batch_size: int = 8  # images per model call (each image's prompts are decoded together)
-    kv_cache_gb: float | None = None  # KV-cache budget of a decode batch; None: 90% of free GPU memory
-    compile: bool = False  # torch.compile the decode step (CUDA graphs on GPUs)
+    # A replica runs one continuous-batching engine (cogvlm/engine.py): prompts join the decode
+    # batch as soon as a KV slot frees up, whichever Ray batch they came in.
+    batch_size: int = 8  # images per Ray batch handed to a replica (transport, not the decode batch)
+    batches_in_flight: int = 8  # Ray batches a replica works on at once (feeds its engine)
+    max_slots: int = 256  # most prompts decoding at once; the memory plan may allow fewer
+    max_prompt_tokens: int = 256  # longest prompt text (after the image) a KV slot holds
+    admission_images: int = 8  # images per vision + prefill round between decode steps
+    sync_every: int = 8  # decode steps between checks for rows that stopped at eos
+    kv_cache_gb: float | None = None  # cap on the KV cache; None: what the memory plan leaves
+    memory_margin_gb: float | None = None  # kept free by the plan; None: 5% of free memory (<= 2 GB)
+    compile: bool = False  # compile the decode step once per batch size at start-up (CUDA graphs on GPUs)
     min_replicas: int = 1
     max_replicas: int = 1
     gpus_per_replica: float = 1  # 0 runs on CPU (tests, demo)
@@ -164,8 +172,13 @@ class JobConfig:
             raise ConfigError("model.source is required")
         if self.model.dtype not in ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16"):
             raise ConfigError(f"model.dtype must be fp32, bf16 or fp16, got {self.model.dtype!r}")
-        if self.model.batch_size < 1:
-            raise ConfigError("model.batch_size must be >= 1")
+        for key in ("batch_size", "batches_in_flight", "max_slots", "max_prompt_tokens", "admission_images",
+                    "sync_every"):
+            if getattr(self.model, key) < 1:
+                raise ConfigError(f"model.{key} must be >= 1, got {getattr(self.model, key)}")
+        for key in ("kv_cache_gb", "memory_margin_gb"):
+            if getattr(self.model, key) is not None and getattr(self.model, key) < 0:
+                raise ConfigError(f"model.{key} must be >= 0 or null, got {getattr(self.model, key):g}")
         if not 1 <= self.model.min_replicas <= self.model.max_replicas:
             raise ConfigError("model.min_replicas must be >= 1 and <= model.max_replicas")
         t = self.tasks

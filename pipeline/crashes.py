@@ -13,14 +13,20 @@ Every death either happens in a batch's first attempt (then it is isolated) or i
 exactly one image, so a batch of n images ends after at most 1 + n * max_crashes attempts. A death
 that no image can be charged with (after all images were processed, e.g. while the results are
 returned) is bounded too: past 2 + n * max_crashes attempts the batch's images become error rows.
+
+A replica that works on several batches at once (the Generate stage) processes an image "alone"
+only while no other batch runs in that process (`Gate`), so a death is charged to the right image.
+The same actor also gathers each replica's engine statistics for the run summary.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 from collections import Counter, OrderedDict
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 FAULT_ENV = "COGVLM_FAULT_KILL_WORKER_ON"  # testing hook: "stage:key,..." SIGKILLs that worker
 
@@ -35,6 +41,7 @@ class CrashLedger:
         self.alone: Counter = Counter()  # solo attempts started and not finished, per image
         self.attempts: OrderedDict[str, int] = OrderedDict()  # batch attempts ever, recent images
         self.deaths = 0
+        self.engines: dict[str, dict[str, Any]] = {}  # per replica: its latest engine statistics
 
     def begin(self, ids: list[str]) -> tuple[bool, int]:
         """Start a batch attempt: (whether these images were seen before, i.e. a worker died
@@ -58,8 +65,15 @@ class CrashLedger:
             self.in_flight.pop(i, None)
             self.alone.pop(i, None)
 
-    def stats(self) -> dict[str, int]:
-        return {"retried_batches": self.deaths}
+    def record_engine(self, worker: str, stats: dict[str, Any]) -> None:
+        """The latest cumulative engine statistics of one replica."""
+        self.engines[worker] = stats
+
+    def stats(self) -> dict[str, Any]:
+        total: Counter = Counter()
+        for st in self.engines.values():
+            total.update({k: v for k, v in st.items() if isinstance(v, (int, float))})
+        return {"retried_batches": self.deaths, "engine": dict(total), "replicas": len(self.engines)}
 
 
 def image_id(stage: str, row: dict[str, Any]) -> str:
@@ -73,31 +87,95 @@ def maybe_inject_fault(stage: str, key: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def process_isolating(ledger: Any, stage: str, rows: list[dict[str, Any]],
-                      process: Callable[[list[dict[str, Any]]], list[dict[str, Any]]],
-                      died: Callable[[dict[str, Any], int], list[dict[str, Any]]],
-                      max_crashes: int) -> list[dict[str, Any]]:
-    """`process(rows)`, or, when these rows were in flight as a worker died, each row alone;
-    `died(row, n)` gives the error rows of an image that killed `n` workers while alone.
+class Gate:
+    """Many batches at once (`shared`), or one image alone (`exclusive`, which waits for the
+    running batches to finish and goes before batches that arrive meanwhile)."""
 
-    `ledger` is a CrashLedger actor handle, or None (no isolation: direct calls in tests)."""
+    def __init__(self) -> None:
+        self._cond: asyncio.Condition | None = None
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    def _condition(self) -> asyncio.Condition:
+        if self._cond is None:  # created on the loop that uses it
+            self._cond = asyncio.Condition()
+        return self._cond
+
+    @contextlib.asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        cond = self._condition()
+        async with cond:
+            await cond.wait_for(lambda: not self._exclusive and not self._waiting)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            async with cond:
+                self._shared -= 1
+                cond.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        cond = self._condition()
+        async with cond:
+            self._waiting += 1
+            await cond.wait_for(lambda: not self._exclusive and not self._shared)
+            self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            async with cond:
+                self._exclusive = False
+                cond.notify_all()
+
+
+Rows = list[dict[str, Any]]
+
+
+async def isolating(ledger: Any, stage: str, rows: Rows, process: Callable[[Rows], AsyncIterator[Rows]],
+                    died: Callable[[dict[str, Any], int], Rows], max_crashes: int,
+                    gate: Gate | None = None) -> AsyncIterator[Rows]:
+    """Output rows of `process(rows)` as they come, or, when these rows were in flight as a
+    worker died, of each row alone; `died(row, n)` gives the error rows of an image that killed
+    `n` workers while alone. `ledger` is a CrashLedger actor handle, or None (no isolation:
+    direct calls in tests); `gate` keeps "alone" alone in a process running several batches."""
+    gate = gate or Gate()
     if ledger is None or not rows:
-        return process(rows)
-    import ray
-
+        async with gate.shared():
+            async for out in process(rows):
+                yield out
+        return
     ids = [image_id(stage, r) for r in rows]
-    retried, attempts = ray.get(ledger.begin.remote(ids))
+    retried, attempts = await ledger.begin.remote(ids)
     if not retried:
-        out = process(rows)
-        ray.get(ledger.end.remote(ids))
-        return out
+        async with gate.shared():
+            async for out in process(rows):
+                yield out
+        await ledger.end.remote(ids)
+        return
     cap = 2 + len(ids) * max_crashes
-    out = []
     for r, i in zip(rows, ids):
-        deaths = ray.get(ledger.begin_alone.remote(i))
-        if deaths >= max_crashes or attempts > cap:
-            out += died(r, max(deaths, attempts - 1))
-        else:
-            out += process([r])
-        ray.get(ledger.end.remote([i]))
-    return out
+        async with gate.exclusive():
+            deaths = await ledger.begin_alone.remote(i)
+            if deaths >= max_crashes or attempts > cap:
+                out = died(r, max(deaths, attempts - 1))
+            else:
+                out = [row async for chunk in process([r]) for row in chunk]
+            await ledger.end.remote([i])
+        yield out
+
+
+def process_isolating(ledger: Any, stage: str, rows: Rows, process: Callable[[Rows], Rows],
+                      died: Callable[[dict[str, Any], int], Rows], max_crashes: int) -> Rows:
+    """`isolating` for a stage that processes one batch at a time, synchronously."""
+
+    async def one(rs: Rows) -> AsyncIterator[Rows]:
+        yield process(rs)
+
+    async def collect() -> Rows:
+        return [row async for chunk in isolating(ledger, stage, rows, one, died, max_crashes) for row in chunk]
+
+    return asyncio.run(collect())
+

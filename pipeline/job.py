@@ -181,10 +181,15 @@ class ShardTracker:
         self.tasks: dict[str, dict[int, int]] = defaultdict(dict)
         self.got: dict[str, Counter] = defaultdict(Counter)
         self.done_images: dict[str, int] = Counter()
+        self.seen: dict[str, set[tuple[int, int]]] = defaultdict(set)
 
     def add(self, r: dict[str, Any]) -> str | None:
         sid = r["shard_id"]
         i = int(r["image_index"])
+        row_id = (i, int(r["task_index"]))
+        if row_id in self.seen[sid]:  # a re-executed task's repeat: already have this row
+            return None
+        self.seen[sid].add(row_id)
         self.rows[sid].append(r)
         self.total[sid] = int(r["shard_total"])
         self.tasks[sid][i] = int(r["image_tasks"])
@@ -195,7 +200,7 @@ class ShardTracker:
 
     def pop(self, sid: str) -> list[dict[str, Any]]:
         rows = self.rows.pop(sid)
-        for d in (self.total, self.tasks, self.got, self.done_images):
+        for d in (self.total, self.tasks, self.got, self.done_images, self.seen):
             d.pop(sid, None)
         return rows
 
@@ -226,9 +231,13 @@ def build_dataset(cfg: JobConfig, shards: list[Shard], mcfg: cogvlm.CogVLMConfig
     ds = ds.map_batches(Preprocess, fn_constructor_kwargs=dict(kwargs, input_root=input_root),
                         compute=ActorPoolStrategy(min_size=1, max_size=max(1, cfg.model.preprocess_workers)),
                         num_cpus=1, batch_size=16, batch_format="pandas", **stage_env)
+    # Generate's __call__ is async: a replica takes `batches_in_flight` Ray batches at once and
+    # feeds them all to its one engine, so the device never waits for the next batch
     return ds.map_batches(Generate, fn_constructor_kwargs=kwargs,
                           compute=ActorPoolStrategy(min_size=cfg.model.min_replicas,
-                                                    max_size=cfg.model.max_replicas),
+                                                    max_size=cfg.model.max_replicas,
+                                                    max_tasks_in_flight_per_actor=cfg.model.batches_in_flight,
+                                                    max_concurrent_calls_per_actor=cfg.model.batches_in_flight),
                           num_gpus=cfg.model.gpus_per_replica, num_cpus=cfg.model.cpus_per_replica,
                           batch_size=cfg.model.batch_size, batch_format="pandas", **stage_env)
 
@@ -506,6 +515,7 @@ def run(cfg: JobConfig) -> dict[str, Any]:
         shards_failed=sorted(state.failed), images=state.images, rows=sum(state.counts.values()),
         status_counts=dict(state.counts), prompt_tokens=state.prompt_tokens, output_tokens=state.output_tokens,
         batches_retried_after_worker_death=crash_stats.get("retried_batches", 0),
+        engine=_engine_summary(crash_stats),
         wall_s=round(wall, 3), images_per_s=round(state.images / wall, 4) if wall else None,
         output_tokens_per_s=round(state.output_tokens / wall, 2) if wall else None,
         # time to the first committed shard (startup: actors, model load), and the rate after it
@@ -522,6 +532,19 @@ def run(cfg: JobConfig) -> dict[str, Any]:
                             f"({', '.join(names[:10])}{', ...' if len(names) > 10 else ''}): "
                             f"{redact(state.failed[names[0]])[:300]}. Rerun the same config to finish them", summary)
     return summary
+
+
+def _engine_summary(crash_stats: dict[str, Any]) -> dict[str, Any]:
+    """The replicas' engine counters summed, with the averages a reader wants."""
+    e = dict(crash_stats.get("engine", {}))
+    if not e:
+        return {}
+    e["replicas"] = crash_stats.get("replicas", 0)
+    steps = e.get("decode_steps", 0)
+    e["avg_rows_per_step"] = round(e.get("decode_rows", 0) / steps, 2) if steps else None
+    e["avg_slot_occupancy"] = round(e.get("decode_rows", 0) / e["decode_slots"], 3) if e.get("decode_slots") else None
+    e["shared_step_fraction"] = round(e.get("shared_steps", 0) / steps, 3) if steps else None
+    return e
 
 
 def _finish(cfg: JobConfig, out_fs: Any, out_root: str, summary: dict[str, Any]) -> dict[str, Any]:

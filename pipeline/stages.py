@@ -1,18 +1,19 @@
 """The two model-side stages as Ray Data UDF classes (callable on a plain DataFrame in tests).
 
 `Preprocess` (CPU actors): raw bytes -> decoded, guarded, normalized pixels + token ids per prompt.
-`Generate` (GPU actors): one model replica per actor, one vision pass per image, batched generation.
+`Generate` (GPU actors): one model replica per actor, one continuous-batching engine fed by every
+batch in flight on the actor.
 Each input image leaves `Generate` as exactly one row per prompt, with a status.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import posixpath
 import time
-from collections import defaultdict
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, AsyncIterator
 
 import numpy as np
 import pandas as pd
@@ -23,11 +24,13 @@ from cogvlm import CogVLMProcessor, build_prompt, load_model, open_image, parse_
 from cogvlm.config import CogVLMConfig
 from cogvlm.engine import Engine, Request
 from cogvlm.processor import normalize, resize_image
+from cogvlm.sampling import derive_seed
 from cogvlm.weights import resolve_source, weights_fingerprint
 
 from . import errors as st
 from .config import JobConfig
-from .crashes import maybe_inject_fault, process_isolating
+from .crashes import Gate, isolating, maybe_inject_fault, process_isolating
+from .engine_loop import EngineLoop
 from .errors import TransientError, describe, is_transient, retry
 from .storage import FileTooLarge, UriPolicy, UriRefused, filesystem, read_capped, s3_options
 from .tasks import Prompt, expand, to_json
@@ -158,56 +161,67 @@ class Preprocess:
         return rec
 
 
-@dataclass
-class PendingPrompt:
-    """One prompt of one image waiting for generation."""
-
-    row: dict[str, Any]  # the image's preprocessed row
-    index: int  # the prompt's index among the image's prompts
-    count: int  # how many prompts the image has
-    prompt: Prompt
-    text_ids: list[int]
-
-
 class Generate:
-    """One model replica per actor (loaded once), driving the prefix-sharing `Engine`: one vision
-    pass and one image prefix per image, all prompts of the batch's images decoded together."""
+    """One model replica per actor, loaded once, running one continuous-batching `Engine`.
+
+    `__call__` is an async generator: Ray Data runs several batches at once on the actor
+    (`model.batches_in_flight`), all feeding the same engine, and an image's rows leave as soon
+    as all its prompts are done. `run(batch)` is the same for a plain call (tests, benchmarks).
+    """
 
     def __init__(self, job: JobConfig, model_config: CogVLMConfig, crash_ledger: Any = None) -> None:
         self.job = job
         self.crash_ledger = crash_ledger
-        device = "cuda" if job.model.gpus_per_replica > 0 else "cpu"
+        m = job.model
+        device = "cuda" if m.gpus_per_replica > 0 else "cpu"
         if device == "cpu":  # use the CPUs this replica reserved
-            torch.set_num_threads(max(1, int(job.model.cpus_per_replica)))
-        self.model = load_model(job.model.source, dtype=job.model.dtype, device=device,
-                                cache_dir=job.model.cache_dir, storage_options=s3_options(job.s3))
+            torch.set_num_threads(max(1, int(m.cpus_per_replica)))
+        self.model = load_model(m.source, dtype=m.dtype, device=device, cache_dir=m.cache_dir,
+                                storage_options=s3_options(job.s3))
         self.config = self.model.config
-        self.engine = Engine(self.model, kv_cache_gb=job.model.kv_cache_gb,
-                             vision_batch_size=job.model.batch_size, compile=job.model.compile)
+        template = self.config.template_version
+        tasks = [t for t in (job.tasks.caption, job.tasks.vqa, job.tasks.grounding) if t is not None]
+        column = job.tasks.vqa is not None and job.tasks.vqa.use_column and bool(job.input.questions_column)
+        self.engine = Engine(self.model, max_prompt_tokens=m.max_prompt_tokens,
+                             max_new_tokens=max(t.max_new_tokens for t in tasks), max_slots=m.max_slots,
+                             kv_cache_gb=m.kv_cache_gb, margin_gb=m.memory_margin_gb,
+                             admission_images=m.admission_images,
+                             prompts_per_image=len(expand(job.tasks, template, None)) + 2 * column,
+                             sync_every=m.sync_every, compile=m.compile)
+        self.loop = EngineLoop(self.engine)
+        self.gate = Gate()
         self.processor = CogVLMProcessor(load_tokenizer(job), self.config)
         self.fingerprint = weights_fingerprint(self.model.checkpoint_dir)
+        self.worker = f"{os.uname().nodename}/{os.getpid()}"
 
     def _prompts(self, prompts_json: str) -> list[Prompt]:
         return [Prompt(p["task"], p["query"], p["template"], getattr(self.job.tasks, p["task"]))
                 for p in json.loads(prompts_json)]
 
-    def _pixels(self, rows: list[dict[str, Any]]) -> torch.Tensor:
+    def _pixels(self, row: dict[str, Any]) -> torch.Tensor:
         S = self.config.image_size
-        px = np.stack([np.frombuffer(r["pixels"], dtype=np.uint8).reshape(S, S, 3) for r in rows])
-        return normalize(torch.from_numpy(px).to(self.model.device))  # (N, 3, S, S) float32
+        px = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(1, S, S, 3)
+        return normalize(torch.from_numpy(px.copy()))[0]  # (3, S, S) float32, on the CPU until admitted
 
-    def _too_long(self, n_text: int, max_new: int) -> str | None:
-        last = 3 + n_text  # bos 0, boi 1, patches 2, eoi 3, text from 4
-        limit = self.config.max_position_embeddings
-        if last + max_new > limit:
-            return (f"prompt ends at position {last}; with max_new_tokens={max_new} it passes "
-                    f"max_position_embeddings={limit}")
-        return None
+    async def __call__(self, batch: pd.DataFrame) -> AsyncIterator[pd.DataFrame]:
+        rows = batch.to_dict("records")
+        failed: list[tuple[dict[str, Any], BaseException]] = []
+        async for out in isolating(self.crash_ledger, "generate", rows, lambda rs: self._process(rs, failed),
+                                   self._died, self.job.errors.max_crashes_per_image, self.gate):
+            yield pd.DataFrame(out, columns=OUTPUT_COLUMNS)
+        for r, _ in failed:  # an engine round failed with these images in it: each alone now
+            yield pd.DataFrame(await self._alone(r), columns=OUTPUT_COLUMNS)
+        if self.crash_ledger is not None:
+            self.crash_ledger.record_engine.remote(self.worker, self.loop.stats())
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        out = process_isolating(self.crash_ledger, "generate", batch.to_dict("records"), self._process,
-                                self._died, self.job.errors.max_crashes_per_image)
-        return pd.DataFrame(out, columns=OUTPUT_COLUMNS)
+    def run(self, batch: pd.DataFrame) -> pd.DataFrame:
+        """`__call__` as one plain call: every output row of `batch`."""
+
+        async def collect() -> list[pd.DataFrame]:
+            return [df async for df in self(batch)]
+
+        frames = asyncio.run(collect())
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=OUTPUT_COLUMNS)
 
     def _died(self, r: dict[str, Any], deaths: int) -> list[dict[str, Any]]:
         prompts = self._prompts(r["prompts"])
@@ -220,82 +234,74 @@ class Generate:
         left for the rerun); anything else is this input's GENERATION_ERROR."""
         return (st.TRANSIENT if is_transient(e) else st.GENERATION_ERROR), f"{where}{describe(e)}"
 
-    def _encode(self, rows: list[dict[str, Any]]) -> torch.Tensor | None:
-        """Image features for `rows`; on failure each image alone, failing ones marked on the row."""
-        if not rows:
-            return None
-        try:
-            return self.engine.encode_images(self._pixels(rows))
-        except Exception:  # noqa: BLE001 - find the image(s) that fail alone
-            if len(rows) == 1:
-                raise
-        feats = []
+    async def _process(self, rows: list[dict[str, Any]],
+                       failed: list[tuple[dict[str, Any], BaseException]]) -> AsyncIterator[list[dict[str, Any]]]:
+        """Error rows at once; then each image's rows when its last prompt is done. Images in
+        flight when the engine failed go to `failed`, for the caller to retry alone."""
+        ready: list[dict[str, Any]] = []
+        pending: dict[asyncio.Future, dict[str, Any]] = {}
+        origin = id(rows)
         for r in rows:
-            try:
-                feats.append(self.engine.encode_images(self._pixels([r])))
-            except Exception as e:  # noqa: BLE001
-                r["status"], r["error_message"] = self._failure(e, "vision: ")
-                feats.append(None)
-        shape = next((f for f in feats if f is not None), None)
-        if shape is None:
-            return None
-        return torch.cat([f if f is not None else torch.zeros_like(shape) for f in feats])
-
-    def _process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        rows = [dict(r) for r in rows]
-        out: list[dict[str, Any]] = []
-        ok_rows = [r for r in rows if r["status"] == st.OK]
-        for r in ok_rows:
-            maybe_inject_fault("generate", str(r["key"]))
-        try:
-            feats = self._encode(ok_rows)
-        except Exception as e:  # noqa: BLE001 - a single image whose vision pass fails
-            feats = None
-            ok_rows[0]["status"], ok_rows[0]["error_message"] = self._failure(e, "vision: ")
-        image_of = {id(r): i for i, r in enumerate(ok_rows)}
-        work: list[PendingPrompt] = []
-        for r in rows:
+            r = dict(r)
             prompts = self._prompts(r["prompts"])
-            ids = json.loads(r["prompt_ids"])
-            for j, (p, t) in enumerate(zip(prompts, ids)):
-                if r["status"] != st.OK:
-                    out.append(self._row(r, j, len(ids), p, status=r["status"], error=r["error_message"]))
-                elif (msg := self._too_long(len(t), p.settings.max_new_tokens)) is not None:
-                    out.append(self._row(r, j, len(ids), p, status=st.PROMPT_TOO_LONG, error=msg))
+            n = len(prompts)
+            if r["status"] != st.OK:
+                ready += [self._row(r, j, n, p, status=r["status"], error=r["error_message"])
+                          for j, p in enumerate(prompts)]
+                continue
+            maybe_inject_fault("generate", str(r["key"]))
+            work = []
+            for j, (p, ids) in enumerate(zip(prompts, json.loads(r["prompt_ids"]))):
+                s = p.settings
+                req = Request(ids, 0, s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                              seed=derive_seed(s.seed, r["key"], j))  # the row's stream: (seed, key, task)
+                if (why := self.engine.check(req, has_image=True)) is not None:
+                    ready.append(self._row(r, j, n, p, status=st.PROMPT_TOO_LONG, error=why))
                 else:
-                    work.append(PendingPrompt(r, j, len(ids), p, t))
-        groups: dict[tuple, list[PendingPrompt]] = defaultdict(list)  # prompts that may share a batch
-        for item in work:
-            s = item.prompt.settings
-            groups[(s.temperature, s.top_p, s.top_k, s.seed)].append(item)
-        for items in groups.values():
-            out.extend(self._generate(items, feats, image_of))
-        return out
+                    work.append((j, p, req))
+            if work:
+                pending[asyncio.ensure_future(self._image(r, n, work, origin))] = r
+        if ready:
+            yield ready
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            out: list[dict[str, Any]] = []
+            for fut in done:
+                r = pending.pop(fut)
+                if fut.exception() is not None:
+                    failed.append((r, fut.exception()))
+                else:
+                    out += fut.result()
+            if out:
+                yield out
 
-    def _generate(self, items: list[PendingPrompt], feats: torch.Tensor | None,
-                  image_of: dict[int, int]) -> list[dict[str, Any]]:
-        s = items[0].prompt.settings
-        reqs = [Request(it.text_ids, image_of[id(it.row)], it.prompt.settings.max_new_tokens) for it in items]
-        try:
-            t0 = time.perf_counter()
-            res = self.engine.generate(reqs, image_features=feats, temperature=s.temperature,
-                                       top_p=s.top_p, top_k=s.top_k, seed=s.seed)
-            dt = (time.perf_counter() - t0) / len(items)
-        except Exception as e:  # noqa: BLE001 - isolate the failing prompt(s)
-            if len(items) > 1:
-                return [row for it in items for row in self._generate([it], feats, image_of)]
-            it = items[0]
-            status, msg = self._failure(e, "")
-            return [self._row(it.row, it.index, it.count, it.prompt, status=status, error=msg)]
+    async def _alone(self, r: dict[str, Any]) -> list[dict[str, Any]]:
+        """One image with nothing else in the engine: its rows, or its own error rows."""
+        async with self.gate.exclusive():
+            failed: list[tuple[dict[str, Any], BaseException]] = []
+            rows = [row async for chunk in self._process([r], failed) for row in chunk]
+        if not failed:
+            return rows
+        status, msg = self._failure(failed[0][1], "")
+        prompts = self._prompts(r["prompts"])
+        return [self._row(r, j, len(prompts), p, status=status, error=msg) for j, p in enumerate(prompts)]
+
+    async def _image(self, r: dict[str, Any], n: int, work: list[tuple[int, Prompt, Request]],
+                     origin: int) -> list[dict[str, Any]]:
+        t0 = time.perf_counter()
+        done = await self.loop.generate([req for _, _, req in work], self._pixels(r), origin)
+        dt = (time.perf_counter() - t0) / len(work)
         rows = []
-        for it, toks, k, why, pt in zip(items, res.tokens, res.num_tokens, res.finish_reasons, res.prompt_tokens):
-            text = self.processor.decode(toks)
+        for (j, p, _), c in zip(work, done):
+            if c.error is not None:  # out of memory even alone: this prompt's error
+                rows.append(self._row(r, j, n, p, status=st.GENERATION_ERROR, error=c.error))
+                continue
+            text = self.processor.decode(c.tokens)
             boxes = None
-            if it.prompt.task == "grounding":
-                g = parse_boxes(text, (it.row["width"], it.row["height"]))
-                boxes = json.dumps(g.to_dict())
-            rows.append(self._row(it.row, it.index, it.count, it.prompt, response=text, boxes=boxes,
-                                  prompt_tokens=pt, output_tokens=k, finish_reason=why, generation_s=dt))
+            if p.task == "grounding":
+                boxes = json.dumps(parse_boxes(text, (r["width"], r["height"])).to_dict())
+            rows.append(self._row(r, j, n, p, response=text, boxes=boxes, prompt_tokens=c.prompt_tokens,
+                                  output_tokens=len(c.tokens), finish_reason=c.finish_reason, generation_s=dt))
         return rows
 
     def _row(self, r: dict[str, Any], j: int, n: int, p: Prompt, *, status: str = st.OK,

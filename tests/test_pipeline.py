@@ -179,6 +179,49 @@ def test_local_folder_readable_by_pandas_and_duckdb(ray_cluster, ckpt_v2, tmp_pa
     assert again["shards_skipped"] == 2 and again["shards_processed"] == 0 and again["images"] == 0
 
 
+def test_replica_engine_shares_decode_steps_across_ray_batches(ray_cluster, ckpt_v1, tokenizer_v1, tmp_path):
+    """One image per Ray batch: a replica works on several batches at once, their prompts decode
+    in the same steps of its one engine, and every (image, prompt) comes back exactly once."""
+    expected = webdataset_shards(tmp_path / "in", n_shards=2, per_shard=6)
+    tasks = {"caption": {"max_new_tokens": 12}, "vqa": {"questions": ["What is it?"], "max_new_tokens": 8},
+             "grounding": {"max_new_tokens": 10, "temperature": 1.0, "seed": 3}}
+    summary = run(load_config(data=job(ckpt_v1, tokenizer_v1, tmp_path / "in", tmp_path / "out", tasks=tasks,
+                                       model={"batch_size": 1, "batches_in_flight": 6, "admission_images": 2})))
+    df = pd.read_parquet(tmp_path / "out" / "data")
+    assert len(df) == 3 * len(expected) and not df.duplicated(["key", "task_index"]).any()
+    assert set(df.key) == set(expected) and (df.status == "ok").all()
+    e = summary["engine"]
+    assert e["shared_steps"] > 0 and e["shared_step_fraction"] > 0, e  # batches really shared steps
+    assert e["finished"] == 3 * len(expected) and e["images"] == len(expected), e  # one vision pass each
+    assert e["recompiles"] == 0 and e["oom_admission"] == e["oom_decode"] == e["failed_alone"] == 0, e
+    assert 0 < e["avg_slot_occupancy"] <= 1 and e["replicas"] == 1
+
+
+def test_generate_stage_rows_do_not_depend_on_their_batch(ckpt_v1, tokenizer_v1, tmp_path):
+    """Called directly (no Ray): each image's rows, sampled ones included, are the same whether
+    it comes alone or with others; a sampled row's stream is (seed, key, task), so two images
+    with the same pixels but different keys sample differently."""
+    from cogvlm.weights import read_config
+    from pipeline.readers import Shard, read_shard
+    from pipeline.stages import Generate, Preprocess
+
+    webdataset_shards(tmp_path / "in", n_shards=1, per_shard=4)
+    tasks = {"caption": {"max_new_tokens": 8, "temperature": 1.0, "seed": 5},
+             "vqa": {"questions": ["What is it?"], "max_new_tokens": 6}}
+    cfg = load_config(data=job(ckpt_v1, tokenizer_v1, tmp_path / "in", tmp_path / "o", tasks=tasks))
+    mcfg = read_config(ckpt_v1)
+    rows = pd.DataFrame(read_shard(Shard("00000", str(tmp_path / "in" / "00000.tar")), cfg.input, cfg.s3))
+    pre = Preprocess.__call__(Preprocess(cfg, mcfg), rows)
+    pre.loc[1, "pixels"] = pre.loc[0, "pixels"]  # same image, another key
+    gen = Generate(cfg, mcfg)
+    together = gen.run(pre).sort_values(["key", "task_index"]).reset_index(drop=True)
+    alone = pd.concat([gen.run(pre.iloc[[i]]) for i in range(len(pre))]).sort_values(["key", "task_index"])
+    assert len(together) == 8 and (together.status == "ok").all()
+    assert together.response.tolist() == alone.response.tolist()
+    captions = together[together.task == "caption"].set_index("key").response
+    assert captions[pre.key[0]] != captions[pre.key[1]]
+
+
 def test_killed_run_resumes_without_duplicates_or_recomputation(ray_cluster, ckpt_v1, tokenizer_v1, tmp_path):
     inp, out = tmp_path / "in", tmp_path / "out"
     expected = webdataset_shards(inp, n_shards=5, per_shard=2)

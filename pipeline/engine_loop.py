@@ -1,0 +1,109 @@
+"""One engine, many callers: the replica's engine runs on its own thread, fed by asyncio callers.
+
+Ray Data runs the Generate stage's async `__call__` for several batches at once on one event
+loop; each awaits its images here while a single thread steps the engine, so prompts from every
+batch in flight share the same decode steps and the device never waits for the next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cogvlm.engine import Completion, Engine, Request
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Job:
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    count: int
+    results: dict[int, Completion] = field(default_factory=dict)
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.jobs: dict[int, _Job] = {}
+        self._next = 0
+        self.thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self.thread.start()
+
+    async def generate(self, requests: list[Request], pixels: torch.Tensor | None, origin: Any = None,
+                       ) -> list[Completion]:
+        """All prompts of one image (`pixels` (3, S, S) on the CPU) to completion, in order.
+        Raises what the engine raised if it failed while these prompts were in it."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.inbox.put((requests, pixels, origin, loop, future))
+        return await future
+
+    def stats(self) -> dict[str, Any]:
+        e = self.engine
+        out: dict[str, Any] = dict(e.stats)
+        out["recompiles"] = e.recompiles()
+        out["slots"] = e.slots
+        out["planned_gb"] = round(e.plan.planned_bytes / 1e9, 3)
+        return out
+
+    # the engine thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            block = not self.engine.has_work
+            while True:
+                try:
+                    item = self.inbox.get(block=block)
+                except queue.Empty:
+                    break
+                self._add(*item)
+                block = False
+            if not self.engine.has_work:
+                continue
+            try:
+                done = self.engine.step()
+            except Exception as e:  # noqa: BLE001 - every caller in flight learns it; they retry alone
+                log.warning("engine step failed (%s); failing the %d images in flight", type(e).__name__,
+                            len(self.jobs))
+                lost = {tag for tag, _ in self.engine.abort()}
+                for tag in lost | set(self.jobs):
+                    job = self.jobs.pop(tag, None)
+                    if job is not None:
+                        job.loop.call_soon_threadsafe(_settle, job.future, None, e)
+                continue
+            for c in done:
+                job = self.jobs.get(c.tag)
+                if job is None:
+                    continue
+                job.results[c.index] = c
+                if len(job.results) == job.count:
+                    del self.jobs[c.tag]
+                    job.loop.call_soon_threadsafe(_settle, job.future, [job.results[i] for i in range(job.count)], None)
+
+    def _add(self, requests: list[Request], pixels: torch.Tensor | None, origin: Any,
+             loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
+        tag = self._next
+        self._next += 1
+        try:
+            self.engine.add(requests, pixels, tag=tag, origin=origin)
+        except Exception as e:  # noqa: BLE001 - a request the caller should have checked
+            loop.call_soon_threadsafe(_settle, future, None, e)
+            return
+        self.jobs[tag] = _Job(loop, future, len(requests))
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller gave up (cancelled)
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
