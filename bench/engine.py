@@ -249,6 +249,7 @@ def main() -> None:
     p.add_argument("--dtype", default=None, choices=list(DTYPES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on GPUs)")
+    p.add_argument("--compile-vision", action="store_true", help="compile the vision tower")
     p.add_argument("--max-slots", type=int, default=256)
     p.add_argument("--admission-images", type=int, default=8)
     p.add_argument("--sync-every", type=int, default=8)
@@ -266,7 +267,7 @@ def main() -> None:
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
     engine_kw = dict(max_slots=a.max_slots, admission_images=a.admission_images, sync_every=a.sync_every,
-                     kv_cache_gb=a.kv_cache_gb, compile=a.compile)
+                     kv_cache_gb=a.kv_cache_gb, compile=a.compile, compile_vision=a.compile_vision)
     for c in a.config:
         model = build_random(preset(c), dtype, device)
         for w in a.workload:

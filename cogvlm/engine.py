@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+import types
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -112,15 +113,28 @@ def decode_step(model: CogVLMForCausalLM, tokens: torch.Tensor, positions: torch
     return logits[:, -1]
 
 
+def _graphs() -> int:
+    """Graphs torch.compile has made in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def default_buckets(slots: int, smallest: int = 8) -> list[int]:
-    """Decode batch sizes: slots, slots/2, slots/4, ... down to `smallest` (multiples of 8 above
-    8): at most 7 sizes, under torch.compile's default limit of 8 graphs per function."""
+    """Decode batch sizes: slots, then halves rounded up to multiples of 8, down to `smallest`:
+    at most 7 sizes, under torch.compile's limit of 8 graphs per function."""
     out = {slots}
     b = slots
-    while len(out) < 7 and b // 2 >= min(smallest, slots):
-        b //= 2
-        out.add(b if b <= 8 else -(-b // 8) * 8)
+    while len(out) < 7 and b > smallest:
+        b = max(smallest, -(-(b // 2) // 8) * 8 if b // 2 > 8 else b // 2)
+        out.add(min(b, slots))
     return sorted(out)
+
+
+def _private_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The same function with its own code object: torch.compile keeps graphs (and counts them
+    against its recompile limit) per code object, so each engine's buckets get their own."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 class Engine:
@@ -134,8 +148,8 @@ class Engine:
                  max_new_tokens: int = 64, max_slots: int = 256, kv_cache_gb: float | None = None,
                  memory_gb: float | None = None, margin_gb: float | None = None, admission_images: int = 8,
                  prompts_per_image: int = 1, sync_every: int = 8, buckets: Sequence[int] | None = None,
-                 compile: bool | str = False, eos_token_ids: Iterable[int] | None = None,
-                 timed: bool = False) -> None:
+                 compile: bool | str = False, compile_vision: bool = False,
+                 eos_token_ids: Iterable[int] | None = None, timed: bool = False) -> None:
         self.model = model
         cfg = model.config
         self.device = model.device
@@ -148,6 +162,10 @@ class Engine:
         self.eos_ids = list(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids) or [-1]
         self.compile = compile
         self.timed = timed
+        # the vision tower compiled once for any number of images (it is compute-bound: no graphs)
+        self.encode: Callable[[torch.Tensor], torch.Tensor] = model.encode_images
+        if compile_vision:
+            self.encode = torch.compile(model.encode_images, dynamic=True)
         self.timings = {"vision_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0}
         self.stats: dict[str, int] = dict.fromkeys(
             ("decode_steps", "decode_rows", "decode_slots", "shared_steps", "admissions", "admitted",
@@ -155,11 +173,25 @@ class Engine:
              "recompiles"), 0)
         self.waiting: deque[_Group] = deque()
         self.seqs: list[_Seq | None] = []
+        self._admission = (self.admission_images, self.admission_rows)  # as configured
+        self._alone_next = False
+        self._ok_rounds = 0
         self.step_count = 0
         self._graphs0 = 0
         self._requested_buckets = list(buckets) if buckets else None
 
-        prefill_bytes, decode_per_slot = self._profile()
+        while True:  # the configured admission size, or smaller if even that runs out of memory
+            try:
+                prefill_bytes, decode_per_slot = self._profile()
+                break
+            except Exception as e:
+                if not is_out_of_memory(e) or self.admission_rows == 1:
+                    raise
+                self.admission_rows = max(1, self.admission_rows // 2)
+                self.admission_images = max(1, min(self.admission_images, self.admission_rows))
+                self._admission = (self.admission_images, self.admission_rows)
+                log.warning("out of memory profiling an admission round; admission lowered to %d prompts / "
+                            "%d images", self.admission_rows, self.admission_images)
         budget, margin = self._budget(kv_cache_gb, memory_gb, margin_gb)  # after the profile's one-time allocations
         slot_bytes = self._slot_bytes()
         if kv_cache_gb is not None:  # an explicit cap on the cache
@@ -173,6 +205,11 @@ class Engine:
                               "lower max_prompt_tokens / max_new_tokens or admission_images")
         log.info(self.plan.describe())
         self._allocate(slots)
+        if compile_vision:  # sizes 1 and 2 get their own graphs (dynamo specializes 0/1): make them now
+            with torch.inference_mode():
+                for n in (1, 2):
+                    self.encode(torch.zeros(n, 3, cfg.image_size, cfg.image_size))
+        self._graphs0 = _graphs()
 
     # memory plan ---------------------------------------------------------------------------------
     def _weights_bytes(self) -> int:
@@ -209,7 +246,7 @@ class Engine:
         per_image = max(1, rows // n_img)
         text_len = max(0, min(self.max_len - self.P - 1, cfg.max_position_embeddings - 5))
         g = torch.Generator().manual_seed(0)
-        self._allocate(rows, warm=False)
+        self._allocate(rows)
         try:
             for _ in range(2):
                 for slot in range(rows):
@@ -232,8 +269,8 @@ class Engine:
         return pre.peak, -(-dec.peak // rows)
 
     # slots -----------------------------------------------------------------------------------------
-    def _allocate(self, slots: int, warm: bool = True) -> None:
-        """The KV cache and per-slot state, once; then every decode bucket compiled and warmed."""
+    def _allocate(self, slots: int) -> None:
+        """The KV cache and per-slot state, once (the decode step is compiled by `warm_up`)."""
         m, dev, L = self.model, self.device, self.max_len
         m.setup_caches(slots, L)
         self.slots = slots
@@ -252,8 +289,7 @@ class Engine:
         self.buckets = sorted({min(b, slots) for b in self._requested_buckets} | {slots}) \
             if self._requested_buckets else default_buckets(slots)
         self.step_fn: Callable[..., torch.Tensor] = decode_step
-        if warm and self.compile:
-            self._compile()
+        self._warm = not self.compile  # compiled on the first step's thread (CUDA graphs are per thread)
 
     def _release(self) -> None:
         self.model.clear_caches()
@@ -261,27 +297,26 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _compile(self) -> None:
-        from torch._dynamo.utils import counters
-
+    def warm_up(self) -> None:
+        """Compile and capture the decode step for every bucket (once; `step()` calls it). Call it
+        from the thread that will step the engine: CUDA graphs belong to the thread that made them."""
+        if self._warm:
+            return
         backend = self.compile if isinstance(self.compile, str) else "inductor"
         kw: dict[str, Any] = {"backend": backend, "fullgraph": True, "dynamic": False}
         if backend == "inductor" and self.device.type == "cuda":
             kw["mode"] = "reduce-overhead"  # CUDA graphs
-        self.step_fn = torch.compile(decode_step, **kw)
+        self.step_fn = torch.compile(_private_copy(decode_step), **kw)
         with torch.inference_mode():
             for b in self.buckets:
                 for _ in range(3):  # CUDA graph trees record on a later call than the first
                     self.step_fn(self.model, self.tokens[:b], self.positions[:b], self.cols[:b], self.key_valid[:b])
-        self._graphs0 = counters["stats"]["unique_graphs"]
+        self._warm = True
+        self._graphs0 = _graphs()
 
     def recompiles(self) -> int:
-        """Graphs compiled since the warm-up (zero in a healthy run)."""
-        if not self.compile:
-            return 0
-        from torch._dynamo.utils import counters
-
-        return counters["stats"]["unique_graphs"] - self._graphs0
+        """Graphs compiled since start-up (zero in a healthy run)."""
+        return _graphs() - self._graphs0
 
     # requests --------------------------------------------------------------------------------------
     def check(self, req: Request, has_image: bool) -> str | None:
@@ -336,6 +371,7 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[Completion]:
         """Admit what fits, decode until some row may have finished, return the finished ones."""
+        self.warm_up()
         done: list[Completion] = []
         if self.waiting and self.free:
             done += self._admit_safely()
@@ -343,12 +379,15 @@ class Engine:
         if live:
             n = min(self.sync_every, min(s.end_step for s in live) - self.step_count)
             if n > 0:
+                oom = False
                 try:
                     self._decode(n)
                 except Exception as e:
                     if not is_out_of_memory(e):
                         raise
-                    return done + self._decode_oom(e)
+                    oom = True  # handled below, once the exception (whose frames hold tensors) is gone
+                if oom:
+                    return done + self._decode_oom()
             done += self._harvest()
         return done
 
@@ -390,7 +429,10 @@ class Engine:
     # admission -------------------------------------------------------------------------------------
     def _take(self) -> list[_Seq]:
         """The next round's prompts, in arrival order: up to the free slots, `admission_rows`
-        prompts and `admission_images` images needing a vision pass or a prefix."""
+        prompts and `admission_images` images needing a vision pass or a prefix. After a prompt
+        ran out of memory in a round of its own, it waits for an empty engine to try alone."""
+        if self._alone_next and len(self.free) < self.slots:
+            return []
         taken: list[_Seq] = []
         images = 0
         for g in self.waiting:
@@ -409,14 +451,25 @@ class Engine:
 
     def _admit_safely(self) -> list[Completion]:
         seqs = self._take()
+        if not seqs:
+            return []
+        alone = len(seqs) == 1 and len(self.free) == self.slots - 1
         try:
             self._admit(seqs)
-            return []
         except Exception as e:
             if not is_out_of_memory(e):
                 raise
+        else:
+            self._alone_next = False
+            self._ok_rounds += 1
+            if self._ok_rounds >= 64 and self.admission_rows < self._admission[1]:  # recover slowly
+                self.admission_rows = min(self._admission[1], 2 * self.admission_rows)
+                self.admission_images = min(self._admission[0], 2 * self.admission_images)
+                self._ok_rounds = 0
+            return []
         # out of memory: give the slots back, retry the same prompts in smaller rounds
         self.stats["oom_admission"] += 1
+        self._ok_rounds = 0
         for s in seqs:
             if s.slot >= 0:
                 self._free(s.slot)
@@ -429,6 +482,12 @@ class Engine:
             log.warning("out of memory admitting %d prompts; admission lowered to %d prompts / %d images "
                         "and retried", len(seqs), self.admission_rows, self.admission_images)
             return []
+        if not alone:  # others were decoding: retry once they are done
+            self._alone_next = True
+            log.warning("out of memory admitting one prompt beside %d running; retrying it alone",
+                        self.slots - len(self.free))
+            return []
+        self._alone_next = False
         g = self.waiting[0]  # one prompt that fails alone: its own error
         s = g.waiting.popleft()
         if not g.waiting:
@@ -466,7 +525,7 @@ class Engine:
         # 1. one vision pass for the round's new images
         need = [g for g in image_groups if g.features is None]
         if need:
-            feats = model.encode_images(torch.stack([g.pixels for g in need]))  # (U, T, D)
+            feats = self.encode(torch.stack([g.pixels for g in need]))  # (U, T, D)
             for g, f in zip(need, feats):
                 g.features = f
         t0 = self._lap("vision_s", t0) if self.timed else t0
@@ -497,9 +556,6 @@ class Engine:
                 c = layer.self_attn.kv_cache
                 for buf in (c.k_cache, c.v_cache):
                     buf[:, :, :P].index_copy_(0, dst, buf[:, :, :P].index_select(0, src))
-        for g in image_groups:
-            if not g.waiting and g.pixels is not None:
-                g.features = None  # every prompt admitted: the prefix lives in the slots now
 
         # 4. each prompt's own text; the first token of every admitted prompt
         first_logits: dict[int, torch.Tensor] = {}
@@ -512,10 +568,12 @@ class Engine:
         text_only = [s for s in seqs if not s.group.has_image]
         if text_only:
             first_logits.update(zip((s.slot for s in text_only), self._prefill_fresh(text_only)))
-        for g in image_groups:
-            if not g.waiting:
-                g.prefix_logits = None
         self._start(seqs, torch.stack([first_logits[s.slot] for s in seqs]))
+        for g in image_groups:
+            if not g.waiting:  # every prompt admitted: the prefix lives in the slots now
+                g.prefix_logits = None
+                if g.pixels is not None:
+                    g.features = None
         self.stats["admissions"] += 1
         self.stats["admitted"] += len(seqs)
         self.stats["images"] += len(need)
@@ -647,7 +705,7 @@ class Engine:
         self._compact()
         return out
 
-    def _compact(self, chunk: int = 8) -> None:
+    def _compact(self, chunk: int = 1) -> None:
         """Move the highest live slots into free low ones when that lets decoding use a smaller
         bucket (their KV rows and state are copied, `chunk` rows per layer at a time)."""
         occupied = [i for i, s in enumerate(self.seqs) if s is not None]
@@ -698,7 +756,7 @@ class Engine:
         if not self.origins[g.origin]:
             del self.origins[g.origin]
 
-    def _decode_oom(self, e: BaseException) -> list[Completion]:
+    def _decode_oom(self) -> list[Completion]:
         """Out of memory while decoding: every running prompt goes back to the queue and the
         cache is rebuilt with a quarter fewer slots (or a lone prompt fails)."""
         self.stats["oom_decode"] += 1
@@ -715,6 +773,6 @@ class Engine:
         slots = max(1, self.slots * 3 // 4)
         log.warning("out of memory while decoding with %d slots; retrying with %d", self.slots, slots)
         self._release()
-        self._allocate(slots)
+        self._allocate(slots)  # new shapes: compiled afresh (a new code object) on the next step
         self.plan.slots = slots
         return []

@@ -33,13 +33,25 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+_COLUMNS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _column_hashes(vocab_size: int, device: torch.device) -> torch.Tensor:
+    key = (vocab_size, device)
+    if key not in _COLUMNS:
+        _COLUMNS[key] = _mix32(torch.arange(vocab_size, device=device, dtype=torch.int64) ^ 0x5BD1E995)  # (V,)
+    return _COLUMNS[key]
+
+
 def uniforms(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """(B,) int64 seeds and token indices -> (B, V) float32 uniforms in (0, 1)."""
+    """(B,) int64 seeds and token indices -> (B, V) float32 uniforms, strictly inside (0, 1)."""
     key = _mix32((seeds & _M32) ^ _mix32(((seeds >> 32) & _M32) ^ 0x3C6EF372))
     key = _mix32(key ^ _mix32((steps & _M32) ^ 0x1B873593))  # (B,)
-    col = _mix32(torch.arange(vocab_size, device=seeds.device, dtype=torch.int64) ^ 0x5BD1E995)  # (V,)
+    col = _column_hashes(vocab_size, seeds.device)
     h = _mix32(_mix32(key[:, None] ^ col[None, :]) ^ key[:, None])  # (B, V)
-    return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    # 23 bits + 1/2 is exact in float32: the largest value is 1 - 2**-24, never 1 (whose Gumbel
+    # noise would be infinite)
+    return ((h >> 9).float() + 0.5) * (1.0 / (1 << 23))
 
 
 def filter_top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

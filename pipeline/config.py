@@ -102,6 +102,7 @@ class ModelConfig:
     kv_cache_gb: float | None = None  # cap on the KV cache; None: what the memory plan leaves
     memory_margin_gb: float | None = None  # kept free by the plan; None: 5% of free memory (<= 2 GB)
     compile: bool = False  # compile the decode step once per batch size at start-up (CUDA graphs on GPUs)
+    compile_vision: bool = False  # compile the vision tower (one graph for any number of images)
     min_replicas: int = 1
     max_replicas: int = 1
     gpus_per_replica: float = 1  # 0 runs on CPU (tests, demo)

@@ -93,13 +93,15 @@ class Gate:
 
     def __init__(self) -> None:
         self._cond: asyncio.Condition | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._shared = 0
         self._exclusive = False
         self._waiting = 0
 
     def _condition(self) -> asyncio.Condition:
-        if self._cond is None:  # created on the loop that uses it
-            self._cond = asyncio.Condition()
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # asyncio primitives belong to one loop (plain calls make new ones)
+            self._cond, self._loop = asyncio.Condition(), loop
         return self._cond
 
     @contextlib.asynccontextmanager
@@ -120,8 +122,11 @@ class Gate:
         cond = self._condition()
         async with cond:
             self._waiting += 1
-            await cond.wait_for(lambda: not self._exclusive and not self._shared)
-            self._waiting -= 1
+            try:
+                await cond.wait_for(lambda: not self._exclusive and not self._shared)
+            finally:  # cancelled while waiting: no longer in the way of shared holders
+                self._waiting -= 1
+                cond.notify_all()
             self._exclusive = True
         try:
             yield

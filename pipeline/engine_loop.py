@@ -21,6 +21,11 @@ from cogvlm.engine import Completion, Engine, Request
 log = logging.getLogger(__name__)
 
 
+class EngineBroken(RuntimeError):
+    """The engine failed and could not even drop its work (e.g. a sticky device error): this
+    process cannot generate any more."""
+
+
 @dataclass
 class _Job:
     loop: asyncio.AbstractEventLoop
@@ -35,6 +40,7 @@ class EngineLoop:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.jobs: dict[int, _Job] = {}
         self._next = 0
+        self.broken: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self.thread.start()
 
@@ -42,6 +48,10 @@ class EngineLoop:
                        ) -> list[Completion]:
         """All prompts of one image (`pixels` (3, S, S) on the CPU) to completion, in order.
         Raises what the engine raised if it failed while these prompts were in it."""
+        if self.broken is not None:
+            raise EngineBroken(f"the engine failed earlier: {self.broken!r}")
+        if not requests:
+            return []
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self.inbox.put((requests, pixels, origin, loop, future))
@@ -57,6 +67,20 @@ class EngineLoop:
 
     # the engine thread ---------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # noqa: BLE001 - never leave callers waiting on a dead thread
+            log.error("the engine thread stopped: %r", e)
+            self.broken = e
+            for job in self.jobs.values():
+                _settle(job, None, EngineBroken(f"the engine failed: {e!r}"))
+            self.jobs.clear()
+            while True:  # whatever arrives from now on
+                requests, pixels, origin, loop, future = self.inbox.get()
+                _settle(_Job(loop, future, 0), None, EngineBroken(f"the engine failed: {e!r}"))
+
+    def _serve(self) -> None:
+        self.engine.warm_up()  # compile here: CUDA graphs belong to the thread that replays them
         while True:
             block = not self.engine.has_work
             while True:
@@ -73,11 +97,11 @@ class EngineLoop:
             except Exception as e:  # noqa: BLE001 - every caller in flight learns it; they retry alone
                 log.warning("engine step failed (%s); failing the %d images in flight", type(e).__name__,
                             len(self.jobs))
-                lost = {tag for tag, _ in self.engine.abort()}
+                lost = {tag for tag, _ in self.engine.abort()}  # if this raises too, the engine is broken
                 for tag in lost | set(self.jobs):
                     job = self.jobs.pop(tag, None)
                     if job is not None:
-                        job.loop.call_soon_threadsafe(_settle, job.future, None, e)
+                        _settle(job, None, e)
                 continue
             for c in done:
                 job = self.jobs.get(c.tag)
@@ -86,7 +110,7 @@ class EngineLoop:
                 job.results[c.index] = c
                 if len(job.results) == job.count:
                     del self.jobs[c.tag]
-                    job.loop.call_soon_threadsafe(_settle, job.future, [job.results[i] for i in range(job.count)], None)
+                    _settle(job, [job.results[i] for i in range(job.count)], None)
 
     def _add(self, requests: list[Request], pixels: torch.Tensor | None, origin: Any,
              loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
@@ -95,15 +119,23 @@ class EngineLoop:
         try:
             self.engine.add(requests, pixels, tag=tag, origin=origin)
         except Exception as e:  # noqa: BLE001 - a request the caller should have checked
-            loop.call_soon_threadsafe(_settle, future, None, e)
+            _settle(_Job(loop, future, 0), None, e)
             return
         self.jobs[tag] = _Job(loop, future, len(requests))
 
 
-def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
-    if future.done():  # the caller gave up (cancelled)
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+def _settle(job: _Job, result: Any, error: BaseException | None) -> None:
+    """Hand a result or an error to the caller's event loop (which may be gone: then nobody waits)."""
+
+    def settle() -> None:
+        if job.future.done():  # the caller gave up (cancelled)
+            return
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)
+
+    try:
+        job.loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # its loop is closed
+        pass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import posixpath
 import time
@@ -30,10 +31,12 @@ from cogvlm.weights import resolve_source, weights_fingerprint
 from . import errors as st
 from .config import JobConfig
 from .crashes import Gate, isolating, maybe_inject_fault, process_isolating
-from .engine_loop import EngineLoop
+from .engine_loop import EngineBroken, EngineLoop
 from .errors import TransientError, describe, is_transient, retry
 from .storage import FileTooLarge, UriPolicy, UriRefused, filesystem, read_capped, s3_options
 from .tasks import Prompt, expand, to_json
+
+log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "*.model", "vocab*", "merges.txt",
                    "added_tokens.json", "config.json"]
@@ -161,6 +164,9 @@ class Preprocess:
         return rec
 
 
+_Failed = tuple  # (row, prompt count, [(task index, Prompt, Request)]): an image whose engine round failed
+
+
 class Generate:
     """One model replica per actor, loaded once, running one continuous-batching `Engine`.
 
@@ -187,7 +193,7 @@ class Generate:
                              kv_cache_gb=m.kv_cache_gb, margin_gb=m.memory_margin_gb,
                              admission_images=m.admission_images,
                              prompts_per_image=len(expand(job.tasks, template, None)) + 2 * column,
-                             sync_every=m.sync_every, compile=m.compile)
+                             sync_every=m.sync_every, compile=m.compile, compile_vision=m.compile_vision)
         self.loop = EngineLoop(self.engine)
         self.gate = Gate()
         self.processor = CogVLMProcessor(load_tokenizer(job), self.config)
@@ -205,12 +211,20 @@ class Generate:
 
     async def __call__(self, batch: pd.DataFrame) -> AsyncIterator[pd.DataFrame]:
         rows = batch.to_dict("records")
-        failed: list[tuple[dict[str, Any], BaseException]] = []
-        async for out in isolating(self.crash_ledger, "generate", rows, lambda rs: self._process(rs, failed),
-                                   self._died, self.job.errors.max_crashes_per_image, self.gate):
-            yield pd.DataFrame(out, columns=OUTPUT_COLUMNS)
-        for r, _ in failed:  # an engine round failed with these images in it: each alone now
-            yield pd.DataFrame(await self._alone(r), columns=OUTPUT_COLUMNS)
+        failed: list[_Failed] = []
+        try:
+            async for out in isolating(self.crash_ledger, "generate", rows, lambda rs: self._process(rs, failed),
+                                       self._died, self.job.errors.max_crashes_per_image, self.gate):
+                yield pd.DataFrame(out, columns=OUTPUT_COLUMNS)
+            for f in failed:  # an engine round failed with these images in it: each alone now
+                yield pd.DataFrame(await self._alone(*f), columns=OUTPUT_COLUMNS)
+        except EngineBroken as e:
+            if self.crash_ledger is None:
+                raise
+            # this process can no longer generate: end it, so that Ray restarts the replica and
+            # retries its batches (the crash ledger bounds how often one image may do this)
+            log.error("%s; exiting so that the replica is restarted", e)
+            os._exit(1)
         if self.crash_ledger is not None:
             self.crash_ledger.record_engine.remote(self.worker, self.loop.stats())
 
@@ -234,12 +248,11 @@ class Generate:
         left for the rerun); anything else is this input's GENERATION_ERROR."""
         return (st.TRANSIENT if is_transient(e) else st.GENERATION_ERROR), f"{where}{describe(e)}"
 
-    async def _process(self, rows: list[dict[str, Any]],
-                       failed: list[tuple[dict[str, Any], BaseException]]) -> AsyncIterator[list[dict[str, Any]]]:
+    async def _process(self, rows: list[dict[str, Any]], failed: list[_Failed]) -> AsyncIterator[list[dict[str, Any]]]:
         """Error rows at once; then each image's rows when its last prompt is done. Images in
         flight when the engine failed go to `failed`, for the caller to retry alone."""
         ready: list[dict[str, Any]] = []
-        pending: dict[asyncio.Future, dict[str, Any]] = {}
+        pending: dict[asyncio.Future, _Failed] = {}
         origin = id(rows)
         for r in rows:
             r = dict(r)
@@ -260,34 +273,36 @@ class Generate:
                 else:
                     work.append((j, p, req))
             if work:
-                pending[asyncio.ensure_future(self._image(r, n, work, origin))] = r
+                pending[asyncio.ensure_future(self._image(r, n, work, origin))] = (r, n, work)
         if ready:
             yield ready
         while pending:
             done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             out: list[dict[str, Any]] = []
             for fut in done:
-                r = pending.pop(fut)
+                item = pending.pop(fut)
+                if isinstance(fut.exception(), EngineBroken):
+                    raise fut.exception()
                 if fut.exception() is not None:
-                    failed.append((r, fut.exception()))
+                    failed.append(item)
                 else:
                     out += fut.result()
             if out:
                 yield out
 
-    async def _alone(self, r: dict[str, Any]) -> list[dict[str, Any]]:
-        """One image with nothing else in the engine: its rows, or its own error rows."""
+    async def _alone(self, r: dict[str, Any], n: int, work: list[tuple[int, Prompt, Request]]) -> list[dict[str, Any]]:
+        """An image's prompts with nothing else in the engine: their rows, or their own errors."""
         async with self.gate.exclusive():
-            failed: list[tuple[dict[str, Any], BaseException]] = []
-            rows = [row async for chunk in self._process([r], failed) for row in chunk]
-        if not failed:
-            return rows
-        status, msg = self._failure(failed[0][1], "")
-        prompts = self._prompts(r["prompts"])
-        return [self._row(r, j, len(prompts), p, status=status, error=msg) for j, p in enumerate(prompts)]
+            try:
+                return await self._image(r, n, work, None)
+            except EngineBroken:
+                raise
+            except Exception as e:  # noqa: BLE001 - it fails alone: this image's error
+                status, msg = self._failure(e, "")
+        return [self._row(r, j, n, p, status=status, error=msg) for j, p, _ in work]
 
     async def _image(self, r: dict[str, Any], n: int, work: list[tuple[int, Prompt, Request]],
-                     origin: int) -> list[dict[str, Any]]:
+                     origin: int | None) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
         done = await self.loop.generate([req for _, _, req in work], self._pixels(r), origin)
         dt = (time.perf_counter() - t0) / len(work)

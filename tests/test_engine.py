@@ -212,3 +212,66 @@ def test_out_of_memory_lowers_admission_and_retries(ckpt_v1, tmp_path):
     assert res["stats"]["oom_admission"] >= 1 and res["stats"]["failed_alone"] == 0, res
     assert res["admission_rows"] < 16 and res["same"], res
     assert "out of memory admitting 16 prompts" in p.stderr
+
+
+_DECODE_OOM_SCRIPT = r"""
+import json, re, resource, sys, torch
+sys.path.insert(0, sys.argv[1])
+torch.backends.mkldnn.enabled = False
+from cogvlm import load_model
+from cogvlm.engine import Engine, Request
+model = load_model(sys.argv[2], dtype=torch.float32)
+g = torch.Generator().manual_seed(0)
+reqs = [Request(torch.randint(5, 1000, (5,), generator=g).tolist(), None, 6, ignore_eos=True) for _ in range(64)]
+# long slots: the cache is large next to one decode step's temporaries
+eng = Engine(model, max_len=4000, max_slots=64, admission_images=64, sync_every=2, memory_gb=1.0)
+ref = eng.generate(reqs).tokens
+for i, r in enumerate(reqs):
+    eng.add([r], tag=i)
+done = eng.step()  # admits all 64 and decodes two steps
+vm = int(re.search(r"VmSize:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + 256 * 1024, resource.RLIM_INFINITY))  # no room for a decode step
+while eng.has_work:
+    done += eng.step()
+resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+out = {c.tag: c.tokens for c in done}
+print(json.dumps({"same": [out[i] for i in range(64)] == ref, "stats": eng.stats, "slots": eng.slots,
+                  "errors": [c.error for c in done if c.error]}))
+"""
+
+
+def test_out_of_memory_while_decoding_rebuilds_the_cache_smaller(ckpt_v1, tmp_path):
+    """A real allocation failure in a decode step: every running prompt goes back to the queue,
+    the cache is rebuilt with fewer slots, and the same prompts finish with the same tokens."""
+    script = tmp_path / "oom_decode.py"
+    script.write_text(_DECODE_OOM_SCRIPT)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, str(script), ROOT, str(ckpt_v1)], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["stats"]["oom_decode"] >= 1 and res["slots"] < 64 and not res["errors"], res
+    assert res["same"], res
+    assert "out of memory while decoding with 64 slots" in p.stderr
+
+
+def test_gumbel_noise_is_always_finite():
+    """The uniforms behind the noise never reach 0 or 1, over millions of draws."""
+    from cogvlm.sampling import uniforms
+
+    u = uniforms(torch.arange(300) * 7919, torch.arange(300), 32000)  # ~2**23 draws
+    assert float(u.min()) > 0 and float(u.max()) < 1
+    assert torch.isfinite(-torch.log(-torch.log(u))).all()
+    assert abs(float(u.mean()) - 0.5) < 1e-3
+
+
+def test_several_compiled_engines_in_one_process(model_v1):
+    """Each engine compiles its own buckets: more than torch.compile's 8 graphs per function in
+    all, yet no engine hits the limit or recompiles during its run."""
+    reqs, images = _workload(model_v1, n_images=6, seed=9, sampled=False)
+    plain = Engine(model_v1, max_prompt_tokens=24, max_new_tokens=12).generate(reqs, images).tokens
+    for slots in (64, 48, 40):
+        eng = Engine(model_v1, max_prompt_tokens=24, max_new_tokens=12, max_slots=slots, compile="eager")
+        assert len(eng.buckets) >= 4
+        assert eng.generate(reqs, images).tokens == plain
+        assert eng.recompiles() == 0
