@@ -125,6 +125,7 @@ class Result:
     rows_per_step: float | None = None
     occupancy: float | None = None
     prefill_share: float | None = None
+    stall_ms: float | None = None
     recompiles: int | None = None
     slots: int | None = None
     plan_gb: float | None = None
@@ -175,7 +176,7 @@ def run_continuous(model, workload: str, n_images: int, new_tokens: int, group: 
     busy = t["vision_s"] + t["prefill_s"] + t["decode_s"]
     res = Result("continuous", n_images / wall, tokens / wall, s["decode_rows"] / max(1, s["decode_steps"]),
                  s["decode_rows"] / max(1, s["decode_slots"]), (t["vision_s"] + t["prefill_s"]) / max(busy, 1e-9),
-                 engine.recompiles(), engine.slots, engine.plan.planned_bytes / 1e9)
+                 1000 * t["max_admission_s"], engine.recompiles(), engine.slots, engine.plan.planned_bytes / 1e9)
     if dev.type == "cuda":
         name = torch.cuda.get_device_name(dev)
         res.peak_gb = (torch.cuda.max_memory_allocated(dev) - engine.plan.weights_bytes) / 1e9
@@ -263,7 +264,7 @@ def main() -> None:
           f"images {a.images}  group {a.group}  in flight {a.in_flight}  new tokens {a.new_tokens}")
     baseline = load_package(a.baseline_src) if a.baseline_src else None
     hdr = ("config", "workload", "engine", "img/s", "tok/s", "rows/step", "occupancy", "v+p share",
-           "recompiles", "slots", "plan GB", "peak GB", "MFU v+p", "decode ms/step", "BW floor ms")
+           "max stall ms", "recompiles", "slots", "plan GB", "peak GB", "MFU v+p", "decode ms/step", "BW floor ms")
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
     engine_kw = dict(max_slots=a.max_slots, admission_images=a.admission_images, sync_every=a.sync_every,
@@ -277,6 +278,7 @@ def main() -> None:
             for r in rows:
                 print(f"| {c} | {w} | {r.engine} | {r.images_per_s:.2f} | {r.tokens_per_s:.0f} | "
                       f"{fmt(r.rows_per_step, '.1f')} | {fmt(r.occupancy, '.0%')} | {fmt(r.prefill_share, '.0%')} | "
+                      f"{fmt(r.stall_ms, '.0f')} | "
                       f"{fmt(r.recompiles, 'd')} | {fmt(r.slots, 'd')} | {fmt(r.plan_gb, '.2f')} | "
                       f"{fmt(r.peak_gb, '.2f')} | {fmt(r.mfu, '.1%')} | {fmt(r.step_ms, '.1f')} | "
                       f"{fmt(r.floor_ms, '.1f')} |", flush=True)

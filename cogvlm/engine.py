@@ -166,7 +166,9 @@ class Engine:
         self.encode: Callable[[torch.Tensor], torch.Tensor] = model.encode_images
         if compile_vision:
             self.encode = torch.compile(model.encode_images, dynamic=True)
-        self.timings = {"vision_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0}
+        # with `timed`: seconds in each phase, and the longest admission round (how long decoding
+        # rows waited at most)
+        self.timings = {"vision_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "max_admission_s": 0.0}
         self.stats: dict[str, int] = dict.fromkeys(
             ("decode_steps", "decode_rows", "decode_slots", "shared_steps", "admissions", "admitted",
              "images", "generated_tokens", "finished", "moved", "oom_admission", "oom_decode", "failed_alone",
@@ -514,7 +516,7 @@ class Engine:
         seqs = self._take() if seqs is None else seqs
         if not seqs:
             return
-        t0 = time.perf_counter() if self.timed else 0.0
+        t0 = start = time.perf_counter() if self.timed else 0.0
         model, cfg, dev, P = self.model, self.model.config, self.device, self.P
         for s in seqs:
             s.slot = self.free.pop(0)
@@ -577,7 +579,9 @@ class Engine:
         self.stats["admissions"] += 1
         self.stats["admitted"] += len(seqs)
         self.stats["images"] += len(need)
-        self._lap("prefill_s", t0)
+        if self.timed:
+            end = self._lap("prefill_s", t0)
+            self.timings["max_admission_s"] = max(self.timings["max_admission_s"], end - start)
 
     def _prefill_text(self, seqs: list[_Seq]) -> torch.Tensor:
         """Prompt texts after their prefixes (columns P..), right-padded: -> (R, V) last logits."""

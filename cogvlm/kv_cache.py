@@ -17,18 +17,13 @@ class KVCache(nn.Module):
     def write(self, cols: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               rows: torch.Tensor | None = None) -> None:
         """Store k, v (B, KV, Lq, d) at sequence columns `cols`, (Lq,) for every row or (B, Lq) per
-        row, of cache rows `rows` (B,) (None: rows 0..B-1, the static-shape path)."""
-        B, KV, Lq, d = k.shape
+        row, of cache rows `rows` (B,) (None: rows 0..B-1, the static-shape path).
+
+        One `index_put_` on the whole buffer: torch.compile turns it into an in-place scatter (a
+        write into a slice view instead becomes a copy of the whole cache at every step)."""
+        B, KV, Lq, _ = k.shape
         if rows is None:
-            kc, vc = self.k_cache[:B], self.v_cache[:B]
-            if cols.dim() == 1:
-                kc.index_copy_(2, cols, k)
-                vc.index_copy_(2, cols, v)
-            else:
-                index = cols[:, None, :, None].expand(B, KV, Lq, d)
-                kc.scatter_(2, index, k)
-                vc.scatter_(2, index, v)
-            return
+            rows = torch.arange(B, device=k.device)
         heads = torch.arange(KV, device=k.device)
         c = cols if cols.dim() == 2 else cols.expand(B, Lq)
         index = (rows[:, None, None], heads[None, :, None], c[:, None, :])  # broadcast to (B, KV, Lq)

@@ -275,3 +275,16 @@ def test_several_compiled_engines_in_one_process(model_v1):
         assert len(eng.buckets) >= 4
         assert eng.generate(reqs, images).tokens == plain
         assert eng.recompiles() == 0
+
+
+def test_compiled_decode_step_writes_the_cache_in_place(model_v1):
+    """torch.compile (inductor) must turn the step's cache write into an in-place scatter: a
+    functionalized copy of the whole cache at every step would dwarf the step's own work."""
+    eng = Engine(model_v1, max_len=2000, max_slots=8, buckets=[8], compile=True)
+    eng.warm_up()
+    cache = sum(b.numel() * b.element_size() for layer in model_v1.model.layers
+                for b in layer.self_attn.kv_cache.buffers())
+    with torch.inference_mode(), PeakMemory(torch.device("cpu")) as step:
+        eng.step_fn(model_v1, eng.tokens, eng.positions, eng.cols, eng.key_valid)
+    assert step.peak < cache / 8, (step.peak, cache)
+    assert eng.recompiles() == 0
