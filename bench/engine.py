@@ -37,10 +37,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cogvlm.decoder  # noqa: E402
+import cogvlm.tiny  # noqa: E402
 from cogvlm.config import CogVLMConfig, preset  # noqa: E402
-from cogvlm.decoder import CogVLMForCausalLM  # noqa: E402
 from cogvlm.engine import Engine, Request  # noqa: E402
-from cogvlm.tiny import init_random_  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # dense bf16 peak FLOP/s and memory bandwidth (bytes/s) by device name
@@ -52,8 +52,8 @@ def build_random(cfg: CogVLMConfig, dtype: torch.dtype, device: torch.device, se
                  package: Any = None):
     """A model of `cfg`'s shape with random weights, made on the device (from `package`, an
     older checkout's `cogvlm`, when given)."""
-    decoder = package.decoder if package is not None else sys.modules["cogvlm.decoder"]
-    tiny = package.tiny if package is not None else sys.modules["cogvlm.tiny"]
+    decoder = package.decoder if package is not None else cogvlm.decoder
+    tiny = package.tiny if package is not None else cogvlm.tiny
     with torch.device("meta"):
         model = decoder.CogVLMForCausalLM(cfg)
     model = model.to(dtype).to_empty(device=device)

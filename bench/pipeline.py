@@ -95,6 +95,10 @@ def main() -> None:
     print(f"| Ray pipeline after its first shard (startup {summary['first_commit_s']:.1f} s excluded) "
           f"| | {steady:.2f} |")
     print(f"| ratio steady pipeline/loop | | {steady / (a.images / loop_s):.2f} |")
+    e = summary.get("engine") or {}
+    print(f"pipeline engine: {e.get('avg_rows_per_step')} rows per decode step, slot occupancy "
+          f"{e.get('avg_slot_occupancy')}, steps shared by several Ray batches {e.get('shared_step_fraction')}, "
+          f"recompiles {e.get('recompiles')}, slots {e.get('slots')}")
     assert summary["images"] == a.images
 
 

@@ -13,9 +13,11 @@ vision pass for the round's new images, each image's prefix prefilled once strai
 of its first prompt and copied slot-to-slot to its other prompts, then every prompt's own text
 prefilled, right-padded (a pad's keys come after the real tokens, so no real query sees them,
 and decoding overwrites them). The decode step then runs one token for every slot of the smallest
-bucket covering the live slots: fixed shapes, so `compile=True` captures one graph per bucket at
-start-up (CUDA graphs on a GPU) and never again. Rows reaching `max_new_tokens` are known on the
-host without asking the device; eos stops are read back every `sync_every` steps.
+bucket covering the live slots: fixed shapes, so `compile=True` captures one graph per bucket
+before the first step (CUDA graphs on a GPU) and never again. When rows finish, the highest live
+slots move down into free ones so that a smaller bucket covers them. Rows reaching
+`max_new_tokens` are known on the host without asking the device; eos stops are read back every
+`sync_every` steps.
 
 Each prompt computes what it computes alone: positions follow the spec (patches share one, pads
 never take one), masks hide every other column, and sampling draws from the prompt's own random
@@ -28,7 +30,7 @@ import logging
 import time
 import types
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch

@@ -48,14 +48,27 @@ class EngineLoop:
                        ) -> list[Completion]:
         """All prompts of one image (`pixels` (3, S, S) on the CPU) to completion, in order.
         Raises what the engine raised if it failed while these prompts were in it."""
-        if self.broken is not None:
-            raise EngineBroken(f"the engine failed earlier: {self.broken!r}")
-        if not requests:
-            return []
+        return await self.submit([(requests, pixels)], origin)[0]
+
+    def submit(self, images: list[tuple[list[Request], torch.Tensor | None]], origin: Any = None,
+               ) -> list[asyncio.Future]:
+        """Queue several images at once (they enter the engine together): one future each, which
+        resolves to the image's Completions in order. Call from a running event loop."""
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self.inbox.put((requests, pixels, origin, loop, future))
-        return await future
+        futures = [loop.create_future() for _ in images]
+        if self.broken is not None:
+            for f in futures:
+                f.set_exception(EngineBroken(f"the engine failed earlier: {self.broken!r}"))
+            return futures
+        work = []
+        for (requests, pixels), future in zip(images, futures):
+            if requests:
+                work.append((requests, pixels, future))
+            else:
+                future.set_result([])
+        if work:
+            self.inbox.put((work, origin, loop))
+        return futures
 
     def stats(self) -> dict[str, Any]:
         e = self.engine
@@ -76,8 +89,9 @@ class EngineLoop:
                 _settle(job, None, EngineBroken(f"the engine failed: {e!r}"))
             self.jobs.clear()
             while True:  # whatever arrives from now on
-                requests, pixels, origin, loop, future = self.inbox.get()
-                _settle(_Job(loop, future, 0), None, EngineBroken(f"the engine failed: {e!r}"))
+                work, origin, loop = self.inbox.get()
+                for _, _, future in work:
+                    _settle(_Job(loop, future, 0), None, EngineBroken(f"the engine failed: {e!r}"))
 
     def _serve(self) -> None:
         self.engine.warm_up()  # compile here: CUDA graphs belong to the thread that replays them
@@ -112,16 +126,17 @@ class EngineLoop:
                     del self.jobs[c.tag]
                     _settle(job, [job.results[i] for i in range(job.count)], None)
 
-    def _add(self, requests: list[Request], pixels: torch.Tensor | None, origin: Any,
-             loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
-        tag = self._next
-        self._next += 1
-        try:
-            self.engine.add(requests, pixels, tag=tag, origin=origin)
-        except Exception as e:  # noqa: BLE001 - a request the caller should have checked
-            _settle(_Job(loop, future, 0), None, e)
-            return
-        self.jobs[tag] = _Job(loop, future, len(requests))
+    def _add(self, work: list[tuple[list[Request], torch.Tensor | None, asyncio.Future]], origin: Any,
+             loop: asyncio.AbstractEventLoop) -> None:
+        for requests, pixels, future in work:
+            tag = self._next
+            self._next += 1
+            try:
+                self.engine.add(requests, pixels, tag=tag, origin=origin)
+            except Exception as e:  # noqa: BLE001 - a request the caller should have checked
+                _settle(_Job(loop, future, 0), None, e)
+                continue
+            self.jobs[tag] = _Job(loop, future, len(requests))
 
 
 def _settle(job: _Job, result: Any, error: BaseException | None) -> None:

@@ -14,7 +14,7 @@ import logging
 import os
 import posixpath
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable
 
 import numpy as np
 import pandas as pd
@@ -23,7 +23,7 @@ from PIL import Image
 
 from cogvlm import CogVLMProcessor, build_prompt, load_model, open_image, parse_boxes
 from cogvlm.config import CogVLMConfig
-from cogvlm.engine import Engine, Request
+from cogvlm.engine import Completion, Engine, Request
 from cogvlm.processor import normalize, resize_image
 from cogvlm.sampling import derive_seed
 from cogvlm.weights import resolve_source, weights_fingerprint
@@ -188,7 +188,11 @@ class Generate:
         template = self.config.template_version
         tasks = [t for t in (job.tasks.caption, job.tasks.vqa, job.tasks.grounding) if t is not None]
         column = job.tasks.vqa is not None and job.tasks.vqa.use_column and bool(job.input.questions_column)
-        self.engine = Engine(self.model, max_prompt_tokens=m.max_prompt_tokens,
+        memory_gb = None  # a whole GPU: the plan takes what is free after the weights
+        if device == "cuda" and m.gpus_per_replica < 1:  # replicas sharing a GPU: this one's part of it
+            weights = sum(t.numel() * t.element_size() for t in self.model.parameters())
+            memory_gb = (torch.cuda.get_device_properties(0).total_memory * m.gpus_per_replica - weights) / 1e9
+        self.engine = Engine(self.model, max_prompt_tokens=m.max_prompt_tokens, memory_gb=memory_gb,
                              max_new_tokens=max(t.max_new_tokens for t in tasks), max_slots=m.max_slots,
                              kv_cache_gb=m.kv_cache_gb, margin_gb=m.memory_margin_gb,
                              admission_images=m.admission_images,
@@ -252,8 +256,7 @@ class Generate:
         """Error rows at once; then each image's rows when its last prompt is done. Images in
         flight when the engine failed go to `failed`, for the caller to retry alone."""
         ready: list[dict[str, Any]] = []
-        pending: dict[asyncio.Future, _Failed] = {}
-        origin = id(rows)
+        images: list[_Failed] = []
         for r in rows:
             r = dict(r)
             prompts = self._prompts(r["prompts"])
@@ -273,9 +276,18 @@ class Generate:
                 else:
                     work.append((j, p, req))
             if work:
-                pending[asyncio.ensure_future(self._image(r, n, work, origin))] = (r, n, work)
+                images.append((r, n, work))
         if ready:
             yield ready
+        # the batch's images enter the engine together (one admission round when it is free)
+        submit: list[tuple[_Failed, tuple[list[Request], torch.Tensor]]] = []
+        for item in images:
+            try:
+                submit.append((item, ([req for _, _, req in item[2]], self._pixels(item[0]))))
+            except Exception:  # noqa: BLE001 - retried (and reported) alone, like an engine failure
+                failed.append(item)
+        futures = self.loop.submit([s for _, s in submit], id(rows))
+        pending = {asyncio.ensure_future(self._image(*item, f)): item for (item, _), f in zip(submit, futures)}
         while pending:
             done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             out: list[dict[str, Any]] = []
@@ -294,7 +306,8 @@ class Generate:
         """An image's prompts with nothing else in the engine: their rows, or their own errors."""
         async with self.gate.exclusive():
             try:
-                return await self._image(r, n, work, None)
+                pixels = self._pixels(r)
+                return await self._image(r, n, work, self.loop.generate([req for _, _, req in work], pixels))
             except EngineBroken:
                 raise
             except Exception as e:  # noqa: BLE001 - it fails alone: this image's error
@@ -302,9 +315,9 @@ class Generate:
         return [self._row(r, j, n, p, status=status, error=msg) for j, p, _ in work]
 
     async def _image(self, r: dict[str, Any], n: int, work: list[tuple[int, Prompt, Request]],
-                     origin: int | None) -> list[dict[str, Any]]:
+                     future: Awaitable[list[Completion]]) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
-        done = await self.loop.generate([req for _, _, req in work], self._pixels(r), origin)
+        done = await future
         dt = (time.perf_counter() - t0) / len(work)
         rows = []
         for (j, p, _), c in zip(work, done):
