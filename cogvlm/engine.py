@@ -27,6 +27,7 @@ stream (`sampling.py`), so a row's tokens do not depend on what else shares its 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import types
 from collections import deque
@@ -116,10 +117,10 @@ def decode_step(model: CogVLMForCausalLM, tokens: torch.Tensor, positions: torch
 
 
 def _graphs() -> int:
-    """Graphs torch.compile has made in this process."""
-    from torch._dynamo.utils import counters
-
-    return counters["stats"]["unique_graphs"]
+    """Graphs torch.compile has made in this process (none if it was never imported: importing
+    it takes seconds)."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    return utils.counters["stats"]["unique_graphs"] if utils is not None else 0
 
 
 def default_buckets(slots: int, smallest: int = 8) -> list[int]:
@@ -143,7 +144,11 @@ class Engine:
     """Continuous batching over many (image, prompt) requests for one model on one device.
 
     Sizes: `max_len` cache columns per slot (prefix + longest prompt text + most new tokens),
-    `slots` from the memory plan (`kv_cache_gb` caps the cache; `max_slots` caps the count).
+    `slots` from the memory plan: `memory_gb` beside the weights (default: what is free on the GPU
+    after profiling, 4 GB on CPU), less the measured activations and `margin_gb`; `kv_cache_gb`
+    caps the cache and `max_slots` the count. `admission_images` images (and `prompts_per_image`
+    prompts each) per admission round; `compile` is True (inductor; CUDA graphs on a GPU) or a
+    torch.compile backend name.
     """
 
     def __init__(self, model: CogVLMForCausalLM, *, max_len: int | None = None, max_prompt_tokens: int = 256,
@@ -173,8 +178,7 @@ class Engine:
         self.timings = {"vision_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "max_admission_s": 0.0}
         self.stats: dict[str, int] = dict.fromkeys(
             ("decode_steps", "decode_rows", "decode_slots", "shared_steps", "admissions", "admitted",
-             "images", "generated_tokens", "finished", "moved", "oom_admission", "oom_decode", "failed_alone",
-             "recompiles"), 0)
+             "images", "generated_tokens", "finished", "moved", "oom_admission", "oom_decode", "failed_alone"), 0)
         self.waiting: deque[_Group] = deque()
         self.seqs: list[_Seq | None] = []
         self._admission = (self.admission_images, self.admission_rows)  # as configured
@@ -196,12 +200,11 @@ class Engine:
                 self._admission = (self.admission_images, self.admission_rows)
                 log.warning("out of memory profiling an admission round; admission lowered to %d prompts / "
                             "%d images", self.admission_rows, self.admission_images)
-        budget, margin = self._budget(kv_cache_gb, memory_gb, margin_gb)  # after the profile's one-time allocations
+        budget, margin = self._budget(memory_gb, margin_gb)  # after the profile's one-time allocations
         slot_bytes = self._slot_bytes()
+        slots = slots_for(budget, prefill_bytes, margin, slot_bytes + decode_per_slot, max_slots)
         if kv_cache_gb is not None:  # an explicit cap on the cache
-            slots = min(max_slots, int(kv_cache_gb * GB) // slot_bytes)
-        else:
-            slots = slots_for(budget, prefill_bytes, margin, slot_bytes + decode_per_slot, max_slots)
+            slots = min(slots, int(kv_cache_gb * GB) // slot_bytes)
         self.plan = MemoryPlan(budget, self._weights_bytes(), prefill_bytes, slot_bytes, decode_per_slot, margin,
                                slots, self.max_len)
         if slots < 1:
@@ -219,8 +222,7 @@ class Engine:
     def _weights_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in list(self.model.parameters()) + list(self.model.buffers()))
 
-    def _budget(self, kv_cache_gb: float | None, memory_gb: float | None,
-                margin_gb: float | None) -> tuple[int, int]:
+    def _budget(self, memory_gb: float | None, margin_gb: float | None) -> tuple[int, int]:
         if memory_gb is not None:
             budget = int(memory_gb * GB)
         elif self.device.type == "cuda":

@@ -24,7 +24,7 @@ from PIL import Image
 from cogvlm import CogVLMProcessor, build_prompt, load_model, open_image, parse_boxes
 from cogvlm.config import CogVLMConfig
 from cogvlm.engine import Completion, Engine, Request
-from cogvlm.processor import normalize, resize_image
+from cogvlm.processor import IMAGE_MEAN, IMAGE_STD, resize_image
 from cogvlm.sampling import derive_seed
 from cogvlm.weights import resolve_source, weights_fingerprint
 
@@ -209,9 +209,12 @@ class Generate:
                 for p in json.loads(prompts_json)]
 
     def _pixels(self, row: dict[str, Any]) -> torch.Tensor:
+        """(3, S, S) float32 on the CPU until admitted. Computed with numpy: torch ops on this
+        (asyncio) thread would start a second OpenMP team competing with the engine thread's."""
         S = self.config.image_size
-        px = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(1, S, S, 3)
-        return normalize(torch.from_numpy(px.copy()))[0]  # (3, S, S) float32, on the CPU until admitted
+        px = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(S, S, 3).astype(np.float32) / 255.0
+        x = (px - np.asarray(IMAGE_MEAN, np.float32)) / np.asarray(IMAGE_STD, np.float32)  # (S, S, 3)
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))  # (3, S, S)
 
     async def __call__(self, batch: pd.DataFrame) -> AsyncIterator[pd.DataFrame]:
         rows = batch.to_dict("records")
