@@ -12,7 +12,7 @@ UTC hour), so re-running this command attaches to the job already running, or re
 that already succeeded, instead of starting a second. After a failed or stopped job it submits
 `<id>-retry-N`; the job's own ledger makes the retry resume rather than redo.
 
-Clusters with token authentication (the default from Ray 2.60) need the token on this side:
+Clusters with token authentication (all of infra/'s) need the token on this side:
 `export RAY_AUTH_MODE=token` and either `RAY_AUTH_TOKEN=...` or the token in ~/.ray/auth_token.
 """
 
