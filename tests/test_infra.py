@@ -30,7 +30,7 @@ KNOWN = {("ray.io/v1", "RayCluster"), ("ray.io/v1", "RayJob"), ("ray.io/v1", "Ra
          ("rbac.authorization.k8s.io/v1", "Role"), ("rbac.authorization.k8s.io/v1", "RoleBinding")}
 SECRET_PATTERNS = [re.compile(p) for p in (r"AKIA[0-9A-Z]{16}", r"-----BEGIN [A-Z ]*PRIVATE KEY-----",
                                            r"(?i)aws_secret_access_key\s*[:=]\s*\S+",
-                                           r"(?i)ray_auth_token\s*[:=]\s*\S+")]
+                                           r"(?i)ray_auth_token\s*[:=]\s*(?![$.<])\S+")]  # not `=$(...)`
 
 
 def docs(path: Path) -> list[dict]:
