@@ -197,7 +197,7 @@ def test_every_image_is_pinned():
     assert len(images) >= 9 and len(bases) == 2
     for ref in images + bases:
         name, _, tag = ref.rpartition(":") if "@" not in ref else (ref, ":", "digest")
-        assert name and tag != "latest" and re.search(r"\d+\.\d+", tag), ref
+        assert name and tag != "latest" and re.search(r"\d+\.\d+\.\d+", tag), ref
     assert "bitnami" not in " ".join(images)
 
 
@@ -216,7 +216,7 @@ def test_jobs_run_the_real_entrypoint_and_config_and_clean_up():
         if "deletionStrategy" in spec:  # KubeRay: mutually exclusive with the two below
             assert "shutdownAfterJobFinishes" not in spec and "ttlSecondsAfterFinished" not in spec
         else:
-            assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+            assert spec["shutdownAfterJobFinishes"] is True
     enrich = [s for s in specs if "--mode enrich" in s["entrypoint"]]
     assert len(enrich) == 2
 
@@ -244,17 +244,38 @@ def _launcher() -> tuple[dict, str]:
 
 
 _FAKE_KUBECTL = """#!/usr/bin/env bash
-# stands in for kubectl: RayJob states come from $STATES (one per `get` of the deployment status)
+# stands in for kubectl: one RayJob deployment state from $STATES per `get` (ERR: the call fails,
+# GONE: the RayJob is not found), then $JOB_STATUS; every call is logged
 echo "$@" >> "$LOG"
 case "$*" in
   create*) echo cogvlm-enrich-x7k2p ;;
-  *jobDeploymentStatus*) n=$(cat "$COUNT" 2>/dev/null || echo 0); echo $((n + 1)) > "$COUNT"
-                         set -- $STATES; shift "$n" 2>/dev/null || true; printf %s "${1:-Running}" ;;
-  *jobStatus*) printf %s "$JOB_STATUS" ;;
-  *reason*) printf %s "$REASON" ;;
+  get*) n=$(cat "$COUNT" 2>/dev/null || echo 0); echo $((n + 1)) > "$COUNT"
+        set -- $STATES; shift "$n"; state=${1:-Running}
+        case "$state" in
+          ERR) echo "Unable to connect to the server: i/o timeout" >&2; exit 1 ;;
+          GONE) echo 'Error from server (NotFound): rayjobs.ray.io "x" not found' >&2; exit 1 ;;
+        esac
+        printf '%s|%s|%s' "$state" "$JOB_STATUS" "$REASON" ;;
   delete*) ;;
 esac
 """
+
+
+def _run_launcher(tmp_path, states: str, job_status: str, poll: str = "0", wait: bool = True):
+    _, script = _launcher()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    kubectl = bin_dir / "kubectl"
+    kubectl.write_text(_FAKE_KUBECTL)
+    kubectl.chmod(kubectl.stat().st_mode | stat.S_IEXEC)
+    (tmp_path / "launch.sh").write_text(script)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", STATES=states, JOB_STATUS=job_status,
+               REASON="", LOG=str(tmp_path / "log"), COUNT=str(tmp_path / "count"), POLL_SECONDS=poll)
+    p = subprocess.Popen(["bash", str(tmp_path / "launch.sh")], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    if wait:
+        p.wait(timeout=30)
+    return p
 
 
 @pytest.mark.parametrize("states,job_status,code", [
@@ -262,27 +283,64 @@ esac
     ("Running Running Failed", "FAILED", 1),  # a failed job ends the wait at once, exit 1
     ("ValidationFailed", "", 1),
     ("Running Complete", "FAILED", 1),
+    ("Running ERR ERR Complete", "SUCCEEDED", 0),  # a failed read is retried, not a failed run
 ])
 def test_launcher_waits_for_any_terminal_state_reports_it_and_deletes_the_rayjob(tmp_path, states, job_status, code):
-    cron, script = _launcher()
+    cron, _ = _launcher()
     pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     assert pod["containers"][0]["command"] == ["/bin/bash", "/template/launch.sh"]
-    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid" and pod["terminationGracePeriodSeconds"] >= 60
     assert pod["containers"][0]["image"].startswith("registry.k8s.io/kubectl:v1.")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    kubectl = bin_dir / "kubectl"
-    kubectl.write_text(_FAKE_KUBECTL)
-    kubectl.chmod(kubectl.stat().st_mode | stat.S_IEXEC)
-    (tmp_path / "launch.sh").write_text(script)
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", STATES=states, JOB_STATUS=job_status,
-               REASON="", LOG=str(tmp_path / "log"), COUNT=str(tmp_path / "count"), POLL_SECONDS="0")
-    p = subprocess.run(["bash", str(tmp_path / "launch.sh")], env=env, capture_output=True, text=True, timeout=30)
-    assert p.returncode == code, p.stdout + p.stderr
+    p = _run_launcher(tmp_path, states, job_status)
+    assert p.returncode == code, p.stdout.read()
     calls = (tmp_path / "log").read_text().splitlines()
     assert calls[0].startswith("create -f /template/rayjob.yaml")
-    assert calls[-1] == "delete rayjob/cogvlm-enrich-x7k2p --wait=false"  # no RayJob left behind
+    assert calls[-1].startswith("delete rayjob/cogvlm-enrich-x7k2p")  # no RayJob left behind
     assert int((tmp_path / "count").read_text()) == len(states.split())  # stopped at the terminal state
+
+
+def test_launcher_stops_when_its_rayjob_is_gone(tmp_path):
+    p = _run_launcher(tmp_path, "Running GONE", "")
+    assert p.returncode == 1 and "gone" in p.stdout.read()
+
+
+def test_launcher_stopped_mid_wait_deletes_its_rayjob_at_once(tmp_path):
+    import signal
+    import time
+
+    p = _run_launcher(tmp_path, "Running " * 50, "", poll="30", wait=False)
+    for _ in range(100):  # until it polls
+        if (tmp_path / "count").exists():
+            break
+        time.sleep(0.05)
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=20)
+    assert time.monotonic() - t0 < 10 and p.returncode == 1  # not after the 30 s sleep
+    assert (tmp_path / "log").read_text().splitlines()[-1].startswith("delete rayjob/cogvlm-enrich-x7k2p")
+
+
+def test_operator_rules_the_schemas_do_not_express():
+    """What KubeRay's own validation or the API server checks beyond the OpenAPI schema."""
+    for d in all_docs():
+        meta = d["metadata"]
+        assert set(meta) <= {"name", "generateName", "labels", "annotations", "namespace"}, meta
+        name = meta.get("name") or meta["generateName"]
+        assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?-?", name), name
+        limit = {"RayCronJob": 36, "RayJob": 47}.get(d["kind"], 63)  # room for generated suffixes
+        assert len(name) <= limit, name
+    for spec in rayjob_specs():
+        assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict)
+        rules = spec.get("deletionStrategy", {}).get("deletionRules", [])
+        keys = [(tuple(sorted((k, v) for k, v in r["condition"].items() if k != "ttlSeconds")), r["policy"])
+                for r in rules]
+        assert len(keys) == len(set(keys))  # KubeRay: one rule per (condition, policy)
+        autoscaling = spec["rayClusterSpec"]["enableInTreeAutoscaling"]
+        assert not (autoscaling and any(r["policy"] == "DeleteWorkers" for r in rules))
+    for d in all_docs():
+        if d["kind"] in ("CronJob", "RayCronJob"):
+            assert len(d["spec"]["schedule"].split()) == 5
 
 
 # --- ray up and images ----------------------------------------------------------------------------
