@@ -38,12 +38,15 @@ import torch
 
 from .config import LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE
 from .decoder import CogVLMForCausalLM, ExpertRouting
-from .generate import GenerationOutput
+from .generate import GenerationOutput, context_error
 from .memory import GB, MemoryPlan, PeakMemory, slots_for
 from .positions import attention_mask_4d, build_position_ids
 from .sampling import sample
 
 log = logging.getLogger(__name__)
+
+# positions of an image prefix: bos 0, boi 1, patches 2, eoi 3 (the spec); text starts at 4
+PREFIX_LAST_POSITION = 3
 
 
 @dataclass
@@ -145,7 +148,8 @@ class Engine:
 
     Sizes: `max_len` cache columns per slot (prefix + longest prompt text + most new tokens),
     `slots` from the memory plan: `memory_gb` beside the weights (default: what is free on the GPU
-    after profiling, 4 GB on CPU), less the measured activations and `margin_gb`; `kv_cache_gb`
+    after profiling, or `device_share` of it for replicas sharing a GPU; 4 GB on CPU), less the
+    measured activations and `margin_gb`; `kv_cache_gb`
     caps the cache and `max_slots` the count. `admission_images` images (and `prompts_per_image`
     prompts each) per admission round; `compile` is True (inductor; CUDA graphs on a GPU) or a
     torch.compile backend name.
@@ -156,7 +160,8 @@ class Engine:
                  memory_gb: float | None = None, margin_gb: float | None = None, admission_images: int = 8,
                  prompts_per_image: int = 1, sync_every: int = 8, buckets: Sequence[int] | None = None,
                  compile: bool | str = False, compile_vision: bool = False,
-                 eos_token_ids: Iterable[int] | None = None, timed: bool = False) -> None:
+                 eos_token_ids: Iterable[int] | None = None, timed: bool = False,
+                 device_share: float = 1.0) -> None:
         self.model = model
         cfg = model.config
         self.device = model.device
@@ -200,7 +205,7 @@ class Engine:
                 self._admission = (self.admission_images, self.admission_rows)
                 log.warning("out of memory profiling an admission round; admission lowered to %d prompts / "
                             "%d images", self.admission_rows, self.admission_images)
-        budget, margin = self._budget(memory_gb, margin_gb)  # after the profile's one-time allocations
+        budget, margin = self._budget(memory_gb, margin_gb, device_share)  # after the profile's one-time allocations
         slot_bytes = self._slot_bytes()
         slots = slots_for(budget, prefill_bytes, margin, slot_bytes + decode_per_slot, max_slots)
         if kv_cache_gb is not None:  # an explicit cap on the cache
@@ -222,12 +227,12 @@ class Engine:
     def _weights_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in list(self.model.parameters()) + list(self.model.buffers()))
 
-    def _budget(self, memory_gb: float | None, margin_gb: float | None) -> tuple[int, int]:
+    def _budget(self, memory_gb: float | None, margin_gb: float | None, share: float) -> tuple[int, int]:
         if memory_gb is not None:
             budget = int(memory_gb * GB)
-        elif self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free)
+        elif self.device.type == "cuda":  # what is free, or this replica's part of a shared GPU
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(min(free, total * share - self._weights_bytes()))
         else:
             budget = int(4 * GB)
         if margin_gb is None:  # allocator fragmentation, CUDA graph pools, library workspaces
@@ -331,10 +336,9 @@ class Engine:
         n = len(req.text_ids)
         if req.max_new_tokens < 1:
             return "max_new_tokens must be >= 1"
-        last_pos = (3 if has_image else 0) + n  # bos 0, boi 1, patches 2, eoi 3, text from 4
-        if last_pos + req.max_new_tokens > cfg.max_position_embeddings:
-            return (f"prompt ends at position {last_pos}; with max_new_tokens={req.max_new_tokens} it passes "
-                    f"max_position_embeddings={cfg.max_position_embeddings}")
+        last_pos = (PREFIX_LAST_POSITION if has_image else 0) + n
+        if (why := context_error(last_pos, req.max_new_tokens, cfg.max_position_embeddings)) is not None:
+            return why
         first_col = (self.P if has_image else 1) + n
         if first_col + req.max_new_tokens - 1 > self.max_len or req.max_new_tokens > self.max_new_cap:
             return (f"prompt of {n} tokens with max_new_tokens={req.max_new_tokens} does not fit a KV slot of "
@@ -595,8 +599,7 @@ class Engine:
         for b, s in enumerate(seqs):
             ids[b, :len(s.req.text_ids)] = torch.tensor(s.req.text_ids)
         ids = ids.to(dev)
-        last_prefix_pos = 3
-        pos = (last_prefix_pos + 1 + torch.arange(T, device=dev)).expand(R, T)
+        pos = (PREFIX_LAST_POSITION + 1 + torch.arange(T, device=dev)).expand(R, T)
         cols = torch.arange(P, P + T, device=dev)
         mask = attention_mask_4d(torch.ones(R, P + T, dtype=torch.bool, device=dev), cols)  # causal by column
         rows = torch.tensor([s.slot for s in seqs], device=dev)
@@ -628,7 +631,7 @@ class Engine:
         n = [len(r.text_ids) for r in reqs]
         img = [s.group.has_image for s in seqs]
         first_col = torch.tensor([(self.P if i else 1) + k for i, k in zip(img, n)], device=dev)
-        first_pos = torch.tensor([(4 if i else 1) + k for i, k in zip(img, n)], device=dev)
+        first_pos = torch.tensor([(PREFIX_LAST_POSITION + 1 if i else 1) + k for i, k in zip(img, n)], device=dev)
         temp = torch.tensor([r.temperature for r in reqs], dtype=torch.float32, device=dev)
         top_k = torch.tensor([r.top_k for r in reqs], device=dev)
         top_p = torch.tensor([r.top_p for r in reqs], dtype=torch.float32, device=dev)

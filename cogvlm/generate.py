@@ -147,13 +147,19 @@ def _max_new(max_new_tokens: int | Sequence[int], B: int) -> torch.Tensor:
     return t
 
 
+def context_error(last_position: int, max_new: int, limit: int) -> str | None:
+    """Why a prompt ending at `last_position` cannot take `max_new` tokens, or None."""
+    if last_position + max_new > limit:
+        return (f"prompt ends at position {last_position}; with max_new_tokens={max_new} it passes "
+                f"max_position_embeddings={limit}")
+    return None
+
+
 def check_context(model: CogVLMForCausalLM, last_positions: torch.Tensor, max_new: torch.Tensor) -> None:
-    over = last_positions.cpu() + max_new > model.config.max_position_embeddings
-    if bool(over.any()):
-        b = int(over.nonzero()[0])
-        raise ValueError(f"row {b}: prompt ends at position {int(last_positions[b])}; with "
-                         f"{int(max_new[b])} new tokens it passes max_position_embeddings="
-                         f"{model.config.max_position_embeddings}")
+    limit = model.config.max_position_embeddings
+    for b, (last, new) in enumerate(zip(last_positions.tolist(), max_new.tolist())):
+        if (why := context_error(last, new, limit)) is not None:
+            raise ValueError(f"row {b}: {why}")
 
 
 @torch.inference_mode()

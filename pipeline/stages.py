@@ -24,7 +24,7 @@ from PIL import Image
 from cogvlm import CogVLMProcessor, build_prompt, load_model, open_image, parse_boxes
 from cogvlm.config import CogVLMConfig
 from cogvlm.engine import Completion, Engine, Request
-from cogvlm.processor import IMAGE_MEAN, IMAGE_STD, resize_image
+from cogvlm.processor import normalize, resize_image
 from cogvlm.sampling import derive_seed
 from cogvlm.weights import resolve_source, weights_fingerprint
 
@@ -188,11 +188,8 @@ class Generate:
         template = self.config.template_version
         tasks = [t for t in (job.tasks.caption, job.tasks.vqa, job.tasks.grounding) if t is not None]
         column = job.tasks.vqa is not None and job.tasks.vqa.use_column and bool(job.input.questions_column)
-        memory_gb = None  # a whole GPU: the plan takes what is free after the weights
-        if device == "cuda" and m.gpus_per_replica < 1:  # replicas sharing a GPU: this one's part of it
-            weights = sum(t.numel() * t.element_size() for t in self.model.parameters())
-            memory_gb = (torch.cuda.get_device_properties(0).total_memory * m.gpus_per_replica - weights) / 1e9
-        self.engine = Engine(self.model, max_prompt_tokens=m.max_prompt_tokens, memory_gb=memory_gb,
+        self.engine = Engine(self.model, max_prompt_tokens=m.max_prompt_tokens,
+                             device_share=min(1.0, m.gpus_per_replica) if device == "cuda" else 1.0,
                              max_new_tokens=max(t.max_new_tokens for t in tasks), max_slots=m.max_slots,
                              kv_cache_gb=m.kv_cache_gb, margin_gb=m.memory_margin_gb,
                              admission_images=m.admission_images,
@@ -209,12 +206,9 @@ class Generate:
                 for p in json.loads(prompts_json)]
 
     def _pixels(self, row: dict[str, Any]) -> torch.Tensor:
-        """(3, S, S) float32 on the CPU until admitted. Computed with numpy: torch ops on this
-        (asyncio) thread would start a second OpenMP team competing with the engine thread's."""
+        """(3, S, S) float32, on the CPU until admitted."""
         S = self.config.image_size
-        px = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(S, S, 3).astype(np.float32) / 255.0
-        x = (px - np.asarray(IMAGE_MEAN, np.float32)) / np.asarray(IMAGE_STD, np.float32)  # (S, S, 3)
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))  # (3, S, S)
+        return normalize(np.frombuffer(row["pixels"], dtype=np.uint8).reshape(S, S, 3).copy())
 
     async def __call__(self, batch: pd.DataFrame) -> AsyncIterator[pd.DataFrame]:
         rows = batch.to_dict("records")
