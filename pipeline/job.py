@@ -511,7 +511,7 @@ def run(cfg: JobConfig) -> dict[str, Any]:
     summary = dict(
         # enrich: shards left to the runs that hold them; batch: shards those runs committed
         base, shards_claimed_elsewhere=len(busy),
-        shards_processed=len(state.committed), shards=state.committed,
+        shards_processed=len(state.committed), shards=sorted(state.committed),
         shards_failed=sorted(state.failed), images=state.images, rows=sum(state.counts.values()),
         status_counts=dict(state.counts), prompt_tokens=state.prompt_tokens, output_tokens=state.output_tokens,
         batches_retried_after_worker_death=crash_stats.get("retried_batches", 0),
