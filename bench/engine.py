@@ -41,6 +41,7 @@ import cogvlm.decoder  # noqa: E402
 import cogvlm.tiny  # noqa: E402
 from cogvlm.config import CogVLMConfig, preset  # noqa: E402
 from cogvlm.engine import Engine, Request  # noqa: E402
+from cogvlm.quantization import module_bytes, quantize_model_, tensor_bytes  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # dense bf16 peak FLOP/s and memory bandwidth (bytes/s) by device name
@@ -85,11 +86,11 @@ def prefill_flops(cfg: CogVLMConfig, length: int) -> float:
     return cfg.num_hidden_layers * (length * per_token + attn) + 2 * D * cfg.vocab_size
 
 
-def language_expert_bytes(cfg: CogVLMConfig, itemsize: int) -> int:
-    """Weights one decode step reads: the language expert of every layer, the final norm, lm_head."""
-    D, I = cfg.hidden_size, cfg.intermediate_size
-    per_layer = D * cfg.qkv_size + D * D + 3 * D * I + 2 * D
-    return itemsize * (cfg.num_hidden_layers * per_layer + D + D * cfg.vocab_size)
+def language_expert_bytes(model: torch.nn.Module) -> int:
+    """Weights one decode step reads: the language expert of every layer, the norms, lm_head
+    (as stored: quantized weights count their real bytes)."""
+    return sum(tensor_bytes(t) for name, t in model.named_parameters()
+               if ("vision" not in name and "embed_tokens" not in name))
 
 
 # workloads ---------------------------------------------------------------------------------------
@@ -192,7 +193,7 @@ def run_continuous(model, workload: str, n_images: int, new_tokens: int, group: 
         if bw:
             kv_token = cfg.num_hidden_layers * 2 * cfg.num_kv_heads * cfg.head_dim * model.dtype.itemsize
             avg_bucket = s["decode_slots"] / max(1, s["decode_steps"])
-            read = language_expert_bytes(cfg, model.dtype.itemsize) + avg_bucket * engine.max_len * kv_token
+            read = language_expert_bytes(model) + avg_bucket * engine.max_len * kv_token
             res.floor_ms = 1000 * read / bw
     return res
 
@@ -256,6 +257,9 @@ def main() -> None:
     p.add_argument("--sync-every", type=int, default=8)
     p.add_argument("--kv-cache-gb", type=float, default=None)
     p.add_argument("--baseline-src", default=None, help="a checkout whose static engine runs too")
+    p.add_argument("--quantization", nargs="+", default=["none"], choices=["none", "int8", "int4"],
+                   help="weight-only quantization of the linear layers (each value is a separate model)")
+    p.add_argument("--decoder-only", action="store_true", help="quantize the decoder only, not the vision tower")
     a = p.parse_args()
     device = torch.device(a.device)
     dtype = DTYPES[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
@@ -263,20 +267,24 @@ def main() -> None:
     print(f"device: {dev_name}  dtype: {dtype}  torch {torch.__version__}  threads {torch.get_num_threads()}  "
           f"images {a.images}  group {a.group}  in flight {a.in_flight}  new tokens {a.new_tokens}")
     baseline = load_package(a.baseline_src) if a.baseline_src else None
-    hdr = ("config", "workload", "engine", "img/s", "tok/s", "rows/step", "occupancy", "v+p share",
+    hdr = ("config", "weights", "weights GB", "workload", "engine", "img/s", "tok/s", "rows/step", "occupancy", "v+p share",
            "max stall ms", "recompiles", "slots", "plan GB", "peak GB", "MFU v+p", "decode ms/step", "BW floor ms")
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
     engine_kw = dict(max_slots=a.max_slots, admission_images=a.admission_images, sync_every=a.sync_every,
                      kv_cache_gb=a.kv_cache_gb, compile=a.compile, compile_vision=a.compile_vision)
-    for c in a.config:
+    runs = [(c, q) for c in a.config for q in a.quantization]
+    for c, q in runs:
         model = build_random(preset(c), dtype, device)
+        quantize_model_(model, None if q == "none" else q, vision=not a.decoder_only)
+        weights = str(dtype).removeprefix("torch.") + ("" if q == "none" else f"+{q}")
+        weights_gb = module_bytes(model) / 1e9
         for w in a.workload:
             rows = [run_continuous(model, w, a.images, a.new_tokens, a.group, a.in_flight, engine_kw)]
             if baseline is not None:
                 rows.append(run_static(baseline, c, dtype, device, w, a.images, a.new_tokens, a.group))
             for r in rows:
-                print(f"| {c} | {w} | {r.engine} | {r.images_per_s:.2f} | {r.tokens_per_s:.0f} | "
+                print(f"| {c} | {weights} | {weights_gb:.3f} | {w} | {r.engine} | {r.images_per_s:.2f} | {r.tokens_per_s:.0f} | "
                       f"{fmt(r.rows_per_step, '.1f')} | {fmt(r.occupancy, '.0%')} | {fmt(r.prefill_share, '.0%')} | "
                       f"{fmt(r.stall_ms, '.0f')} | "
                       f"{fmt(r.recompiles, 'd')} | {fmt(r.slots, 'd')} | {fmt(r.plan_gb, '.2f')} | "

@@ -39,7 +39,8 @@ import torch
 from .config import LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE
 from .decoder import CogVLMForCausalLM, ExpertRouting
 from .generate import GenerationOutput, context_error
-from .memory import GB, MemoryPlan, PeakMemory, slots_for
+from .memory import GB, MemoryPlan, PeakMemory, kv_slot_bytes, slots_for
+from .quantization import module_bytes
 from .positions import attention_mask_4d, build_position_ids
 from .sampling import sample
 
@@ -214,7 +215,8 @@ class Engine:
                                slots, self.max_len)
         if slots < 1:
             raise MemoryError(f"not even one KV slot of {self.max_len} columns fits: {self.plan.describe()}; "
-                              "lower max_prompt_tokens / max_new_tokens or admission_images")
+                              "lower max_prompt_tokens / max_new_tokens or admission_images, or quantize the weights "
+                              "(quantization int8 or int4)")
         log.info(self.plan.describe())
         self._allocate(slots)
         if compile_vision:  # sizes 1 and 2 get their own graphs (dynamo specializes 0/1): make them now
@@ -225,7 +227,9 @@ class Engine:
 
     # memory plan ---------------------------------------------------------------------------------
     def _weights_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in list(self.model.parameters()) + list(self.model.buffers()))
+        """Parameters and buffers as stored (quantized ones at their real size), KV caches excluded."""
+        caches = [layer.self_attn.kv_cache for layer in self.model.model.layers]
+        return module_bytes(self.model) - sum(module_bytes(c) for c in caches if c is not None)
 
     def _budget(self, memory_gb: float | None, margin_gb: float | None, share: float) -> tuple[int, int]:
         if memory_gb is not None:
@@ -242,10 +246,7 @@ class Engine:
         return budget, margin
 
     def _slot_bytes(self) -> int:
-        c = self.model.config
-        kv = c.num_hidden_layers * 2 * c.num_kv_heads * c.head_dim * self.model.dtype.itemsize * self.max_len
-        state = self.max_len * 1 + (self.max_new_cap + 1) * 8 + 12 * 8  # key_valid, output tokens, per-row state
-        return kv + state
+        return kv_slot_bytes(self.model.config, self.model.dtype, self.max_len, self.max_new_cap)
 
     @torch.inference_mode()
     def _profile(self) -> tuple[int, int]:

@@ -5,15 +5,22 @@ measures the activations (a profiled admission at the largest size, and a decode
 the rest, less a margin, to KV slots of `max_len` columns each. On a GPU the measurement is
 `torch.cuda.max_memory_allocated`; on CPU it is the allocator's own events, as recorded by the
 PyTorch profiler (`profile_memory=True`).
+
+Before anything is loaded, `estimate_replica` computes the same parts from the checkpoint's
+shapes (weights exactly, activations as an upper estimate) so that a job can refuse a GPU that
+cannot hold a replica, and say which quantization would fit (`fit_error`).
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
+
+if TYPE_CHECKING:
+    from .config import CogVLMConfig
 
 GB = 1e9
 
@@ -89,3 +96,109 @@ class PeakMemory:
 
     def __exit__(self, *exc: object) -> None:
         self._cm.__exit__(*exc)
+
+
+# --- before any work: will a replica fit? ------------------------------------------------------
+
+CUDA_CONTEXT_BYTES = int(0.5 * GB)
+MIN_SLOTS = 4  # the CUDA context and kernels, outside PyTorch's allocator
+
+
+@dataclass
+class ReplicaEstimate:
+    """A replica's memory, computed from the checkpoint's shapes alone (nothing loaded)."""
+
+    label: str  # e.g. "CogVLM v1 (17.6B parameters) in bf16 + int8"
+    weights_bytes: int
+    activation_bytes: int  # the largest admission round (vision, prefix and prompt prefill)
+    slot_bytes: int  # KV cache and state of one slot, plus its decode activations
+    min_slots: int
+    margin_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.activation_bytes + self.min_slots * self.slot_bytes + self.margin_bytes
+
+    def describe(self) -> str:
+        return (f"{self.label} needs about {self.total_bytes / GB:.1f} GB per replica: weights "
+                f"{self.weights_bytes / GB:.1f} GB + activations {self.activation_bytes / GB:.1f} GB + KV for "
+                f"{self.min_slots} slots {self.min_slots * self.slot_bytes / GB:.1f} GB + margin "
+                f"{self.margin_bytes / GB:.1f} GB")
+
+
+def activation_bytes(cfg: "CogVLMConfig", dtype: torch.dtype, device_type: str, admission_images: int,
+                     rows: int, prompt_tokens: int) -> int:
+    """An upper estimate of the activations of one admission round: `admission_images` images
+    through the vision tower and the prefix prefill, then `rows` prompts of `prompt_tokens` text
+    tokens. Per phase, the live tensors of one layer (residual, qkv, attention output, the MLP's
+    intermediate tensors); attention scores count only on CPU (CUDA's SDPA kernels do not
+    materialize them); fp32 logits of the rows."""
+    b = dtype.itemsize
+    vc = cfg.vision_config
+    n, T = admission_images, vc.grid_size ** 2 + 1
+    vision = n * T * (5 * vc.hidden_size + 2 * vc.intermediate_size) * b
+    P = 1 + cfg.num_vision_tokens
+    per_token = (6 * cfg.hidden_size + 3 * cfg.intermediate_size) * b
+    prefix = n * P * per_token
+    text = rows * prompt_tokens * per_token
+    if device_type == "cpu":
+        vision += n * vc.num_heads * T * T * 4
+        prefix += n * cfg.num_attention_heads * P * P * 4
+        text += rows * cfg.num_attention_heads * prompt_tokens * (P + prompt_tokens) * 4
+    logits = rows * cfg.vocab_size * 4 * 2
+    return max(vision, prefix, text) + logits
+
+
+def kv_slot_bytes(cfg: "CogVLMConfig", dtype: torch.dtype, max_len: int, max_new_tokens: int) -> int:
+    """KV cache and per-row state of one slot of `max_len` columns (as the engine allocates it)."""
+    kv = cfg.num_hidden_layers * 2 * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize * max_len
+    return kv + max_len + (max_new_tokens + 1) * 8 + 12 * 8
+
+
+def estimate_replica(cfg: "CogVLMConfig", dtype: torch.dtype, quantization: str | None, *, device_type: str = "cuda",
+                     quantize_vision: bool = True, max_prompt_tokens: int = 256, max_new_tokens: int = 64,
+                     admission_images: int = 8, prompts_per_image: int = 1, min_slots: int | None = None,
+                     device_bytes: int | None = None) -> ReplicaEstimate:
+    """Weights (exact, from the shapes) + one admission round + KV for `min_slots` slots (default:
+    every prompt of one image, and at least `MIN_SLOTS`) + margin (as the engine's: 5% of the device, at most 2 GB, and
+    the CUDA context)."""
+    from .decoder import CogVLMForCausalLM
+    from .quantization import weight_bytes
+
+    with torch.device("meta"):
+        model = CogVLMForCausalLM(cfg)
+    params = sum(p.numel() for p in model.parameters())
+    weights = weight_bytes(model, dtype, quantization, device_type, quantize_vision)
+    max_len = 1 + cfg.num_vision_tokens + max_prompt_tokens + max_new_tokens
+    rows = admission_images * max(1, prompts_per_image)
+    acts = activation_bytes(cfg, dtype, device_type, admission_images, rows, max_prompt_tokens)
+    decode = (cfg.vocab_size * 4 * 2 + 6 * cfg.hidden_size * dtype.itemsize)  # per slot and step
+    slot = kv_slot_bytes(cfg, dtype, max_len, max_new_tokens) + decode
+    margin = 0
+    if device_type == "cuda":
+        margin = CUDA_CONTEXT_BYTES + (int(min(0.05 * device_bytes, 2 * GB)) if device_bytes else int(2 * GB))
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
+    label = f"CogVLM v{cfg.version} ({params / 1e9:.1f}B parameters) in {name}"
+    if quantization:
+        label += f" with {quantization} weights" + ("" if quantize_vision else " (decoder only)")
+    if min_slots is None:  # the least a replica may start with: one image's prompts at once, and 4
+        min_slots = max(MIN_SLOTS, prompts_per_image)
+    return ReplicaEstimate(label, weights, acts, slot, min_slots, margin)
+
+
+def fit_error(cfg: "CogVLMConfig", dtype: torch.dtype, quantization: str | None, device_bytes: int,
+              where: str, **kw: Any) -> str | None:
+    """None if a replica fits `device_bytes`; else a one-line message naming what would fit."""
+    est = estimate_replica(cfg, dtype, quantization, device_bytes=device_bytes, **kw)
+    if est.total_bytes <= device_bytes:
+        return None
+    options = []
+    for q in ("int8", "int4"):
+        if q == quantization or (quantization == "int4" and q == "int8"):
+            continue
+        alt = estimate_replica(cfg, dtype, q, device_bytes=device_bytes, **kw)
+        if alt.total_bytes <= device_bytes:
+            options.append(f"model.quantization={q} (about {alt.total_bytes / GB:.0f} GB)")
+    advice = ("set " + " or ".join(options)) if options else \
+        "no weight quantization fits: use a larger GPU, or lower model.admission_images, max_prompt_tokens or the tasks' max_new_tokens"
+    return f"{est.describe()}; {where} {device_bytes / GB:.1f} GB: {advice}"

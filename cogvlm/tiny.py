@@ -176,6 +176,40 @@ def write_checkpoint(out_dir: str | Path, version: int = 1, preset_name: str = "
     return config
 
 
+def write_shapes_checkpoint(out_dir: str | Path, config: CogVLMConfig, shard_bytes: int = 5 * 10**9) -> Path:
+    """A checkpoint of the full release shapes with no weights: `config.json`, an index and
+    safetensors shards (of at most `shard_bytes`, like the release's) whose headers are real and
+    whose data is a hole (sparse files, which take no disk space). For what reads headers only:
+    `check_checkpoint`, the fit check."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
+    with torch.device("meta"):
+        model = CogVLMForCausalLM(config)
+    shards: list[dict[str, Any]] = [{}]
+    offset = total = 0
+    for k, t in model.state_dict().items():
+        n = t.numel() * 2
+        if offset and offset + n > shard_bytes:
+            shards.append({})
+            offset = 0
+        shards[-1][k] = {"dtype": "BF16", "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+        total += n
+    weight_map = {}
+    for i, tensors in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        raw = json.dumps({"__metadata__": {"format": "pt"}, **tensors}).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        with open(out_dir / name, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            f.truncate(8 + len(raw) + max(v["data_offsets"][1] for v in tensors.values()))
+        weight_map.update(dict.fromkeys(tensors, name))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return out_dir
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir")

@@ -15,9 +15,11 @@ from typing import Any, Iterator
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from .config import CogVLMConfig
 from .decoder import CogVLMForCausalLM
+from .quantization import QuantizationReport, check_quantization, module_bytes, quantize_linear_, target_modules
 
 log = logging.getLogger(__name__)
 
@@ -224,32 +226,60 @@ def check_checkpoint(ckpt_dir: str | os.PathLike) -> CogVLMConfig:
 
 
 def load_state_dict_into(model: CogVLMForCausalLM, files: dict[str, Path], dtype: torch.dtype,
-                         device: torch.device) -> None:
-    """Check every key and shape, then assign converted tensors one by one."""
+                         device: torch.device, quantization: str | None = None,
+                         quantize_vision: bool = True) -> QuantizationReport:
+    """Check every key and shape, then assign converted tensors one by one.
+
+    With `quantization`, each target linear weight is quantized as soon as it is on the device,
+    so the device never holds more than one layer's weight in `dtype` beside the quantized ones.
+    """
     present = check_keys(model, files)
+    report = QuantizationReport(quantization, quantize_vision)
+    targets = {f"{name}.weight": module for name, module in target_modules(model, quantize_vision)} \
+        if quantization else {}
     state: dict[str, torch.Tensor] = {}
     for k, t in _iter_tensors(files, present):
-        state[k] = t.to(device=device, dtype=dtype)
+        if k in targets:
+            linear = targets[k]
+            linear.weight = nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
+            name = k[: -len(".weight")]
+            (report.quantized if quantize_linear_(linear, quantization) else report.skipped).append(name)
+        else:
+            state[k] = t.to(device=device, dtype=dtype)
         del t
-    model.load_state_dict(state, strict=True, assign=True)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    assert not unexpected and set(missing) == set(targets), (missing, unexpected)
+    if report.skipped:
+        log.info("%s", report.describe())
+    return report
 
 
 def load_model(source: str | os.PathLike, dtype: torch.dtype | str = torch.bfloat16,
-               device: torch.device | str = "cpu", *, cache_dir: str | os.PathLike | None = None,
+               device: torch.device | str = "cpu", *, quantization: str | None = None,
+               quantize_vision: bool = True, cache_dir: str | os.PathLike | None = None,
                storage_options: dict[str, Any] | None = None) -> CogVLMForCausalLM:
-    """Load a release checkpoint (local dir, `s3://bucket/prefix`, or hub id) in eval mode."""
+    """Load a release checkpoint (local dir, `s3://bucket/prefix`, or hub id) in eval mode.
+
+    `quantization` ("int8" / "int4", see `cogvlm.quantization`) quantizes the linear layers of the
+    decoder, and of the vision tower unless `quantize_vision=False`, while loading. The model's
+    `quantization` attribute holds what was done (a `QuantizationReport`).
+    """
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
+    quantization = check_quantization(quantization)
     device = torch.device(device)
     ckpt_dir = resolve_source(source, cache_dir, storage_options)
     files = weight_files(ckpt_dir)
     config = read_config(ckpt_dir, files)
     with torch.device("meta"):
         model = CogVLMForCausalLM(config)
-    load_state_dict_into(model, files, dtype, device)
+    report = load_state_dict_into(model, files, dtype, device, quantization, quantize_vision)
     model.reset_buffers()
     model.source = str(source)  # type: ignore[attr-defined]
     model.checkpoint_dir = ckpt_dir  # type: ignore[attr-defined]
+    model.quantization = report  # type: ignore[attr-defined]
+    if quantization:
+        log.info("loaded %s: %s, %.2f GB of weights", source, report.describe(), module_bytes(model) / 1e9)
     return model.eval()

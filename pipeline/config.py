@@ -91,6 +91,13 @@ class ModelConfig:
     source: str = ""  # local dir, s3:// prefix or hub id
     tokenizer: str | None = None  # path, s3:// prefix or hub id; default: the checkpoint's own
     dtype: str = "bf16"
+    # weight-only quantization of the linear layers, applied while loading: int8 (about half the
+    # bf16 weight memory) or int4 (about a quarter); null: none. See README "24 GB GPUs".
+    quantization: str | None = None
+    quantize_vision: bool = True  # quantize the vision tower too (its 4.4B parameters), not only the decoder
+    # memory of each GPU, to check before starting that a replica fits; null: from the Ray nodes'
+    # accelerator type where it is unambiguous (the replicas check their real GPU in any case)
+    gpu_memory_gb: float | None = None
     # A replica runs one continuous-batching engine (cogvlm/engine.py): prompts join the decode
     # batch as soon as a KV slot frees up, whichever Ray batch they came in.
     batch_size: int = 8  # images per Ray batch handed to a replica (transport, not the decode batch)
@@ -177,6 +184,13 @@ class JobConfig:
                     "sync_every"):
             if getattr(self.model, key) < 1:
                 raise ConfigError(f"model.{key} must be >= 1, got {getattr(self.model, key)}")
+        if self.model.quantization not in (None, "int8", "int4"):
+            raise ConfigError(f"model.quantization must be int8, int4 or null, got {self.model.quantization!r}")
+        if self.model.quantization == "int4" and self.model.dtype not in ("bf16", "bfloat16"):
+            # torchao's int4 kernels: bf16 only on GPUs; on CPUs fp32 works but ran 60x slower
+            raise ConfigError(f"model.quantization int4 needs model.dtype bf16, got {self.model.dtype!r}")
+        if self.model.gpu_memory_gb is not None and self.model.gpu_memory_gb <= 0:
+            raise ConfigError(f"model.gpu_memory_gb must be > 0 or null, got {self.model.gpu_memory_gb:g}")
         for key in ("kv_cache_gb", "memory_margin_gb"):
             if getattr(self.model, key) is not None and getattr(self.model, key) < 0:
                 raise ConfigError(f"model.{key} must be >= 0 or null, got {getattr(self.model, key):g}")

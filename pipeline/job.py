@@ -28,6 +28,7 @@ import cogvlm
 from cogvlm.weights import CheckpointError, check_checkpoint, read_config, resolve_source
 
 from . import errors as st
+from . import fit
 from .config import JobConfig, to_dict
 from .crashes import FAULT_ENV, CrashLedger
 from .errors import describe, redact, retry
@@ -166,6 +167,27 @@ def check_resources(cfg: JobConfig) -> None:
                     "free now: %g CPUs, %g GPUs (other jobs hold the rest; this job starts when they "
                     "finish, or fails after %d s)", cpus, need, free.get("CPU", 0), free.get("GPU", 0),
                     _actor_wait_s(cfg))
+
+
+def check_fit(cfg: JobConfig, mcfg: cogvlm.CogVLMConfig) -> None:
+    """Refuse, before any actor starts, a GPU that cannot hold one replica (see `pipeline.fit`)."""
+    if cfg.model.gpus_per_replica <= 0:
+        return
+    if cfg.model.gpu_memory_gb is not None:
+        gpu, where = int(cfg.model.gpu_memory_gb * 1e9), "model.gpu_memory_gb is"
+    else:
+        gpu, where = fit.cluster_gpu_bytes()
+        if gpu is None:
+            log.info("GPU memory not checked before the start (%s; set model.gpu_memory_gb to check it); "
+                     "each replica checks its GPU when it starts", where)
+            return
+    share = fit.gpu_bytes_per_replica(cfg, gpu)
+    if share < gpu:
+        where = f"{where} {gpu / 1e9:.0f} GB, of which a replica gets (model.gpus_per_replica)"
+    err = fit.replica_fit_error(cfg, mcfg, share, where)
+    if err:
+        raise JobError(err)
+    log.info("a replica fits its GPU (%s %.0f GB)", where, share / 1e9)
 
 
 def _actor_wait_s(cfg: JobConfig) -> int:
@@ -463,9 +485,13 @@ def run(cfg: JobConfig) -> dict[str, Any]:
                                                    status_counts={}, message="nothing new to process",
                                                    wall_s=round(time.perf_counter() - state.t0, 3)))
     mcfg = model_config(cfg)
+    if cfg.model.gpu_memory_gb is not None:
+        check_fit(cfg, mcfg)
     if not ray.is_initialized():
         init_ray(cfg)
     check_resources(cfg)
+    if cfg.model.gpu_memory_gb is None:
+        check_fit(cfg, mcfg)
     # claim: batch and enrich runs alike, so that concurrent runs on one output split the work
     claims = Claims(out_fs, out_root, run_id, cfg.claim_ttl_s)
     stop_heartbeat = threading.Event()

@@ -32,6 +32,7 @@ from . import errors as st
 from .config import JobConfig
 from .crashes import Gate, isolating, maybe_inject_fault, process_isolating
 from .engine_loop import EngineBroken, EngineLoop
+from .fit import gpu_bytes_per_replica, prompts_per_image, replica_fit_error
 from .errors import TransientError, describe, is_transient, retry
 from .storage import FileTooLarge, UriPolicy, UriRefused, filesystem, read_capped, s3_options
 from .tasks import Prompt, expand, to_json
@@ -182,23 +183,28 @@ class Generate:
         device = "cuda" if m.gpus_per_replica > 0 else "cpu"
         if device == "cpu":  # use the CPUs this replica reserved
             torch.set_num_threads(max(1, int(m.cpus_per_replica)))
-        self.model = load_model(m.source, dtype=m.dtype, device=device, cache_dir=m.cache_dir,
+        if device == "cuda":  # before loading: a GPU too small fails with what would fit
+            err = replica_fit_error(job, model_config, gpu_bytes_per_replica(job, torch.cuda.mem_get_info()[1]),
+                                    f"this replica's GPU ({torch.cuda.get_device_name()}) has")
+            if err:
+                raise MemoryError(err)
+        self.model = load_model(m.source, dtype=m.dtype, device=device, quantization=m.quantization,
+                                quantize_vision=m.quantize_vision, cache_dir=m.cache_dir,
                                 storage_options=s3_options(job.s3))
         self.config = self.model.config
-        template = self.config.template_version
         tasks = [t for t in (job.tasks.caption, job.tasks.vqa, job.tasks.grounding) if t is not None]
-        column = job.tasks.vqa is not None and job.tasks.vqa.use_column and bool(job.input.questions_column)
         self.engine = Engine(self.model, max_prompt_tokens=m.max_prompt_tokens,
                              device_share=min(1.0, m.gpus_per_replica) if device == "cuda" else 1.0,
                              max_new_tokens=max(t.max_new_tokens for t in tasks), max_slots=m.max_slots,
                              kv_cache_gb=m.kv_cache_gb, margin_gb=m.memory_margin_gb,
                              admission_images=m.admission_images,
-                             prompts_per_image=len(expand(job.tasks, template, None)) + 2 * column,
+                             prompts_per_image=prompts_per_image(job, self.config.template_version),
                              sync_every=m.sync_every, compile=m.compile, compile_vision=m.compile_vision)
         self.loop = EngineLoop(self.engine)
         self.gate = Gate()
         self.processor = CogVLMProcessor(load_tokenizer(job), self.config)
         self.fingerprint = weights_fingerprint(self.model.checkpoint_dir)
+        self.weights = m.dtype + (f"+{m.quantization}" if m.quantization else "")  # provenance of each row
         self.worker = f"{os.uname().nodename}/{os.getpid()}"
 
     def _prompts(self, prompts_json: str) -> list[Prompt]:
@@ -339,6 +345,6 @@ class Generate:
             "task": p.task, "task_index": j, "prompt": p.query, "response": response, "boxes_json": boxes,
             "status": status, "error_message": error, "prompt_tokens": prompt_tokens,
             "output_tokens": output_tokens, "finish_reason": finish_reason, "generation_s": generation_s,
-            "width": r["width"], "height": r["height"], "generation_settings": p.settings_json(),
+            "width": r["width"], "height": r["height"], "generation_settings": p.settings_json(weights=self.weights),
             "model_source": self.job.model.source, "model_fingerprint": self.fingerprint,
         }

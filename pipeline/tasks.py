@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from typing import Any
 
 from .config import GenerationSettings, TasksConfig
 
@@ -20,10 +21,10 @@ class Prompt:
     template: str
     settings: GenerationSettings
 
-    def settings_json(self) -> str:
+    def settings_json(self, **extra: Any) -> str:
         keep = {f.name for f in dataclasses.fields(GenerationSettings)}
-        return json.dumps({k: v for k, v in dataclasses.asdict(self.settings).items() if k in keep},
-                          sort_keys=True)
+        settings = {k: v for k, v in dataclasses.asdict(self.settings).items() if k in keep}
+        return json.dumps(dict(settings, **extra), sort_keys=True)
 
 
 def expand(tasks: TasksConfig, default_template: str, row_questions: str | None) -> list[Prompt]:
