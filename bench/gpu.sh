@@ -14,3 +14,8 @@ python bench/engine.py --config v1 --device cuda --dtype bf16 --workload caption
 # the vision tower compiled too (a measured choice: keep it off unless this row is faster)
 python bench/engine.py --config v1 --device cuda --dtype bf16 --workload caption --images 192 \
     --group 16 --in-flight 16 --new-tokens 64 --compile --compile-vision || true
+# int8 / int4 weights (needs torchao on the GPU machine): full v1 captions per weight format, and
+# the logits drift of each format on the small shape on this GPU
+python bench/engine.py --config v1 --device cuda --dtype bf16 --workload caption --images 192 \
+    --group 16 --in-flight 16 --new-tokens 64 --compile --quantization none int8 int4 || true
+python bench/precision.py --config small --device cuda || true
