@@ -158,13 +158,14 @@ def kv_slot_bytes(cfg: "CogVLMConfig", dtype: torch.dtype, max_len: int, max_new
 def estimate_replica(cfg: "CogVLMConfig", dtype: torch.dtype, quantization: str | None, *, device_type: str = "cuda",
                      quantize_vision: bool = True, max_prompt_tokens: int = 256, max_new_tokens: int = 64,
                      admission_images: int = 8, prompts_per_image: int = 1, min_slots: int | None = None,
-                     device_bytes: int | None = None) -> ReplicaEstimate:
+                     max_slots: int | None = None, device_bytes: int | None = None) -> ReplicaEstimate:
     """Weights (exact, from the shapes) + one admission round + KV for `min_slots` slots (default:
     every prompt of one image, and at least `MIN_SLOTS`) + margin (as the engine's: 5% of the device, at most 2 GB, and
     the CUDA context)."""
     from .decoder import CogVLMForCausalLM
-    from .quantization import weight_bytes
+    from .quantization import check_quantization, weight_bytes
 
+    quantization = check_quantization(quantization)
     with torch.device("meta"):
         model = CogVLMForCausalLM(cfg)
     params = sum(p.numel() for p in model.parameters())
@@ -183,6 +184,8 @@ def estimate_replica(cfg: "CogVLMConfig", dtype: torch.dtype, quantization: str 
         label += f" with {quantization} weights" + ("" if quantize_vision else " (decoder only)")
     if min_slots is None:  # the least a replica may start with: one image's prompts at once, and 4
         min_slots = max(MIN_SLOTS, prompts_per_image)
+        if max_slots is not None:  # the engine never plans more
+            min_slots = min(min_slots, max_slots)
     return ReplicaEstimate(label, weights, acts, slot, min_slots, margin)
 
 
@@ -193,12 +196,16 @@ def fit_error(cfg: "CogVLMConfig", dtype: torch.dtype, quantization: str | None,
     if est.total_bytes <= device_bytes:
         return None
     options = []
+    vision_kw = {k: v for k, v in kw.items() if k != "quantize_vision"}
     for q in ("int8", "int4"):
-        if q == quantization or (quantization == "int4" and q == "int8"):
+        if q == quantization and kw.get("quantize_vision", True) or (quantization == "int4" and q == "int8"):
             continue
-        alt = estimate_replica(cfg, dtype, q, device_bytes=device_bytes, **kw)
-        if alt.total_bytes <= device_bytes:
-            options.append(f"model.quantization={q} (about {alt.total_bytes / GB:.0f} GB)")
+        for vision in dict.fromkeys((kw.get("quantize_vision", True), True)):  # as asked, then with the vision tower
+            alt = estimate_replica(cfg, dtype, q, device_bytes=device_bytes, quantize_vision=vision, **vision_kw)
+            if alt.total_bytes <= device_bytes:
+                extra = "" if vision == kw.get("quantize_vision", True) else " with model.quantize_vision=true"
+                options.append(f"model.quantization={q}{extra} (about {alt.total_bytes / GB:.0f} GB)")
+                break
     advice = ("set " + " or ".join(options)) if options else \
         "no weight quantization fits: use a larger GPU, or lower model.admission_images, max_prompt_tokens or the tasks' max_new_tokens"
     return f"{est.describe()}; {where} {device_bytes / GB:.1f} GB: {advice}"

@@ -37,8 +37,10 @@ INT4_ALGORITHM = "hqq"
 
 
 def check_quantization(quantization: str | None) -> str | None:
-    if quantization in (None, "", "none"):
+    """"int8" / "int4" (any case), or None for none / "" / false."""
+    if quantization in (None, False, "") or str(quantization).lower() in ("none", "false"):
         return None
+    quantization = str(quantization).lower()
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} or null, got {quantization!r}")
     return quantization
@@ -74,6 +76,9 @@ def quantized_bytes(out_features: int, in_features: int, quantization: str, devi
     byte + a (scale, zero) pair per group in the compute dtype; on CUDA the tinygemm layout pads
     the input width to a multiple of 1024 and the rows to a multiple of 8.
     """
+    quantization = check_quantization(quantization)
+    if quantization is None:
+        return None
     if quantization == "int8":
         return out_features * in_features + out_features * 5
     group = int4_group_size(out_features, in_features, device_type)
@@ -107,6 +112,9 @@ def quantize_linear_(module: nn.Linear, quantization: str) -> bool:
     layer's shape is not supported (it stays as it is)."""
     from torchao.quantization import quantize_
 
+    quantization = check_quantization(quantization)
+    if quantization is None:
+        return False
     device_type = module.weight.device.type
     if quantization == "int4" and int4_group_size(module.out_features, module.in_features, device_type) is None:
         return False
@@ -155,6 +163,7 @@ def weight_bytes(model: nn.Module, dtype: torch.dtype, quantization: str | None,
                  vision: bool = True) -> int:
     """Bytes the weights of `model` (built on `meta`: shapes only) will take once loaded in `dtype`
     with `quantization` on a device of `device_type`; exact for what `load_model` makes."""
+    quantization = check_quantization(quantization)
     targets = {id(m.weight): m for _, m in target_modules(model, vision)} if quantization else {}
     total = sum(b.numel() * b.element_size() for b in model.buffers())  # kept as built (rope: fp32)
     for t in model.parameters():

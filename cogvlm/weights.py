@@ -234,6 +234,7 @@ def load_state_dict_into(model: CogVLMForCausalLM, files: dict[str, Path], dtype
     so the device never holds more than one layer's weight in `dtype` beside the quantized ones.
     """
     present = check_keys(model, files)
+    quantization = check_quantization(quantization)
     report = QuantizationReport(quantization, quantize_vision)
     targets = {f"{name}.weight": module for name, module in target_modules(model, quantize_vision)} \
         if quantization else {}
@@ -248,7 +249,9 @@ def load_state_dict_into(model: CogVLMForCausalLM, files: dict[str, Path], dtype
             state[k] = t.to(device=device, dtype=dtype)
         del t
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    assert not unexpected and set(missing) == set(targets), (missing, unexpected)
+    if unexpected or set(missing) != set(targets):
+        raise CheckpointError(f"loading left keys unassigned: {sorted(set(missing) - set(targets))[:10]}, "
+                              f"unexpected: {sorted(unexpected)[:10]}")
     if report.skipped:
         log.info("%s", report.describe())
     return report

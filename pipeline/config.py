@@ -184,8 +184,13 @@ class JobConfig:
                     "sync_every"):
             if getattr(self.model, key) < 1:
                 raise ConfigError(f"model.{key} must be >= 1, got {getattr(self.model, key)}")
-        if self.model.quantization not in (None, "int8", "int4"):
-            raise ConfigError(f"model.quantization must be int8, int4 or null, got {self.model.quantization!r}")
+        q = self.model.quantization
+        if q is not None and str(q).lower() in ("none", "false", ""):
+            self.model.quantization = q = None
+        elif q is not None:
+            self.model.quantization = q = str(q).lower()
+        if q not in (None, "int8", "int4"):
+            raise ConfigError(f"model.quantization must be int8, int4 or null, got {q!r}")
         if self.model.quantization == "int4" and self.model.dtype not in ("bf16", "bfloat16"):
             # torchao's int4 kernels: bf16 only on GPUs; on CPUs fp32 works but ran 60x slower
             raise ConfigError(f"model.quantization int4 needs model.dtype bf16, got {self.model.dtype!r}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from cogvlm.config import CogVLMConfig
-from cogvlm.memory import GB, fit_error
+from cogvlm.memory import fit_error
 from cogvlm.weights import DTYPES
 
 from .config import JobConfig
@@ -19,10 +19,15 @@ from .tasks import expand
 
 log = logging.getLogger(__name__)
 
-# GB each GPU of a Ray accelerator type has (the smallest model sold under that name)
-GPU_MEMORY_GB = {"T4": 16, "A10G": 24, "A10": 24, "L4": 24, "L40S": 48, "L40": 48, "A40": 48, "H100": 80,
-                 "H200": 141, "H20": 96, "B200": 180, "RTX-PRO-6000": 96, "GeForce-RTX-4090": 24,
-                 "GeForce-RTX-3090": 24, "GeForce-RTX-5090": 32}
+# MiB each GPU of a Ray accelerator type reports as its total (nvidia-smi; the smallest model
+# sold under that name). Other names: set model.gpu_memory_gb.
+GPU_MEMORY_MIB = {"T4": 15360, "A10G": 23028, "A10": 23028, "L4": 23034, "L40S": 46068, "L40": 46068,
+                  "A40": 46068, "RTX-A5000": 24564, "RTX-A6000": 49140, "GeForce-RTX-3090": 24576,
+                  "GeForce-RTX-4090": 24564, "H100": 81559, "H200": 143771}
+
+
+class DoesNotFit(RuntimeError):
+    """A replica cannot fit its GPU: not transient (retrying or restarting the actor cannot help)."""
 
 
 def prompts_per_image(job: JobConfig, template: str) -> int:
@@ -38,7 +43,7 @@ def replica_fit_error(job: JobConfig, config: CogVLMConfig, device_bytes: int, w
     return fit_error(config, DTYPES[m.dtype], m.quantization, device_bytes, where, device_type="cuda",
                      quantize_vision=m.quantize_vision, max_prompt_tokens=m.max_prompt_tokens,
                      max_new_tokens=max(t.max_new_tokens for t in tasks), admission_images=m.admission_images,
-                     prompts_per_image=prompts_per_image(job, config.template_version))
+                     prompts_per_image=prompts_per_image(job, config.template_version), max_slots=m.max_slots)
 
 
 def cluster_gpu_bytes() -> tuple[int | None, str]:
@@ -54,11 +59,11 @@ def cluster_gpu_bytes() -> tuple[int | None, str]:
             types.add(names[0] if names else "unknown")
     if not types:
         return None, "no GPU nodes are up yet"
-    unknown = sorted(t for t in types if t not in GPU_MEMORY_GB)
+    unknown = sorted(t for t in types if t not in GPU_MEMORY_MIB)
     if unknown:
         return None, f"the GPU type {', '.join(unknown)} is not in the table of known sizes"
-    smallest = min(types, key=GPU_MEMORY_GB.__getitem__)
-    return int(GPU_MEMORY_GB[smallest] * GB), f"the cluster's {smallest} GPUs have"
+    smallest = min(types, key=GPU_MEMORY_MIB.__getitem__)
+    return GPU_MEMORY_MIB[smallest] * 2**20, f"the cluster's {smallest} GPUs have"
 
 
 def gpu_bytes_per_replica(job: JobConfig, gpu_bytes: int) -> int:

@@ -24,6 +24,7 @@ from PIL import Image
 from cogvlm import CogVLMProcessor, build_prompt, load_model, open_image, parse_boxes
 from cogvlm.config import CogVLMConfig
 from cogvlm.engine import Completion, Engine, Request
+from cogvlm.memory import CUDA_CONTEXT_BYTES
 from cogvlm.processor import normalize, resize_image
 from cogvlm.sampling import derive_seed
 from cogvlm.weights import resolve_source, weights_fingerprint
@@ -32,7 +33,7 @@ from . import errors as st
 from .config import JobConfig
 from .crashes import Gate, isolating, maybe_inject_fault, process_isolating
 from .engine_loop import EngineBroken, EngineLoop
-from .fit import gpu_bytes_per_replica, prompts_per_image, replica_fit_error
+from .fit import DoesNotFit, gpu_bytes_per_replica, prompts_per_image, replica_fit_error
 from .errors import TransientError, describe, is_transient, retry
 from .storage import FileTooLarge, UriPolicy, UriRefused, filesystem, read_capped, s3_options
 from .tasks import Prompt, expand, to_json
@@ -184,10 +185,15 @@ class Generate:
         if device == "cpu":  # use the CPUs this replica reserved
             torch.set_num_threads(max(1, int(m.cpus_per_replica)))
         if device == "cuda":  # before loading: a GPU too small fails with what would fit
-            err = replica_fit_error(job, model_config, gpu_bytes_per_replica(job, torch.cuda.mem_get_info()[1]),
-                                    f"this replica's GPU ({torch.cuda.get_device_name()}) has")
+            free, total = torch.cuda.mem_get_info()
+            # this replica's part, and no more than is free (others may hold some); the estimate
+            # counts this process's CUDA context, already part of what is not free
+            have = min(gpu_bytes_per_replica(job, total), free + CUDA_CONTEXT_BYTES)
+            err = replica_fit_error(job, model_config, have,
+                                    f"this replica's GPU ({torch.cuda.get_device_name()}, {total / 1e9:.1f} GB, "
+                                    f"{free / 1e9:.1f} GB free) leaves it")
             if err:
-                raise MemoryError(err)
+                raise DoesNotFit(err)
         self.model = load_model(m.source, dtype=m.dtype, device=device, quantization=m.quantization,
                                 quantize_vision=m.quantize_vision, cache_dir=m.cache_dir,
                                 storage_options=s3_options(job.s3))
@@ -204,7 +210,8 @@ class Generate:
         self.gate = Gate()
         self.processor = CogVLMProcessor(load_tokenizer(job), self.config)
         self.fingerprint = weights_fingerprint(self.model.checkpoint_dir)
-        self.weights = m.dtype + (f"+{m.quantization}" if m.quantization else "")  # provenance of each row
+        dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(m.dtype, m.dtype)
+        self.weights = dtype + (f"+{m.quantization}" if m.quantization else "")  # provenance of each row
         self.worker = f"{os.uname().nodename}/{os.getpid()}"
 
     def _prompts(self, prompts_json: str) -> list[Prompt]:

@@ -164,6 +164,26 @@ def test_fit_check_for_full_v1_and_v2_shapes_from_checkpoint_headers(tmp_path):
     assert "17.6B parameters" in fit_error(preset("v1"), torch.bfloat16, None, int(24 * GB), "x")
 
 
+def test_fit_advice_and_config_spellings(tmp_path):
+    v2 = preset("v2")
+    # decoder-only int8 does not fit 24 GB; int4 with the vision tower does, and the advice says so
+    msg = fit_error(v2, torch.bfloat16, "int8", int(24 * GB), "x", quantize_vision=False)
+    assert "model.quantization=int4" in msg and "model.quantize_vision=true" in msg, msg
+    assert estimate_replica(v2, torch.bfloat16, "int4", max_slots=2).min_slots == 2
+    assert estimate_replica(v2, torch.bfloat16, "none").weights_bytes == estimate_replica(v2, torch.bfloat16, None).weights_bytes
+    data = {"input": {"path": "/in"}, "output": {"path": "/out"}, "model": {"source": "/m"}}
+    for value, want in (("none", None), ("INT8", "int8"), (False, None), (None, None), ("Int4", "int4")):
+        cfg = load_config(data=dict(data, model={"source": "/m", "quantization": value}))
+        assert cfg.model.quantization == want, value
+    from pipeline import ConfigError
+
+    for bad, key in ((8, "model.quantization"), ("int3", "model.quantization")):
+        with pytest.raises(ConfigError, match=key):
+            load_config(data=dict(data, model={"source": "/m", "quantization": bad}))
+    with pytest.raises(ConfigError, match="model.dtype bf16"):
+        load_config(data=dict(data, model={"source": "/m", "quantization": "int4", "dtype": "fp32"}))
+
+
 def test_activation_estimate_is_close_to_what_the_engine_measures(ckpts):
     """The fit check's activation estimate against the engine's measured admission peak (CPU)."""
     model = load_model(ckpts / "v1", dtype=torch.float32)
