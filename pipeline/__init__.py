@@ -11,6 +11,7 @@ from typing import Any
 _EXPORTS = {
     "ConfigError": "pipeline.config", "JobConfig": "pipeline.config", "load_config": "pipeline.config",
     "InputError": "pipeline.readers", "JobError": "pipeline.job", "run": "pipeline.job",
+    "Processor": "pipeline.processor", "build_processor": "pipeline.processor",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -158,6 +158,7 @@ class JobConfig:
     # that keeps growing, with claims so that overlapping runs split the new shards.
     mode: str = "batch"
     claim_ttl_s: float = 600.0  # enrich: a claim not refreshed for this long is taken over
+    progress_interval_s: float = 60.0  # a progress line (and _runs/<run_id>/progress.json) this often
 
     def validate(self) -> "JobConfig":
         _check_numbers(self, "")
@@ -194,6 +195,8 @@ class JobConfig:
         if self.model.quantization == "int4" and self.model.dtype not in ("bf16", "bfloat16"):
             # torchao's int4 kernels: bf16 only on GPUs; on CPUs fp32 works but ran 60x slower
             raise ConfigError(f"model.quantization int4 needs model.dtype bf16, got {self.model.dtype!r}")
+        if self.progress_interval_s <= 0:
+            raise ConfigError(f"progress_interval_s must be > 0, got {self.progress_interval_s:g}")
         if self.model.gpu_memory_gb is not None and self.model.gpu_memory_gb <= 0:
             raise ConfigError(f"model.gpu_memory_gb must be > 0 or null, got {self.model.gpu_memory_gb:g}")
         for key in ("kv_cache_gb", "memory_margin_gb"):

@@ -30,11 +30,12 @@ from cogvlm.weights import CheckpointError, check_checkpoint, read_config, resol
 from . import errors as st
 from . import fit
 from .config import JobConfig, to_dict
-from .crashes import FAULT_ENV, CrashLedger
+from .crashes import CrashLedger
 from .errors import describe, redact, retry
 from .ledger import Claims, Ledger
 from .readers import InputPlan, Shard, check_parquet_columns, plan_input, read_shard
-from .stages import Generate, Preprocess
+from .processor import stages
+from .progress import Progress
 from .storage import filesystem, join, s3_options, write_bytes_atomic
 
 log = logging.getLogger("pipeline")
@@ -230,7 +231,7 @@ class ShardTracker:
 def build_dataset(cfg: JobConfig, shards: list[Shard], mcfg: cogvlm.CogVLMConfig, crash_ledger: Any,
                   input_root: str) -> Any:
     import ray
-    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+    from ray.data import TaskPoolStrategy
 
     ctx = ray.data.DataContext.get_current()
     ctx.wait_for_min_actors_s = _actor_wait_s(cfg)
@@ -241,27 +242,13 @@ def build_dataset(cfg: JobConfig, shards: list[Shard], mcfg: cogvlm.CogVLMConfig
         s = Shard(str(shard["shard_id"]), str(shard["uri"]), files)
         return read_shard(s, input_cfg, s3, policy)
 
-    # the tests' fault-injection hook reaches the stage workers through their runtime env
-    stage_env = {"runtime_env": {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}}} if os.environ.get(FAULT_ENV) else {}
     # one shard per read task; flat_map (unlike map_batches) is not fused into the batched
     # actor stage below, so shards stay separate blocks and results stream back shard by shard.
     # Reads reserve no CPU (they are I/O-bound): with a CPU reservation, two jobs whose actor
     # pools held every CPU of a cluster deadlocked, each waiting for a CPU for its reads.
     ds = ray.data.from_items([s.to_dict() for s in shards], override_num_blocks=len(shards))
     ds = ds.flat_map(read, num_cpus=0, compute=TaskPoolStrategy(size=max(2, 2 * cfg.model.preprocess_workers)))
-    kwargs = {"job": cfg, "model_config": mcfg, "crash_ledger": crash_ledger}
-    ds = ds.map_batches(Preprocess, fn_constructor_kwargs=dict(kwargs, input_root=input_root),
-                        compute=ActorPoolStrategy(min_size=1, max_size=max(1, cfg.model.preprocess_workers)),
-                        num_cpus=1, batch_size=16, batch_format="pandas", **stage_env)
-    # Generate's __call__ is async: a replica takes `batches_in_flight` Ray batches at once and
-    # feeds them all to its one engine, so the device never waits for the next batch
-    return ds.map_batches(Generate, fn_constructor_kwargs=kwargs,
-                          compute=ActorPoolStrategy(min_size=cfg.model.min_replicas,
-                                                    max_size=cfg.model.max_replicas,
-                                                    max_tasks_in_flight_per_actor=cfg.model.batches_in_flight,
-                                                    max_concurrent_calls_per_actor=cfg.model.batches_in_flight),
-                          num_gpus=cfg.model.gpus_per_replica, num_cpus=cfg.model.cpus_per_replica,
-                          batch_size=cfg.model.batch_size, batch_format="pandas", **stage_env)
+    return stages(ds, cfg, mcfg, crash_ledger, input_root)  # the same block as pipeline.build_processor
 
 
 class ErrorGuard:
@@ -324,7 +311,9 @@ class Committer:
     """Commits complete shards (retrying transient store failures), leaves shards with transient
     rows uncommitted, and holds commits until the error guard has judged the first images."""
 
-    def __init__(self, cfg: JobConfig, ledger: Ledger, claims: Claims, state: RunState, run_id: str) -> None:
+    def __init__(self, cfg: JobConfig, ledger: Ledger, claims: Claims, state: RunState, run_id: str,
+                 progress: Progress | None = None) -> None:
+        self.progress = progress
         self.cfg, self.ledger, self.claims, self.state = cfg, ledger, claims, state
         self.meta = {"project_version": cogvlm.__version__, "run_id": run_id,
                      "timestamp": dt.datetime.now(dt.timezone.utc)}
@@ -383,6 +372,9 @@ class Committer:
             s.first_commit.extend([time.perf_counter() - s.t0, s.images])
         log.info("shard %s committed: %d images, %d rows %s (%d committed)", sid, rec["images"], rec["rows"],
                  rec["status"], len(s.committed))
+        if self.progress is not None:
+            self.progress.add_shard(rec["images"], Counter(r["status"] for r in rows))
+            self.progress.report()
         if self.kill_after and len(s.committed) >= self.kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -506,11 +498,21 @@ def run(cfg: JobConfig) -> dict[str, Any]:
     beat = threading.Thread(target=heartbeat, name="claims-heartbeat", daemon=True)
     beat.start()
     crash_ledger = ray.remote(num_cpus=0)(CrashLedger).remote()
-    committer = Committer(cfg, ledger, claims, state, run_id)
+    progress = Progress(out_fs, out_root, run_id, shards=0)
+    committer = Committer(cfg, ledger, claims, state, run_id, progress)
+    stop_progress = threading.Event()
+
+    def ticker() -> None:
+        while not stop_progress.wait(cfg.progress_interval_s):
+            progress.report()
+
+    final = "failed"
     try:
         mine, busy = _claim(claims, ledger, pending, cfg)
         log.info("run %s: %d shards, %d already committed, %d claimed by other runs, %d to process",
                  run_id, len(shards), len(shards) - len(pending), len(busy), len(mine))
+        progress.add_shards(len(mine))
+        threading.Thread(target=ticker, name="progress", daemon=True).start()
         # execute -> commit, then (batch mode) wait for the shards other runs hold, taking over
         # those whose run died, until every shard of the input is committed
         while True:
@@ -521,8 +523,12 @@ def run(cfg: JobConfig) -> dict[str, Any]:
             mine = _wait_for_others(claims, ledger, busy, cfg)
             if not mine:
                 break
+            progress.add_shards(len(mine))
             busy = [s for s in busy if s not in mine]
+        final = "incomplete" if state.failed else "done"
     finally:
+        stop_progress.set()
+        progress.report(final)
         stop_heartbeat.set()
         beat.join(timeout=60)
         for sid in list(claims.held):

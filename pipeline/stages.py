@@ -44,11 +44,11 @@ TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "*.model", "vocab*",
                    "added_tokens.json", "config.json"]
 
 PREPROCESSED_COLUMNS = ["shard_id", "source_uri", "shard_total", "image_index", "key", "status",
-                        "error_message", "width", "height", "pixels", "prompts", "prompt_ids"]
+                        "error_message", "width", "height", "pixels", "prompts", "prompt_ids", "passthrough"]
 OUTPUT_COLUMNS = ["key", "source_uri", "shard_id", "shard_total", "image_index", "image_tasks", "task",
                   "task_index", "prompt", "response", "boxes_json", "status", "error_message",
                   "prompt_tokens", "output_tokens", "finish_reason", "generation_s", "width", "height",
-                  "generation_settings", "model_source", "model_fingerprint"]
+                  "generation_settings", "model_source", "model_fingerprint", "passthrough"]
 
 
 def load_tokenizer(job: JobConfig) -> Any:
@@ -109,7 +109,8 @@ class Preprocess:
                                                add_special_tokens=False) for p in prompts]
         rec = {k: row[k] for k in ("shard_id", "source_uri", "shard_total", "image_index", "key")}
         rec.update(status=st.OK, error_message=None, width=None, height=None, pixels=None,
-                   prompts=to_json(prompts), prompt_ids=json.dumps(ids))
+                   prompts=to_json(prompts), prompt_ids=json.dumps(ids),
+                   passthrough=row.get("passthrough"))  # a processor's user columns (pipeline.processor)
         if no_prompt:
             rec.update(status=st.NO_QUESTIONS, error_message="no questions for this image")
         return rec
@@ -354,4 +355,5 @@ class Generate:
             "output_tokens": output_tokens, "finish_reason": finish_reason, "generation_s": generation_s,
             "width": r["width"], "height": r["height"], "generation_settings": p.settings_json(weights=self.weights),
             "model_source": self.job.model.source, "model_fingerprint": self.fingerprint,
+            "passthrough": r.get("passthrough"),
         }

@@ -306,6 +306,10 @@ def test_enrich_processes_only_new_shards_and_records_runs(ray_cluster, ckpt_v1,
     cfg = load_config(data=job(ckpt_v1, tokenizer_v1, inp, out), overrides=["mode=enrich"])
     s1 = run(cfg)
     assert s1["shards"] == ["00000", "00001"] and s1["images"] == 4
+    progress = json.loads((out / "_runs" / s1["run_id"] / "progress.json").read_text())
+    assert progress["state"] == "done" and progress["images_done"] == progress["images_total"] == 4
+    assert progress["images_total_exact"] and progress["shards_done"] == progress["shards_total"] == 2
+    assert sum(progress["rows_by_status"].values()) == s1["rows"]
     # new shards land under the prefix
     from .data import good_image, write_tar
 

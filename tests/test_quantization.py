@@ -229,7 +229,7 @@ def test_pipeline_runs_end_to_end_with_int8(ray_cluster, ckpt_v1, tokenizer_v1, 
     summary = run(cfg)
     df = pd.read_parquet(tmp_path / "out" / "data")
     assert len(df) == 2 * len(expected) and not df.duplicated(["key", "task_index"]).any()
-    got = df.groupby("key").status.agg(set)
+    got = df.groupby("key").status.agg(lambda s: set(s))
     assert all(got[k] == {s} for k, s in expected.items())
     ok = df[df.status == "ok"]
     assert len(ok) and ok.response.notna().all() and (ok.output_tokens > 0).all()

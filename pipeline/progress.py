@@ -1,0 +1,96 @@
+"""Progress while a run goes: a log line every `progress_interval_s` and at each shard commit, and
+the same numbers in `_runs/<run_id>/progress.json` for schedulers and dashboards.
+
+The total is exact once every shard of the run has been seen (a shard's image count arrives with
+its rows); before that it is extrapolated from the shards seen so far, and says so.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import threading
+import time
+from collections import Counter, deque
+from typing import Any
+
+from .errors import describe
+from .storage import join, write_bytes_atomic
+
+log = logging.getLogger(__name__)
+
+RATE_WINDOW_S = 300.0  # images/s over the last five minutes
+
+
+class Progress:
+    def __init__(self, out_fs: Any, out_root: str, run_id: str, shards: int, known_images: int | None = None,
+                 clock: Any = time.monotonic) -> None:
+        self.fs, self.root, self.run_id = out_fs, out_root, run_id
+        self.shards = shards  # shards this run works on
+        self.known_images = known_images  # images in them, when counted before the start
+        self.clock = clock
+        self.t0 = clock()
+        self.images = 0
+        self.shards_done = 0
+        self.seen_images = 0  # images in the shards done (their totals)
+        self.counts: Counter = Counter()
+        self.recent: deque[tuple[float, int]] = deque()  # (time, images) of each commit in the window
+        self.lock = threading.Lock()
+
+    def add_shard(self, images: int, counts: Counter) -> None:
+        with self.lock:
+            self.images += images
+            self.shards_done += 1
+            self.seen_images += images
+            self.counts.update(counts)
+            self.recent.append((self.clock(), images))
+
+    def add_shards(self, n: int) -> None:
+        """More shards to do (batch mode: taken over from runs that died)."""
+        with self.lock:
+            self.shards += n
+
+    def snapshot(self, state: str = "running") -> dict[str, Any]:
+        with self.lock:
+            now = self.clock()
+            if self.known_images is not None:
+                total, exact = self.known_images, True
+            elif self.shards_done >= self.shards:
+                total, exact = self.seen_images, True
+            elif self.shards_done:
+                total, exact = round(self.seen_images / self.shards_done * self.shards), False
+            else:
+                total, exact = None, False
+            while self.recent and self.recent[0][0] < now - RATE_WINDOW_S:
+                self.recent.popleft()
+            window = min(RATE_WINDOW_S, now - self.t0)
+            rate = sum(n for _, n in self.recent) / window if self.images and window > 0 else None
+            left = None if total is None else max(0, total - self.images)
+            errors = {k: v for k, v in sorted(self.counts.items()) if k != "ok"}
+            return {"run_id": self.run_id, "state": state, "images_done": self.images, "images_total": total,
+                    "images_total_exact": exact, "shards_done": self.shards_done, "shards_total": self.shards,
+                    "images_per_s": None if rate is None else round(rate, 3),
+                    "eta_s": None if not rate or left is None else round(left / rate, 1),
+                    "rows_by_status": dict(sorted(self.counts.items())), "errors_by_status": errors,
+                    "elapsed_s": round(now - self.t0, 1),
+                    "updated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+    def line(self, p: dict[str, Any]) -> str:
+        total = "?" if p["images_total"] is None else f"{'' if p['images_total_exact'] else '~'}{p['images_total']}"
+        rate = "-" if p["images_per_s"] is None else f"{p['images_per_s']:.2f}"
+        eta = "-" if p["eta_s"] is None else str(dt.timedelta(seconds=int(p["eta_s"])))
+        errors = ", ".join(f"{k} {v}" for k, v in p["errors_by_status"].items()) or "none"
+        return (f"progress: {p['images_done']}/{total} images, {p['shards_done']}/{p['shards_total']} shards, "
+                f"{rate} images/s (last {int(RATE_WINDOW_S / 60)} min), ETA {eta}, errors: {errors}")
+
+    def report(self, state: str = "running") -> dict[str, Any]:
+        """Log the line and write progress.json (a failed write is logged, never raised)."""
+        p = self.snapshot(state)
+        log.info("%s", self.line(p))
+        try:
+            write_bytes_atomic(self.fs, join(self.root, "_runs", self.run_id, "progress.json"),
+                               json.dumps(p, indent=2).encode(), tmp_root=self.root)
+        except Exception as e:  # noqa: BLE001 - progress is advisory; the next report retries
+            log.warning("could not write progress.json: %s", describe(e))
+        return p

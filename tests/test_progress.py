@@ -1,0 +1,46 @@
+"""Progress numbers: totals extrapolated until every shard is seen, the rate over a recent window, ETA."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import fsspec
+
+from pipeline.progress import RATE_WINDOW_S, Progress
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_progress_extrapolates_rates_and_writes_progress_json(tmp_path):
+    clock = Clock()
+    p = Progress(fsspec.filesystem("file"), str(tmp_path), "run-1", shards=4, clock=clock)
+    first = p.snapshot()
+    assert first["images_total"] is None and first["images_per_s"] is None and first["eta_s"] is None
+    clock.t += 10
+    p.add_shard(10, Counter(ok=18, decode_error=2))
+    snap = p.report()
+    assert snap["images_total"] == 40 and not snap["images_total_exact"]  # 10 per shard x 4 shards
+    assert snap["images_per_s"] == 1.0 and snap["eta_s"] == 30.0
+    assert snap["errors_by_status"] == {"decode_error": 2}
+    line = p.line(snap)
+    assert "10/~40 images" in line and "1/4 shards" in line and "decode_error 2" in line and "ETA 0:00:30" in line
+    assert json.loads((tmp_path / "_runs" / "run-1" / "progress.json").read_text()) == snap
+    # the rate follows the last minutes, not the whole run: a slow start is forgotten
+    clock.t += 2 * RATE_WINDOW_S
+    p.add_shard(10, Counter(ok=20))
+    clock.t += 10
+    p.add_shard(20, Counter(ok=40))
+    p.add_shard(5, Counter(ok=10))
+    snap = p.report("done")
+    assert snap["images_total"] == 45 and snap["images_total_exact"] and snap["state"] == "done"
+    assert snap["images_per_s"] == round(35 / RATE_WINDOW_S, 3) and snap["eta_s"] == 0.0  # the last 5 min
+    clock.t += 2 * RATE_WINDOW_S  # nothing committed for a while: rate 0, no ETA
+    snap = p.snapshot()
+    assert snap["images_per_s"] == 0.0 and snap["eta_s"] is None
