@@ -1,0 +1,697 @@
+"""One self-contained HTML page about a job's output: runs, status counts, throughput, a gallery.
+
+    python -m jobs.report OUT [--sample N] [--seed S] [--out FILE] [--endpoint-url URL]
+
+OUT is the job's output prefix, local or s3:// (credentials from the environment, as for the
+job). The page needs no network to view: thumbnails are embedded JPEGs, charts are inline SVG.
+Thumbnails are read back from the input named in each run's saved config.yaml; an image that
+cannot be read is shown as a placeholder with the reason, and never stops the report.
+
+Exit codes: 0 written; 2 OUT is not a job output, or bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import datetime as dt
+import html
+import io
+import json
+import posixpath
+import random
+import sys
+from collections import defaultdict
+from typing import Any
+
+import pandas as pd
+import pyarrow.parquet as pq
+import yaml
+
+from pipeline import errors as st
+from pipeline.config import InputConfig, RetryConfig, S3Config
+from pipeline.errors import describe, redact
+from pipeline.readers import SHARD_KEY, Shard, is_image_name, read_shard
+from pipeline.storage import UriPolicy, filesystem, is_s3, join, read_capped
+
+THUMB_SIDE = 256
+ERROR_EXAMPLES = 3
+COLUMNS = ["key", "source_uri", "shard_id", "image_index", "task", "task_index", "prompt", "response",
+           "boxes", "box_errors", "status", "error_message", "width", "height", "run_id"]
+TASK_ORDER = {"caption": 0, "vqa": 1, "grounding": 2}
+READ_POLICY = RetryConfig(deadline_s=30.0, backoff_s=0.5)
+
+
+class NotAnOutput(ValueError):
+    """OUT holds neither runs nor data."""
+
+
+# --- reading the output ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class RunRecord:
+    run_id: str
+    summary: dict[str, Any] | None  # None while the run is going (or if it died before its record)
+    config: dict[str, Any] | None  # the resolved config the run saved
+    progress: dict[str, Any] | None  # progress.json, when the pipeline writes one
+    start: float | None  # epoch seconds, when it can be told
+
+
+@dataclasses.dataclass
+class Commit:
+    shard_id: str
+    run_id: str | None
+    images: int
+    at: float | None  # epoch seconds
+
+
+@dataclasses.dataclass
+class Output:
+    uri: str
+    runs: list[RunRecord]
+    commits: list[Commit]
+    rows: pd.DataFrame  # the committed shards' rows (COLUMNS)
+    uncommitted_files: list[str]  # data files without a ledger marker (a crash between the writes)
+
+
+def _read(fs: Any, path: str) -> bytes | None:
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        return None
+
+
+def _json(fs: Any, path: str) -> dict[str, Any] | None:
+    data = _read(fs, path)
+    try:
+        value = json.loads(data) if data is not None else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _mtime(fs: Any, path: str) -> float | None:
+    try:
+        info = fs.info(path)
+    except (FileNotFoundError, OSError):
+        return None
+    t = info.get("mtime", info.get("LastModified"))
+    if isinstance(t, dt.datetime):
+        return t.timestamp()
+    return float(t) if isinstance(t, (int, float)) else None
+
+
+def _epoch(iso: Any) -> float | None:
+    try:
+        return dt.datetime.fromisoformat(str(iso)).timestamp()
+    except ValueError:
+        return None
+
+
+def _names(fs: Any, folder: str) -> list[str]:
+    if not fs.exists(folder):
+        return []
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False))
+
+
+def _runs(fs: Any, root: str, commits: list[Commit]) -> list[RunRecord]:
+    out = []
+    for run_id in _names(fs, join(root, "_runs")):
+        d = join(root, "_runs", run_id)
+        if run_id.startswith(".") or not fs.isdir(d):  # the job's write probes
+            continue
+        summary = _json(fs, join(d, "summary.json"))
+        progress = _json(fs, join(d, "progress.json"))
+        raw = _read(fs, join(d, "config.yaml"))
+        try:
+            config = yaml.safe_load(raw) if raw is not None else None
+        except yaml.YAMLError:
+            config = None
+        out.append(RunRecord(run_id, summary, config if isinstance(config, dict) else None, progress,
+                             _run_start(fs, d, summary, [c for c in commits if c.run_id == run_id])))
+    return sorted(out, key=lambda r: (r.start or 0.0, r.run_id))
+
+
+def _run_start(fs: Any, run_dir: str, summary: dict[str, Any] | None, commits: list[Commit]) -> float | None:
+    """The first commit less the summary's time to it; else the summary's write time less the run's
+    wall time; else the first commit."""
+    first = min((c.at for c in commits if c.at is not None), default=None)
+    if summary and first is not None and isinstance(summary.get("first_commit_s"), (int, float)):
+        return first - summary["first_commit_s"]
+    written = _mtime(fs, join(run_dir, "summary.json"))
+    if summary and written is not None and isinstance(summary.get("wall_s"), (int, float)):
+        return written - summary["wall_s"]
+    return first
+
+
+def _commits(fs: Any, root: str) -> list[Commit]:
+    out = []
+    for name in _names(fs, join(root, "_ledger")):
+        if not name.endswith(".json"):
+            continue
+        path = join(root, "_ledger", name)
+        marker = _json(fs, path) or {}
+        at = _epoch(marker["committed_at"]) if marker.get("committed_at") else _mtime(fs, path)
+        out.append(Commit(name[: -len(".json")], marker.get("run_id"), int(marker.get("images") or 0), at))
+    return out
+
+
+def _rows(fs: Any, root: str, committed: set[str]) -> tuple[pd.DataFrame, list[str]]:
+    frames, uncommitted = [], []
+    for name in _names(fs, join(root, "data")):
+        if not name.endswith(".parquet"):
+            continue
+        if name[: -len(".parquet")] not in committed:
+            uncommitted.append(name)
+            continue
+        with fs.open(join(root, "data", name), "rb") as f:
+            pf = pq.ParquetFile(f)
+            cols = [c for c in COLUMNS if c in pf.schema_arrow.names]
+            frames.append(pf.read(columns=cols).to_pandas())
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS}), uncommitted
+    return pd.concat(frames, ignore_index=True).reindex(columns=COLUMNS), uncommitted
+
+
+def load_output(uri: str, s3: S3Config) -> Output:
+    fs, root = filesystem(uri, s3)
+    commits = _commits(fs, root)
+    rows, uncommitted = _rows(fs, root, {c.shard_id for c in commits})
+    runs = _runs(fs, root, commits)
+    if not runs and not commits and not uncommitted:
+        raise NotAnOutput(f"{redact(uri)} holds no job output (no _runs/, _ledger/ or data/)")
+    return Output(uri, runs, commits, rows, uncommitted)
+
+
+# --- reading images back from the input -----------------------------------------------------------
+
+def _fields(cls: type, data: Any) -> dict[str, Any]:
+    """The keys of a saved config section that `cls` knows (a newer or older config still reads)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in (data or {}).items() if k in names}
+
+
+def input_of(config: dict[str, Any], s3: S3Config) -> tuple[InputConfig, S3Config]:
+    """The run's input settings, and its S3 settings with the command line's endpoint on top."""
+    icfg = InputConfig(**_fields(InputConfig, config.get("input")))
+    saved = S3Config(**_fields(S3Config, config.get("s3")))
+    return icfg, dataclasses.replace(saved, endpoint_url=s3.endpoint_url or saved.endpoint_url)
+
+
+def _input_root(icfg: InputConfig, s3: S3Config) -> str:
+    """The input's location as the job planned it: the prefix, or the folder of a single file."""
+    fs, path = filesystem(icfg.path, s3)
+    if fs.isfile(path):
+        return icfg.path.rsplit("/", 1)[0]
+    return icfg.path
+
+
+def _fetch_uri(uri: str, source_uri: str, icfg: InputConfig, s3: S3Config) -> bytes:
+    """As the Preprocess stage does: confined to the input and the allowed prefixes, size-capped."""
+    policy = UriPolicy(_input_root(icfg, s3), icfg.allowed_uri_prefixes)
+    scheme, path = policy.resolve(uri, base=posixpath.dirname(source_uri))
+    fs = filesystem("s3://" if scheme == "s3" else "/", s3)[0]
+    return read_capped(fs, path, icfg.max_image_bytes)
+
+
+def _folder_file(root_uri: str, key: str, s3: S3Config) -> str:
+    """Folder input: the image file whose path under the input is `key` plus an extension."""
+    fs, root = filesystem(root_uri, s3)
+    folder, stem = posixpath.split(join(root, key))
+    for path in fs.ls(folder, detail=False):
+        name = path.rsplit("/", 1)[-1]
+        if is_image_name(name) and name.rsplit(".", 1)[0] == stem:
+            return path
+    raise FileNotFoundError(f"no image file {key}.* under {root_uri}")
+
+
+def read_images(source_uri: str, keys: set[str], icfg: InputConfig, s3: S3Config) -> dict[str, bytes | str]:
+    """key -> image bytes, or the reason they could not be read. Never raises."""
+    out: dict[str, bytes | str] = {}
+    try:
+        if icfg.format == "folder":
+            for key in keys:
+                try:
+                    fs, _ = filesystem(source_uri, s3)
+                    out[key] = read_capped(fs, _folder_file(source_uri, key, s3), icfg.max_image_bytes)
+                except Exception as e:  # noqa: BLE001 - one image's problem
+                    out[key] = describe(e)
+            return out
+        rows = {r["key"]: r for r in read_shard(Shard("report", source_uri), icfg, s3, READ_POLICY)}
+    except Exception as e:  # noqa: BLE001 - the shard is gone or unreadable: every image says why
+        return {k: f"cannot read {redact(source_uri)}: {describe(e)}" for k in keys}
+    broken = rows.get(SHARD_KEY, {}).get("read_error")
+    for key in keys:
+        r = rows.get(key)
+        if r is None:
+            out[key] = broken or f"no sample {key} in {redact(source_uri)}"
+        elif r.get("read_error"):
+            out[key] = str(r["read_error"])
+        elif r.get("image") is not None:
+            out[key] = bytes(r["image"])
+        else:
+            try:
+                out[key] = _fetch_uri(str(r["image_uri"]), source_uri, icfg, s3)
+            except Exception as e:  # noqa: BLE001
+                out[key] = describe(e)
+    return out
+
+
+@dataclasses.dataclass
+class Thumb:
+    jpeg: bytes
+    size: tuple[int, int]  # the thumbnail's (width, height)
+    source_size: tuple[int, int]  # the decoded image's (width, height), EXIF-rotated as the job saw it
+
+
+def display_size(size: tuple[int, int], side: int = THUMB_SIDE) -> tuple[int, int]:
+    """The size a thumbnail is shown at: fitted to `side` (small images are scaled up too)."""
+    w, h = size
+    scale = side / max(w, h, 1)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def thumbnail(data: bytes, max_pixels: int | None = None, side: int = THUMB_SIDE) -> Thumb:
+    """A JPEG no larger than `side` on either side; raises what decoding raises."""
+    from cogvlm.processor import open_image, to_rgb  # the job's own decoding: same orientation and modes
+
+    if not data:
+        raise ValueError("empty image file (0 bytes)")
+    image = open_image(data, max_pixels=max_pixels)
+    source = image.size
+    image = to_rgb(image)
+    image.thumbnail((side, side))
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=80)
+    return Thumb(buf.getvalue(), image.size, source)
+
+
+# --- HTML pieces ----------------------------------------------------------------------------------
+
+def esc(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _num(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return esc(value)
+
+
+def _counts(counts: Any) -> str:
+    if not isinstance(counts, dict) or not counts:
+        return "–"
+    return ", ".join(f"{esc(k)} {esc(v)}" for k, v in sorted(counts.items(), key=lambda kv: (kv[0] != st.OK, kv[0])))
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def render_runs(runs: list[RunRecord]) -> str:
+    if not runs:
+        return '<p class="empty">No run records under _runs/.</p>'
+    head = ("run", "mode", "state", "images", "rows", "status counts", "wall", "images/s",
+            "shards processed", "shards failed", "progress")
+    out = ['<table class="runs"><thead><tr>', *(f"<th>{h}</th>" for h in head), "</tr></thead><tbody>"]
+    for r in runs:
+        s, p = r.summary or {}, r.progress or {}
+        state = p.get("state") or ("finished" if r.summary else "no summary (running, or stopped)")
+        if r.summary and s.get("shards_failed"):
+            state = "incomplete"
+        progress = "–"
+        if p:
+            progress = f"{_num(p.get('images_done'))} / {_num(p.get('images_total'))}"
+            if p.get("eta_s") is not None and state not in ("finished", "done"):
+                progress += f", ETA {_seconds(float(p['eta_s']))}"
+        failed = s.get("shards_failed")
+        wall = s.get("wall_s", p.get("elapsed_s"))
+        cells = {
+            "run_id": esc(r.run_id), "mode": esc(s.get("mode") or (r.config or {}).get("mode")), "state": esc(state),
+            "images": _num(s.get("images", p.get("images_done"))), "rows": _num(s.get("rows")),
+            "status_counts": _counts(s.get("status_counts") or p.get("status_counts") or p.get("rows_by_status")),
+            "wall_s": _seconds(float(wall)) if isinstance(wall, (int, float)) else "–",
+            "images_per_s": _num(s.get("images_per_s", p.get("images_per_s")), 3),
+            "shards_processed": (f"{_num(s.get('shards_processed', p.get('shards_done')))} of "
+                                 f"{_num(s.get('shards_total', p.get('shards_total')))}" if s or p else "–"),
+            "shards_failed": esc(len(failed)) if isinstance(failed, list) else "–",
+            "progress": progress,
+        }
+        if isinstance(failed, list) and failed:
+            cells["shards_failed"] += f' <span class="muted">({esc(", ".join(failed[:5]))})</span>'
+        out.append(f'<tr class="run" data-run-id="{esc(r.run_id)}">')
+        out += [f'<td data-field="{k}">{v}</td>' for k, v in cells.items()]
+        out.append("</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _task_key(task: str) -> tuple[int, str]:
+    return TASK_ORDER.get(task, 9), task
+
+
+def render_status(rows: pd.DataFrame) -> str:
+    if rows.empty:
+        return '<p class="empty">No committed rows.</p>'
+    counts = rows.groupby(["task", "status"]).size()
+    tasks = sorted({t for t, _ in counts.index}, key=_task_key)
+    statuses = sorted({s for _, s in counts.index}, key=lambda s: (s != st.OK, s))
+    out = ['<table class="status"><thead><tr><th>task</th>',
+           *(f'<th data-status="{esc(s)}">{esc(s)}</th>' for s in statuses), "<th>all</th></tr></thead><tbody>"]
+    for t in tasks:
+        out.append(f'<tr data-task="{esc(t)}"><th>{esc(t)}</th>')
+        for s in statuses:
+            n = int(counts.get((t, s), 0))
+            out.append(f'<td class="status-count{" zero" if not n else ""}{" bad" if n and s != st.OK else ""}" '
+                       f'data-task="{esc(t)}" data-status-count="{esc(s)}">{n}</td>')
+        out.append(f'<td class="task-total">{int(counts.xs(t, level="task").sum())}</td></tr>')
+    out.append('<tr class="totals"><th>all</th>')
+    for s in statuses:
+        n = int(counts.xs(s, level="status").sum())
+        out.append(f'<td class="status-total" data-status-total="{esc(s)}">{n}</td>')
+    out.append(f'<td class="grand-total">{len(rows)}</td></tr></tbody></table>')
+    out.append(_error_examples(rows))
+    return "".join(out)
+
+
+def _error_examples(rows: pd.DataFrame) -> str:
+    bad = rows[rows.status != st.OK]
+    if bad.empty:
+        return '<p class="no-errors">Every row is ok.</p>'
+    out = ['<div class="errors">']
+    for status, group in sorted(bad.groupby("status"), key=lambda kv: kv[0]):
+        out.append(f'<div class="error-status" data-status="{esc(status)}"><h3>{esc(status)} '
+                   f'<span class="muted">{len(group)} rows, {group.key.nunique()} images</span></h3><ul>')
+        seen: set[str] = set()
+        for r in group.sort_values(["source_uri", "key", "task_index"]).itertuples():
+            msg = str(r.error_message) if isinstance(r.error_message, str) else "(no message)"
+            if msg in seen:
+                continue
+            seen.add(msg)
+            out.append(f'<li class="error-example" data-status="{esc(status)}" data-key="{esc(r.key)}">'
+                       f'<code>{esc(r.key)}</code> <span class="muted">{esc(r.task)}</span> {esc(msg)}</li>')
+            if len(seen) == ERROR_EXAMPLES:
+                break
+        out.append("</ul></div>")
+    out.append("</div>")
+    return "".join(out)
+
+
+def throughput_svg(run: RunRecord, commits: list[Commit], width: int = 560, height: int = 220) -> str:
+    """Images committed over time, one point per committed shard, from the ledger markers."""
+    points = sorted((c.at, c.images) for c in commits if c.run_id == run.run_id and c.at is not None)
+    if not points:
+        return f'<p class="no-commits" data-run-id="{esc(run.run_id)}">No shards committed by this run.</p>'
+    t0 = run.start if run.start is not None else points[0][0]
+    series, total = [(0.0, 0)], 0
+    for at, n in points:
+        total += n
+        series.append((max(0.0, at - t0), total))
+    x_max = max(t for t, _ in series) or 1.0
+    y_max = max(total, 1)
+    left, right, top, bottom = 56, 16, 12, 40
+    pw, ph = width - left - right, height - top - bottom
+
+    def xy(t: float, n: float) -> tuple[float, float]:
+        return left + t / x_max * pw, top + ph - n / y_max * ph
+
+    out = [f'<svg class="throughput" data-run-id="{esc(run.run_id)}" data-points="{len(points)}" width="{width}" '
+           f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
+           f'aria-label="images committed over time, run {esc(run.run_id)}">',
+           f'<rect class="plot" x="{left}" y="{top}" width="{pw}" height="{ph}"/>']
+    for i in range(5):  # ticks: 0, 1/4, ... of each axis
+        x, y = left + pw * i / 4, top + ph - ph * i / 4
+        out.append(f'<line class="grid" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + ph}"/>'
+                   f'<line class="grid" x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}"/>'
+                   f'<text class="tick" x="{x:.1f}" y="{top + ph + 14}" text-anchor="middle">{x_max * i / 4:.0f}</text>'
+                   f'<text class="tick" x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{y_max * i / 4:.0f}</text>')
+    out.append(f'<text class="axis-label" x="{left + pw / 2}" y="{height - 6}" text-anchor="middle">'
+               f"seconds since the run started</text>"
+               f'<text class="axis-label" x="14" y="{top + ph / 2}" text-anchor="middle" '
+               f'transform="rotate(-90 14 {top + ph / 2})">images committed</text>')
+    steps = [series[0]]  # a staircase: the count rises only when a shard commits
+    for (_, before), (t, n) in zip(series, series[1:]):
+        steps += [(t, before), (t, n)]
+    path = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(t, n) for t, n in steps))
+    out.append(f'<polyline class="series" points="{path}"/>')
+    for t, n in series[1:]:
+        x, y = xy(t, n)
+        out.append(f'<circle class="commit" cx="{x:.1f}" cy="{y:.1f}" r="3"><title>{n} images at {t:.1f} s'
+                   f"</title></circle>")
+    out.append("</svg>")
+    return "".join(out)
+
+
+def render_throughput(out: Output) -> str:
+    if not out.runs:
+        return '<p class="empty">No runs.</p>'
+    return "".join(f'<div class="chart"><h3><code>{esc(run.run_id)}</code></h3>{throughput_svg(run, out.commits)}'
+                   f"</div>" for run in out.runs)
+
+
+def box_overlay(boxes: Any, source_size: tuple[int, int], thumb_size: tuple[int, int]) -> str:
+    """An SVG over the thumbnail with one rect per box (the row's pixel coordinates, scaled from
+    the image's size to the thumbnail's; normalized coordinates when a box has no pixels)."""
+    boxes = [] if boxes is None else list(boxes)
+    if not boxes:
+        return ""
+    (sw, sh), (tw, th) = source_size, thumb_size
+    out = [f'<svg class="boxes" width="{tw}" height="{th}" viewBox="0 0 {tw} {th}">']
+    for i, b in enumerate(boxes):
+        if b.get("x0_px") is not None and sw and sh:
+            x0, y0, x1, y1 = (b["x0_px"] * tw / sw, b["y0_px"] * th / sh, b["x1_px"] * tw / sw, b["y1_px"] * th / sh)
+        else:
+            x0, y0, x1, y1 = b["x0"] * tw, b["y0"] * th, b["x1"] * tw, b["y1"] * th
+        hue = (i * 67) % 360
+        out.append(f'<rect class="box" data-phrase="{esc(b.get("phrase"))}" x="{x0:.1f}" y="{y0:.1f}" '
+                   f'width="{max(x1 - x0, 1):.1f}" height="{max(y1 - y0, 1):.1f}" style="stroke:hsl({hue},90%,55%)"/>')
+        ty = y0 - 3 if y0 > 14 else y0 + 13
+        out.append(f'<text class="box-label" x="{x0 + 2:.1f}" y="{ty:.1f}" style="fill:hsl({hue},90%,70%)">'
+                   f'{esc(b.get("phrase") or "(no phrase)")}</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def gallery_item(task: str, rows: list[dict[str, Any]], image: bytes | str | None,
+                 max_pixels: int | None = None) -> str:
+    """One image of one task: the thumbnail (with its boxes for grounding) or a placeholder saying
+    why there is none, then each of the image's prompts of this task with its answer."""
+    first = rows[0]
+    status = first["status"] if all(r["status"] == first["status"] for r in rows) else "mixed"
+    thumb, reason = None, image if isinstance(image, str) else None
+    if isinstance(image, (bytes, bytearray)):
+        try:
+            thumb = thumbnail(bytes(image), max_pixels)
+        except Exception as e:  # noqa: BLE001 - this image's problem only
+            reason = f"cannot decode: {describe(e)}"
+    if thumb is not None:
+        tw, th = display_size(thumb.size)
+        size = (int(first["width"]), int(first["height"])) if _present(first.get("width")) \
+            and _present(first.get("height")) else thumb.source_size
+        boxes = "".join(box_overlay(r.get("boxes"), size, (tw, th)) for r in rows)
+        pixelated = " pixelated" if tw > thumb.size[0] else ""
+        src = "data:image/jpeg;base64," + base64.b64encode(thumb.jpeg).decode()
+        picture = (f'<div class="thumb" style="width:{tw}px;height:{th}px"><img class="thumb-img{pixelated}" '
+                   f'src="{src}" width="{tw}" height="{th}" alt="{esc(first["key"])}">{boxes}</div>')
+    else:
+        picture = (f'<div class="thumb placeholder" data-reason="{esc(reason)}"><span>no thumbnail</span>'
+                   f'<small>{esc(reason or "not read")}</small></div>')
+    out = [f'<figure class="gallery-item" data-task="{esc(task)}" data-key="{esc(first["key"])}" '
+           f'data-status="{esc(status)}">', picture, "<figcaption>",
+           f'<div class="meta"><code>{esc(first["key"])}</code> '
+           f'<span class="badge s-{esc(status)}">{esc(status)}</span>'
+           f'<br><span class="muted">{esc(redact(str(first["source_uri"])).rsplit("/", 1)[-1])}'
+           f"{_size_text(first)}</span></div>"]
+    for r in rows:
+        out.append(f'<div class="qa" data-task-index="{esc(r["task_index"])}">')
+        if task != "caption" or r["status"] != st.OK:
+            out.append(f'<div class="prompt">{esc(r["prompt"])}</div>')
+        if r["status"] == st.OK:
+            out.append(f'<div class="response">{esc(r["response"])}</div>')
+        else:
+            out.append(f'<div class="row-error">{esc(r["error_message"])}</div>')
+        box_errors = [] if r.get("box_errors") is None else list(r["box_errors"])
+        if r.get("boxes") is not None and len(r["boxes"]):
+            out.append('<ul class="box-list">' + "".join(
+                f'<li>{esc(b.get("phrase"))} <span class="muted">[{b["x0"]:.3f}, {b["y0"]:.3f}, {b["x1"]:.3f}, '
+                f'{b["y1"]:.3f}]</span></li>' for b in r["boxes"]) + "</ul>")
+        if box_errors:
+            out.append('<ul class="box-errors">' + "".join(f"<li>{esc(e)}</li>" for e in box_errors) + "</ul>")
+        out.append("</div>")
+    out.append("</figcaption></figure>")
+    return "".join(out)
+
+
+def _present(v: Any) -> bool:
+    return v is not None and v == v  # not None, not NaN
+
+
+def _size_text(row: dict[str, Any]) -> str:
+    if _present(row.get("width")) and _present(row.get("height")):
+        return f' · {int(row["width"])}×{int(row["height"])}'
+    return ""
+
+
+def sample_images(rows: pd.DataFrame, n: int, seed: int) -> dict[str, list[list[dict[str, Any]]]]:
+    """task -> up to `n` images (each: its rows of that task), drawn uniformly with `seed`."""
+    out: dict[str, list[list[dict[str, Any]]]] = {}
+    for task in sorted(set(rows.task), key=_task_key):
+        by_image: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+        for r in rows[rows.task == task].to_dict("records"):
+            by_image[(r["source_uri"], r["key"])].append(r)
+        chosen = random.Random(f"{seed}:{task}").sample(sorted(by_image), min(n, len(by_image)))
+        out[task] = [sorted(by_image[k], key=lambda r: r["task_index"]) for k in sorted(chosen)]
+    return out
+
+
+def render_gallery(out: Output, n: int, seed: int, s3: S3Config) -> str:
+    sampled = sample_images(out.rows, n, seed)
+    if not sampled:
+        return '<p class="empty">No rows to show.</p>'
+    configs = {r.run_id: r.config for r in out.runs if r.config}
+    latest = next((r.config for r in reversed(out.runs) if r.config), None)
+    wanted: dict[tuple[str | None, str], set[str]] = defaultdict(set)  # (run, source) -> keys
+    for images in sampled.values():
+        for rows in images:
+            wanted[(rows[0]["run_id"], rows[0]["source_uri"])].add(rows[0]["key"])
+    found: dict[tuple[str, str], bytes | str] = {}
+    limits: dict[str, int] = {}
+    for (run_id, source), keys in sorted(wanted.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+        config = configs.get(run_id) or latest
+        if config is None:
+            found.update({(source, k): f"no config.yaml for run {run_id}: the input is unknown" for k in keys})
+            continue
+        icfg, in_s3 = input_of(config, s3)
+        limits[source] = icfg.max_image_pixels
+        for key, image in read_images(source, keys, icfg, in_s3).items():
+            found[(source, key)] = image
+    parts = []
+    for task, images in sampled.items():
+        parts.append(f'<section class="gallery-task" data-task="{esc(task)}"><h3>{esc(task)} '
+                     f'<span class="muted">{len(images)} of {out.rows[out.rows.task == task].key.nunique()} '
+                     f'images</span></h3><div class="gallery">')
+        for rows in images:
+            src, key = rows[0]["source_uri"], rows[0]["key"]
+            parts.append(gallery_item(task, rows, found.get((src, key)), limits.get(src)))
+        parts.append("</div></section>")
+    return "".join(parts)
+
+
+CSS = """
+:root { color-scheme: light; --fg: #1d2330; --muted: #6b7385; --line: #d9dde6; --bg: #f6f7fa; --bad: #b3261e; }
+* { box-sizing: border-box; }
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--fg);
+       background: var(--bg); margin: 0; padding: 24px 32px; }
+h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 28px 0 10px; }
+h3 { font-size: 14px; margin: 14px 0 6px; }
+code { font: 12px ui-monospace, SFMono-Regular, Menlo, monospace; }
+.muted { color: var(--muted); font-weight: normal; }
+table { border-collapse: collapse; background: #fff; border: 1px solid var(--line); }
+th, td { padding: 5px 10px; border-bottom: 1px solid var(--line); text-align: left; vertical-align: top; }
+thead th { background: #eef0f5; font-weight: 600; font-size: 12px; }
+td.status-count, td.status-total, td.task-total, td.grand-total { text-align: right;
+  font-variant-numeric: tabular-nums; }
+td.zero { color: #b8bdc9; } td.bad { color: var(--bad); font-weight: 600; }
+tr.totals th, tr.totals td { font-weight: 600; background: #fafbfc; }
+.errors { display: flex; flex-wrap: wrap; gap: 12px; margin-top: 12px; }
+.error-status { background: #fff; border: 1px solid var(--line); border-left: 3px solid var(--bad);
+                padding: 4px 12px; max-width: 560px; }
+.error-status ul { margin: 4px 0 8px; padding-left: 18px; }
+.error-example { word-break: break-word; }
+.charts { display: flex; flex-wrap: wrap; gap: 16px; }
+.chart { background: #fff; border: 1px solid var(--line); padding: 4px 12px 8px; }
+svg.throughput rect.plot { fill: #fbfcfe; stroke: var(--line); }
+svg.throughput line.grid { stroke: #eceef3; }
+svg.throughput text { font: 11px system-ui, sans-serif; fill: var(--muted); }
+svg.throughput text.axis-label { fill: var(--fg); }
+svg.throughput polyline.series { fill: none; stroke: #2f6fde; stroke-width: 2; }
+svg.throughput circle.commit { fill: #2f6fde; }
+.gallery { display: flex; flex-wrap: wrap; gap: 14px; }
+.gallery-item { margin: 0; width: 276px; background: #fff; border: 1px solid var(--line); padding: 10px; }
+.thumb { position: relative; margin: 0 auto 8px; }
+.thumb img { display: block; } .thumb img.pixelated { image-rendering: pixelated; }
+.thumb svg.boxes { position: absolute; left: 0; top: 0; overflow: visible; }
+svg.boxes rect.box { fill: none; stroke-width: 2; }
+svg.boxes text.box-label { font: 600 11px system-ui, sans-serif; paint-order: stroke; stroke: #000; stroke-width: 3px; }
+.placeholder { width: 256px; height: 160px; display: flex; flex-direction: column; align-items: center;
+               justify-content: center; gap: 6px; padding: 12px; text-align: center; color: var(--muted);
+               background: repeating-linear-gradient(45deg, #f1f2f6, #f1f2f6 8px, #e9ebf1 8px, #e9ebf1 16px); }
+.placeholder small { word-break: break-word; }
+figcaption { font-size: 13px; }
+.meta { margin-bottom: 6px; }
+.badge { display: inline-block; padding: 0 6px; border-radius: 8px; font-size: 11px; background: #e2e6ee; }
+.badge.s-ok { background: #dff3e4; color: #1d6b34; }
+.badge:not(.s-ok) { background: #fbe3e1; color: var(--bad); }
+.qa { border-top: 1px dashed var(--line); padding-top: 4px; margin-top: 4px; }
+.prompt { color: var(--muted); font-style: italic; }
+.response { white-space: pre-wrap; word-break: break-word; }
+.row-error { color: var(--bad); word-break: break-word; }
+.box-list, .box-errors { margin: 4px 0; padding-left: 18px; font-size: 12px; }
+.box-errors { color: var(--bad); }
+.empty, .no-commits, .no-errors { color: var(--muted); }
+"""
+
+
+def page(title: str, body: str) -> str:
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+            f"<style>{CSS}</style></head><body>{body}</body></html>")
+
+
+def build_report(uri: str, s3: S3Config, sample: int = 8, seed: int = 0) -> str:
+    out = load_output(uri, s3)
+    rows = out.rows
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    images = rows.groupby(["source_uri", "key"]).ngroups if not rows.empty else 0
+    note = ""
+    if out.uncommitted_files:
+        note = (f'<p class="uncommitted">Left out, without a ledger marker: {len(out.uncommitted_files)} data '
+                f"file(s) (a run stopped between its two writes; a rerun redoes them): "
+                f'{esc(", ".join(out.uncommitted_files[:5]))}</p>')
+    body = (f'<header><h1>Job report</h1><p class="muted"><code id="output-uri">{esc(redact(uri))}</code> · '
+            f'<span id="totals" data-rows="{len(rows)}" data-images="{images}" data-shards="{len(out.commits)}">'
+            f"{len(out.commits)} shards committed, {images} images, {len(rows)} rows</span> · generated {now}</p>"
+            f"{note}</header>"
+            f'<section id="runs"><h2>Runs</h2>{render_runs(out.runs)}</section>'
+            f'<section id="status"><h2>Status by task</h2>{render_status(rows)}</section>'
+            f'<section id="throughput"><h2>Throughput</h2><div class="charts">{render_throughput(out)}</div></section>'
+            f'<section id="gallery"><h2>Gallery <span class="muted">(up to {sample} sampled images per task, '
+            f"seed {seed})</span></h2>{render_gallery(out, sample, seed, s3)}</section>")
+    return page(f"Job report: {redact(uri)}", body)
+
+
+def default_out(uri: str) -> str:
+    return uri.rstrip("/") + "_report.html"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("output", metavar="OUT", help="the job's output prefix, local or s3://")
+    p.add_argument("--sample", type=int, default=8, help="images per task in the gallery (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="the gallery sample's seed (default 0)")
+    p.add_argument("--out", default=None, help="the HTML file to write (default OUT_report.html; "
+                                               "required for an s3:// OUT)")
+    p.add_argument("--endpoint-url", default=None, help="an S3-compatible store's endpoint (also for the input)")
+    a = p.parse_args(argv)
+    if a.sample < 0:
+        p.error("--sample must be >= 0")
+    if a.out is None and is_s3(a.output):
+        p.error("--out FILE is required for an s3:// OUT (the report is written locally)")
+    if a.out is not None and "://" in a.out:
+        p.error("--out must be a local file path")
+    target = a.out or default_out(a.output)
+    try:
+        text = build_report(a.output, S3Config(endpoint_url=a.endpoint_url), a.sample, a.seed)
+    except NotAnOutput as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with open(target, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(target)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

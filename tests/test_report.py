@@ -1,0 +1,254 @@
+"""jobs.report on a real run (tiny random checkpoint, local Ray, tar shards with bad images),
+rendered in headless Chromium and checked through the DOM it builds."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections import Counter
+from html.parser import HTMLParser
+from pathlib import Path
+
+import boto3
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cogvlm import parse_boxes
+from jobs import report
+from pipeline import load_config, run
+from pipeline.ledger import to_table
+
+from .data import good_image, webdataset_shards
+
+TASKS = {"caption": {"max_new_tokens": 6},
+         "vqa": {"questions": ["What color is it?"], "max_new_tokens": 4},
+         "grounding": {"max_new_tokens": 10}}
+
+
+def job(ckpt: Path, tok: Path, inp: Path, out: Path) -> dict:
+    """The job on CPU with the tiny checkpoint (as tests/test_pipeline.py runs it)."""
+    return {"input": {"path": str(inp)}, "output": {"path": str(out)}, "tasks": TASKS,
+            "model": {"source": str(ckpt), "tokenizer": str(tok), "dtype": "fp32", "gpus_per_replica": 0,
+                      "batch_size": 4, "preprocess_workers": 1}}
+
+
+def upload_dir(endpoint: str, bucket: str, local: Path, prefix: str) -> None:
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                          region_name="us-east-1")
+    for f in sorted(local.rglob("*")):
+        if f.is_file():
+            client.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(local).as_posix()}")
+
+
+# --- a headless browser and the DOM it returns ------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The browser, before anything costly starts: missing, the tests fail in CI and skip elsewhere."""
+    path = shutil.which("chromium")
+    if path is None:
+        msg = "chromium is not installed: apt-get install chromium (.ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+def browse(chromium: str, page: Path, *args: str) -> str:
+    """Run headless Chromium on a local file; returns its stdout."""
+    cmd = [chromium, "--headless", "--disable-gpu", "--no-sandbox", "--disable-dev-shm-usage",
+           "--hide-scrollbars", f"--user-data-dir={page.parent / '.chromium'}", *args, page.as_uri()]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+class Node:
+    def __init__(self, tag: str, attrs: dict[str, str], parent: "Node | None") -> None:
+        self.tag, self.attrs, self.parent = tag, attrs, parent
+        self.children: list[Node | str] = []
+
+    @property
+    def classes(self) -> set[str]:
+        return set(self.attrs.get("class", "").split())
+
+    def text(self) -> str:
+        return "".join(c if isinstance(c, str) else c.text() for c in self.children)
+
+    def all(self, tag: str | None = None, cls: str | None = None, **attrs: str) -> list["Node"]:
+        """Descendants by tag, class and attributes (data_task= matches data-task)."""
+        found = []
+        for c in self.children:
+            if isinstance(c, str):
+                continue
+            if ((tag is None or c.tag == tag) and (cls is None or cls in c.classes)
+                    and all(c.attrs.get(k.replace("_", "-")) == v for k, v in attrs.items())):
+                found.append(c)
+            found += c.all(tag, cls, **attrs)
+        return found
+
+
+class Dom(HTMLParser):
+    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.root = self.current = Node("#root", {}, None)
+        self.feed(text)
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        node = Node(tag, {k: v or "" for k, v in attrs}, self.current)
+        self.current.children.append(node)
+        if tag not in self.VOID:
+            self.current = node
+
+    def handle_startendtag(self, tag: str, attrs: list) -> None:
+        self.current.children.append(Node(tag, {k: v or "" for k, v in attrs}, self.current))
+
+    def handle_endtag(self, tag: str) -> None:
+        node = self.current
+        while node.parent is not None and node.tag != tag:
+            node = node.parent
+        if node.parent is not None:
+            self.current = node.parent
+
+    def handle_data(self, data: str) -> None:
+        self.current.children.append(data)
+
+
+def assert_self_contained(text: str) -> None:
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text, re.I), "external resource"
+    assert not re.search(r"url\(\s*['\"]?(https?:)?//|@import|<script[^>]+src|<link", text, re.I)
+
+
+# --- tests ----------------------------------------------------------------------------------------
+
+def test_report_of_a_real_run(chromium, ray_cluster, ckpt_v1, tokenizer_v1, s3_bucket, tmp_path, capsys):
+    expected = webdataset_shards(tmp_path / "in", n_shards=2, per_shard=3, bad=True)
+    out = tmp_path / "out"
+    summary = run(load_config(data=job(ckpt_v1, tokenizer_v1, tmp_path / "in", out)))
+    df = pd.read_parquet(out / "data")
+
+    # the default file name, beside the output; all images sampled so every one is checked
+    capsys.readouterr()
+    assert report.main([str(out), "--sample", "20", "--seed", "1"]) == 0
+    html_path = tmp_path / "out_report.html"
+    assert capsys.readouterr().out.strip() == str(html_path)
+    text = html_path.read_text()
+    assert_self_contained(text)
+    dom = Dom(browse(chromium, html_path, "--dump-dom")).root
+
+    # runs: the one run, with its summary's numbers
+    (row,) = dom.all("tr", "run")
+    assert row.attrs["data-run-id"] == summary["run_id"]
+    field = {td.attrs["data-field"]: td.text() for td in row.all("td")}
+    assert field["images"] == str(summary["images"]) == str(len(expected))
+    assert field["rows"] == str(len(df))
+    assert field["shards_processed"] == "2 of 2" and field["shards_failed"] == "0"
+
+    # status counts by task and status equal the Parquet's
+    want = df.groupby(["task", "status"]).size()
+    cells = dom.all("td", "status-count")
+    got = {(td.attrs["data-task"], td.attrs["data-status-count"]): int(td.text()) for td in cells}
+    assert {k: v for k, v in got.items() if v} == {k: int(v) for k, v in want.items()}
+    assert len(cells) == df.task.nunique() * df.status.nunique()
+    totals = {td.attrs["data-status-total"]: int(td.text()) for td in dom.all("td", "status-total")}
+    assert totals == dict(Counter(df.status))
+
+    # up to 3 distinct example messages per failing status, taken from the rows
+    for status in set(df.status) - {"ok"}:
+        examples = dom.all("li", "error-example", data_status=status)
+        assert 1 <= len(examples) <= 3, status
+        messages = set(df[df.status == status].error_message)
+        for li in examples:
+            assert any(m in li.text() for m in messages), li.text()
+    assert dom.all("li", "error-example", data_status="decode_error")
+    assert dom.all("li", "error-example", data_status="image_too_large")
+
+    # throughput: one chart for the run, a point per committed shard
+    (chart,) = dom.all("svg", "throughput")
+    assert chart.attrs["data-run-id"] == summary["run_id"] and chart.attrs["data-points"] == "2"
+    assert chart.all("polyline", "series") and len(chart.all("circle", "commit")) == 2
+    assert {t.text() for t in chart.all("text", "axis-label")} == {"seconds since the run started",
+                                                                 "images committed"}
+
+    # gallery: every image of every task; ok images as thumbnails, bad ones as placeholders with a reason
+    for task in TASKS:
+        items = dom.all("figure", "gallery-item", data_task=task)
+        assert {i.attrs["data-key"] for i in items} == set(expected), task
+        for item in items:
+            key = item.attrs["data-key"]
+            if expected[key] == "ok":
+                (img,) = item.all("img", "thumb-img")
+                assert img.attrs["src"].startswith("data:image/jpeg;base64,")
+                thumb = Image.open(io.BytesIO(base64.b64decode(img.attrs["src"].split(",", 1)[1])))
+                assert thumb.format == "JPEG" and max(thumb.size) <= 256
+                assert max(int(img.attrs["width"]), int(img.attrs["height"])) == 256  # shown fitted to 256
+                answers = item.all("div", "response")
+                assert [a.text() for a in answers] == df[(df.key == key) & (df.task == task)] \
+                    .sort_values("task_index").response.tolist()
+            else:
+                (ph,) = item.all("div", "placeholder")
+                assert ph.attrs["data-reason"], key
+                assert item.all("div", "row-error")
+    vqa = dom.all("figure", "gallery-item", data_task="vqa")[0]
+    assert "What color is it?" in vqa.text()
+
+    # the same output on an S3-compatible store reads the same (the report is written locally)
+    bucket, endpoint = s3_bucket
+    upload_dir(endpoint, bucket, out, "out")
+    with pytest.raises(SystemExit):
+        report.main([f"s3://{bucket}/out"])
+    s3_html = tmp_path / "s3_report.html"
+    assert report.main([f"s3://{bucket}/out", "--endpoint-url", endpoint, "--sample", "20", "--seed", "1",
+                        "--out", str(s3_html)]) == 0
+    s3_dom = Dom(s3_html.read_text()).root
+    assert {(td.attrs["data-task"], td.attrs["data-status-count"], td.text()) for td in
+            s3_dom.all("td", "status-count")} == {(td.attrs["data-task"], td.attrs["data-status-count"], td.text())
+                                                  for td in cells}
+    assert [i.attrs["data-key"] for i in s3_dom.all("figure", "gallery-item")] == \
+        [i.attrs["data-key"] for i in dom.all("figure", "gallery-item")]
+    assert len(s3_dom.all("img", "thumb-img")) == len(dom.all("img", "thumb-img"))
+    assert s3_dom.all("svg", "throughput")[0].attrs["data-points"] == "2"
+
+    # a picture for a person to look at
+    shot = tmp_path / "report.png"
+    browse(chromium, html_path, f"--screenshot={shot}", "--window-size=1280,2000")
+    assert Image.open(shot).size == (1280, 2000)
+    with capsys.disabled():
+        print(f"\nreport screenshot: {shot}\nreport: {html_path}")
+
+
+def test_grounding_boxes_are_drawn_on_the_thumbnail(chromium, tmp_path):
+    """The tiny random model rarely answers with boxes: draw parsed boxes on a real image."""
+    text = "a dog [[086,540,400,760]] and a cat [[500,100,900,450]]"
+    size = (400, 300)
+    grounding = parse_boxes(text, image_size=size)
+    table = to_table([{"key": "k0", "source_uri": "/in/00000.tar", "image_index": 0, "task": "grounding",
+                       "task_index": 0, "prompt": "Where?", "response": text, "status": "ok",
+                       "boxes_json": json.dumps(grounding.to_dict()), "width": size[0], "height": size[1]}],
+                     {"run_id": "r"})
+    row = table.to_pandas().to_dict("records")[0]
+    page = tmp_path / "boxes.html"
+    page.write_text(report.page("boxes", report.gallery_item("grounding", [row], good_image(7, size))))
+    assert_self_contained(page.read_text())
+    dom = Dom(browse(chromium, page, "--dump-dom")).root
+
+    (item,) = dom.all("figure", "gallery-item", data_task="grounding")
+    (img,) = item.all("img", "thumb-img")
+    tw, th = int(img.attrs["width"]), int(img.attrs["height"])
+    assert (tw, th) == (256, 192)
+    (svg,) = item.all("svg", "boxes")
+    rects = svg.all("rect", "box")
+    assert [r.attrs["data-phrase"] for r in rects] == ["a dog", "and a cat"]
+    for rect, box in zip(rects, grounding.boxes):
+        x0, y0, x1, y1 = box.box  # normalized: the thumbnail keeps the aspect ratio
+        got = [float(rect.attrs[k]) for k in ("x", "y", "width", "height")]
+        assert got == pytest.approx([x0 * tw, y0 * th, (x1 - x0) * tw, (y1 - y0) * th], abs=1.0)
+    assert [t.text() for t in svg.all("text", "box-label")] == ["a dog", "and a cat"]
