@@ -36,14 +36,19 @@ def prompts_per_image(job: JobConfig, template: str) -> int:
     return len(expand(job.tasks, template, None)) + 2 * column
 
 
+def replica_kwargs(job: JobConfig, config: CogVLMConfig) -> dict:
+    """The job's settings as `cogvlm.memory.estimate_replica` / `fit_error` take them (GPU replicas)."""
+    m = job.model
+    tasks = [t for t in (job.tasks.caption, job.tasks.vqa, job.tasks.grounding) if t is not None]
+    return dict(device_type="cuda", quantize_vision=m.quantize_vision, max_prompt_tokens=m.max_prompt_tokens,
+                max_new_tokens=max(t.max_new_tokens for t in tasks), admission_images=m.admission_images,
+                prompts_per_image=prompts_per_image(job, config.template_version), max_slots=m.max_slots)
+
+
 def replica_fit_error(job: JobConfig, config: CogVLMConfig, device_bytes: int, where: str) -> str | None:
     """None if one replica of this job fits `device_bytes` of GPU memory, else what would."""
     m = job.model
-    tasks = [t for t in (job.tasks.caption, job.tasks.vqa, job.tasks.grounding) if t is not None]
-    return fit_error(config, DTYPES[m.dtype], m.quantization, device_bytes, where, device_type="cuda",
-                     quantize_vision=m.quantize_vision, max_prompt_tokens=m.max_prompt_tokens,
-                     max_new_tokens=max(t.max_new_tokens for t in tasks), admission_images=m.admission_images,
-                     prompts_per_image=prompts_per_image(job, config.template_version), max_slots=m.max_slots)
+    return fit_error(config, DTYPES[m.dtype], m.quantization, device_bytes, where, **replica_kwargs(job, config))
 
 
 def cluster_gpu_bytes() -> tuple[int | None, str]:

@@ -29,6 +29,7 @@ from cogvlm.weights import CheckpointError, check_checkpoint, read_config, resol
 
 from . import errors as st
 from . import fit
+from . import plan as plan_job
 from .config import JobConfig, to_dict
 from .crashes import CrashLedger
 from .errors import describe, redact, retry
@@ -484,6 +485,10 @@ def run(cfg: JobConfig) -> dict[str, Any]:
     check_resources(cfg)
     if cfg.model.gpu_memory_gb is None:
         check_fit(cfg, mcfg)
+    try:  # the same one-line estimate as `jobs.plan` (a few shards counted, not all)
+        log.info("%s", plan_job.one_line(plan_job.make_plan(cfg, model_config=mcfg, count_shards=2)))
+    except Exception as e:  # noqa: BLE001 - the plan is advice; the run does not depend on it
+        log.warning("no plan line: %s", describe(e))
     # claim: batch and enrich runs alike, so that concurrent runs on one output split the work
     claims = Claims(out_fs, out_root, run_id, cfg.claim_ttl_s)
     stop_heartbeat = threading.Event()

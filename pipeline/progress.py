@@ -81,7 +81,8 @@ class Progress:
         rate = "-" if p["images_per_s"] is None else f"{p['images_per_s']:.2f}"
         eta = "-" if p["eta_s"] is None else str(dt.timedelta(seconds=int(p["eta_s"])))
         errors = ", ".join(f"{k} {v}" for k, v in p["errors_by_status"].items()) or "none"
-        return (f"progress: {p['images_done']}/{total} images, {p['shards_done']}/{p['shards_total']} shards, "
+        state = "" if p["state"] == "running" else f" ({p['state']})"
+        return (f"progress{state}: {p['images_done']}/{total} images, {p['shards_done']}/{p['shards_total']} shards, "
                 f"{rate} images/s (last {int(RATE_WINDOW_S / 60)} min), ETA {eta}, errors: {errors}")
 
     def report(self, state: str = "running") -> dict[str, Any]:

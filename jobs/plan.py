@@ -1,0 +1,75 @@
+"""Plan a job before running it: images left, tokens, memory and fit, GPU-hours, wall time, cost.
+
+    python -m jobs.plan --config my.yaml [key=value ...] [--replicas N] [--gpu-hour-price P]
+                        [--calibrate K] [--count-shards N] [--json]
+
+Counts images without decoding any (img2dataset sidecars, tar headers, Parquet footers, listings)
+and subtracts the shards the output's ledger has committed. Throughput comes from the table of
+measured rates in `pipeline.plan.MEASURED` or, with `--calibrate K`, from running the first ~K
+images through the real pipeline (one replica, output in a temporary directory); where neither
+gives a rate, GPU-hours, wall time and cost are printed as unknown, never guessed.
+
+Exit codes: 0 planned; 2 bad config, input or checkpoint; 1 the calibration run failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from typing import Any
+
+from cogvlm.weights import CheckpointError
+from pipeline import ConfigError, InputError, JobConfig, JobError, load_config, run
+from pipeline.plan import COUNT_SHARDS, calibration_config, calibration_result, describe, make_plan
+
+
+def calibrate(cfg: JobConfig, images: int) -> dict[str, Any]:
+    """Run the first ~`images` images through `pipeline.run` (one replica, a temporary output) and
+    return the rate and start-up, as `make_plan(calibration=...)` takes them."""
+    with tempfile.TemporaryDirectory(prefix="cogvlm-calibrate-") as workdir:
+        summary = run(calibration_config(cfg, images, workdir))
+    return calibration_result(cfg, summary, images)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML job config, as for jobs.caption")
+    p.add_argument("--replicas", type=int, default=None, help="replicas for the wall time (default model.max_replicas)")
+    p.add_argument("--gpu-hour-price", type=float, default=None, help="price of one GPU-hour, for the cost")
+    p.add_argument("--calibrate", type=int, default=None, metavar="K",
+                   help="measure the rate by running ~K images through the real pipeline first")
+    p.add_argument("--count-shards", type=int, default=COUNT_SHARDS,
+                   help="most shards opened to count images; more are extrapolated by size")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for flag, value, low in (("--replicas", a.replicas, 1), ("--calibrate", a.calibrate, 1),
+                             ("--count-shards", a.count_shards, 1), ("--gpu-hour-price", a.gpu_hour_price, 0)):
+        if value is not None and value < low:
+            print(f"error: {flag} must be >= {low}", file=sys.stderr)
+            return 2
+    try:
+        cfg = load_config(a.config, a.overrides)
+        calibration = None
+        if a.calibrate:
+            try:
+                calibration = calibrate(cfg, a.calibrate)
+            except (ConfigError, InputError, CheckpointError):
+                raise
+            except Exception as e:  # noqa: BLE001 - JobError/RunStopped and the rest: one line
+                print(f"error: the calibration run failed: {e}", file=sys.stderr)
+                return 1
+        plan = make_plan(cfg, a.replicas, a.gpu_hour_price, calibration, count_shards=a.count_shards)
+    except (ConfigError, InputError, JobError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan, indent=2) if a.json else describe(plan))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
