@@ -76,9 +76,13 @@ class Output:
 
 
 def _read(fs: Any, path: str) -> bytes | None:
+    """The file's bytes; None if it is missing or cannot be read (the page says what it lacks)."""
     try:
         return fs.cat_file(path)
     except FileNotFoundError:
+        return None
+    except Exception as e:  # noqa: BLE001 - one unreadable record never stops the report
+        print(f"jobs.report: cannot read {redact(path)}: {describe(e)}", file=sys.stderr)
         return None
 
 
@@ -325,7 +329,7 @@ def render_runs(runs: list[RunRecord]) -> str:
         progress = "–"
         if p:
             progress = f"{_num(p.get('images_done'))} / {_num(p.get('images_total'))}"
-            if p.get("eta_s") is not None and state not in ("finished", "done"):
+            if p.get("eta_s") is not None and state == "running" and not r.summary:
                 progress += f", ETA {_seconds(float(p['eta_s']))}"
         failed = s.get("shards_failed")
         wall = s.get("wall_s", p.get("elapsed_s"))

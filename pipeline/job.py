@@ -171,6 +171,27 @@ def check_resources(cfg: JobConfig) -> None:
                     _actor_wait_s(cfg))
 
 
+PLAN_LINE_S = 30.0  # the start-up plan line waits this long at most for its counts
+
+
+def log_plan(cfg: JobConfig, mcfg: cogvlm.CogVLMConfig, plan: InputPlan, done: set[str]) -> None:
+    """The same one-line estimate as `jobs.plan`, from the listing and ledger the run already has
+    and 2 shards counted; advice only: skipped (said so) after PLAN_LINE_S or on any error."""
+    result: list[str] = []
+
+    def make() -> None:
+        try:
+            result.append(plan_job.one_line(plan_job.make_plan(cfg, model_config=mcfg, count_shards=2,
+                                                               input_plan=plan, done=done)))
+        except Exception as e:  # noqa: BLE001 - the plan is advice; the run does not depend on it
+            result.append(f"no plan line: {describe(e)}")
+
+    t = threading.Thread(target=make, name="plan-line", daemon=True)
+    t.start()
+    t.join(PLAN_LINE_S)
+    log.info("%s", result[0] if result else f"no plan line: counting took over {PLAN_LINE_S:g} s")
+
+
 def check_fit(cfg: JobConfig, mcfg: cogvlm.CogVLMConfig) -> None:
     """Refuse, before any actor starts, a GPU that cannot hold one replica (see `pipeline.fit`)."""
     if cfg.model.gpus_per_replica <= 0:
@@ -480,15 +501,12 @@ def run(cfg: JobConfig) -> dict[str, Any]:
     mcfg = model_config(cfg)
     if cfg.model.gpu_memory_gb is not None:
         check_fit(cfg, mcfg)
+    log_plan(cfg, mcfg, plan, done)
     if not ray.is_initialized():
         init_ray(cfg)
     check_resources(cfg)
     if cfg.model.gpu_memory_gb is None:
         check_fit(cfg, mcfg)
-    try:  # the same one-line estimate as `jobs.plan` (a few shards counted, not all)
-        log.info("%s", plan_job.one_line(plan_job.make_plan(cfg, model_config=mcfg, count_shards=2)))
-    except Exception as e:  # noqa: BLE001 - the plan is advice; the run does not depend on it
-        log.warning("no plan line: %s", describe(e))
     # claim: batch and enrich runs alike, so that concurrent runs on one output split the work
     claims = Claims(out_fs, out_root, run_id, cfg.claim_ttl_s)
     stop_heartbeat = threading.Event()
@@ -512,12 +530,13 @@ def run(cfg: JobConfig) -> dict[str, Any]:
             progress.report()
 
     final = "failed"
+    ticking = threading.Thread(target=ticker, name="progress", daemon=True)
     try:
         mine, busy = _claim(claims, ledger, pending, cfg)
         log.info("run %s: %d shards, %d already committed, %d claimed by other runs, %d to process",
                  run_id, len(shards), len(shards) - len(pending), len(busy), len(mine))
         progress.add_shards(len(mine))
-        threading.Thread(target=ticker, name="progress", daemon=True).start()
+        ticking.start()
         # execute -> commit, then (batch mode) wait for the shards other runs hold, taking over
         # those whose run died, until every shard of the input is committed
         while True:
@@ -533,7 +552,8 @@ def run(cfg: JobConfig) -> dict[str, Any]:
         final = "incomplete" if state.failed else "done"
     finally:
         stop_progress.set()
-        progress.report(final)
+        if ticking.is_alive():
+            ticking.join(timeout=60)
         stop_heartbeat.set()
         beat.join(timeout=60)
         for sid in list(claims.held):
@@ -543,6 +563,10 @@ def run(cfg: JobConfig) -> dict[str, Any]:
             ray.kill(crash_ledger)
         except Exception:  # noqa: BLE001
             crash_stats = {}
+        try:
+            progress.report(final)
+        except Exception as e:  # noqa: BLE001 - never hide the run's own outcome
+            log.warning("no final progress report: %s", describe(e))
     # record
     wall = time.perf_counter() - state.t0
     summary = dict(

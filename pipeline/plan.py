@@ -184,8 +184,11 @@ def count_images(cfg: JobConfig, shards: list[Shard], count_shards: int = COUNT_
         else:
             per[s.shard_id] = n
     counted_bytes = sum(sizes.get(s.uri, 0) for s in chosen if s.shard_id in per)
-    per_byte = sum(per.values()) / counted_bytes if counted_bytes else 0.0
     rest = [s for s in shards if s.shard_id not in per]
+    if rest and not counted_bytes:  # nothing could be counted: no number rather than zero
+        return {"per_shard": {}, "images": None, "basis": "unknown", "methods": methods, "errors": errors[:5],
+                "how": f"no shard could be counted ({len(errors)} failed)"}
+    per_byte = sum(per.values()) / counted_bytes if counted_bytes else 0.0
     for s in rest:
         per[s.shard_id] = round(sizes.get(s.uri, 0) * per_byte)
     what = " and ".join(f"{n} by {m}" for m, n in sorted(methods.items()))
@@ -316,7 +319,7 @@ def _sig(x: float) -> float:
     return float(f"{x:.4g}")
 
 
-def estimate(images_left: int, replicas: int, gpus_per_replica: float, rate: dict[str, Any],
+def estimate(images_left: int | None, replicas: int, gpus_per_replica: float, rate: dict[str, Any],
              price: float | None) -> dict[str, Any]:
     """GPU-hours, wall time and cost; None with `why` where the throughput is unknown."""
     out: dict[str, Any] = {"replicas": replicas, "gpus_per_replica": gpus_per_replica, "gpu_hour_price": price,
@@ -325,8 +328,10 @@ def estimate(images_left: int, replicas: int, gpus_per_replica: float, rate: dic
     if images_left == 0:
         return dict(out, gpu_hours=0.0, replica_hours=0.0, wall_s=0.0, cost=0.0 if price is not None else None,
                     why=None if price is not None else "no --gpu-hour-price given")
+    if images_left is None:
+        return dict(out, why="the number of images is unknown")
     if not per_s:
-        return dict(out, why=f"throughput not measured for this job; {rate['advice']}")
+        return dict(out, why=f"throughput not measured for this job; {rate.get('advice') or 'no rate'}")
     replica_hours = images_left / per_s / 3600
     gpu_hours = replica_hours * gpus_per_replica
     out.update(replica_hours=_sig(replica_hours), gpu_hours=_sig(gpu_hours),
@@ -340,26 +345,34 @@ def estimate(images_left: int, replicas: int, gpus_per_replica: float, rate: dic
 
 def make_plan(cfg: JobConfig, replicas: int | None = None, gpu_hour_price: float | None = None,
               calibration: dict | None = None, *, count_shards: int = COUNT_SHARDS,
-              model_config: "CogVLMConfig | None" = None) -> dict:
+              model_config: "CogVLMConfig | None" = None, input_plan: Any = None,
+              done: set[str] | None = None) -> dict:
     """The plan as a JSON-ready dict (see the module docstring). `model_config`: the checkpoint's
-    config when the caller has read it (the job has); else it is read here (config.json only)."""
+    config when the caller has read it (the job has); else it is read here (config.json only).
+    `input_plan` (`readers.plan_input`) and `done` (the ledger's committed shards): when the
+    caller has them, so that they are not listed again."""
     if model_config is None:
         from .job import model_config as read_model_config  # here: job.py may import this module
 
         model_config = read_model_config(cfg)
     mcfg = model_config
-    inp = plan_input(cfg.input, cfg.s3)
+    inp = input_plan if input_plan is not None else plan_input(cfg.input, cfg.s3)
     counts = count_images(cfg, inp.shards, count_shards)
     per = counts.pop("per_shard")
-    out_fs, out_root = filesystem(cfg.output.path, cfg.s3)
-    try:
-        done = retry(Ledger(out_fs, out_root).done, "listing the ledger", cfg.retry.deadline_s, cfg.retry.backoff_s)
-        ledger_error = None
-    except Exception as e:  # noqa: BLE001
-        done, ledger_error = set(), describe_error(e)
+    ledger_error = None
+    if done is None:
+        out_fs, out_root = filesystem(cfg.output.path, cfg.s3)
+        try:
+            done = retry(Ledger(out_fs, out_root).done, "listing the ledger", cfg.retry.deadline_s,
+                         cfg.retry.backoff_s)
+        except Exception as e:  # noqa: BLE001
+            done, ledger_error = set(), describe_error(e)
     committed = [s.shard_id for s in inp.shards if s.shard_id in done]
-    committed_images = sum(per[s] for s in committed)
-    images_left = counts["images"] - committed_images
+    if counts["images"] is None:
+        committed_images = images_left = None
+    else:
+        committed_images = sum(per[s] for s in committed)
+        images_left = counts["images"] - committed_images
     memory, fit_check = memory_plan(cfg, mcfg)
     rate = throughput(cfg, mcfg, calibration)
     n = replicas if replicas is not None else cfg.model.max_replicas
@@ -384,6 +397,10 @@ def make_plan(cfg: JobConfig, replicas: int | None = None, gpu_hour_price: float
 
 # --- text ---------------------------------------------------------------------------------------
 
+def _count(x: int | None) -> str:
+    return "an unknown number of" if x is None else f"{x:,}"
+
+
 def _num(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.2f}" if x >= 1 or x == 0 else f"{x:.3g}"
 
@@ -399,15 +416,15 @@ def _duration(s: float) -> str:
 def describe(plan: dict) -> str:
     i, led, p, mem, f, r, e = (plan[k] for k in ("input", "ledger", "prompts", "memory", "fit", "throughput",
                                                   "estimate"))
-    lines = [f"input     {i['path']} ({i['format']}): {i['shards']:,} shards, {i['images']:,} images "
+    lines = [f"input     {i['path']} ({i['format']}): {i['shards']:,} shards, {_count(i['images'])} images "
              f"[{i['basis']}: {i['how']}]"]
     if i["skipped_files"]:
         lines.append(f"          {i['skipped_files']} other files under the input are skipped")
     for err in i["errors"]:
         lines.append(f"          unreadable, extrapolated: {err}")
     lines.append(f"ledger    {led['output']}: {led['committed_shards']:,} shards committed "
-                 f"({led['committed_share']:.0%}), {led['committed_images']:,} images; "
-                 f"{led['images_left']:,} images left in {led['pending_shards']:,} shards [{led['images_left_basis']}]"
+                 f"({led['committed_share']:.0%}), {_count(led['committed_images'])} images; "
+                 f"{_count(led['images_left'])} images left in {led['pending_shards']:,} shards [{led['images_left_basis']}]"
                  + (f" (ledger not read: {led['error']})" if led["error"] else ""))
     lines.append(f"prompts   {p['per_image']} per image, {p['vision_tokens']} vision tokens each "
                  f"(computed once per image) [text tokens {p['text_tokens_basis']}]")
@@ -430,12 +447,12 @@ def describe(plan: dict) -> str:
         lines.append(f"          to measure it: {r['advice']}")
     gpus = e["gpus_per_replica"]
     if e["wall_s"] is None:
-        lines.append(f"estimate  {led['images_left']:,} images on {e['replicas']} replicas x {gpus:g} GPUs: "
+        lines.append(f"estimate  {_count(led['images_left'])} images on {e['replicas']} replicas x {gpus:g} GPUs: "
                      f"GPU-hours, wall time and cost unknown ({e['why']})")
     else:
         cost = (f"cost {_num(e['cost'])} at {e['gpu_hour_price']:g} per GPU-hour" if e["cost"] is not None
                 else f"cost unknown ({e['why']})")
-        lines.append(f"estimate  {led['images_left']:,} images: {_num(e['gpu_hours'])} GPU-hours "
+        lines.append(f"estimate  {_count(led['images_left'])} images: {_num(e['gpu_hours'])} GPU-hours "
                      f"({_num(e['replica_hours'])} replica-hours x {gpus:g} GPUs, start-up excluded); "
                      f"wall {_duration(e['wall_s'])} on {e['replicas']} replicas (start-up included, "
                      f"replicas assumed to scale linearly); {cost} [{r['basis']} throughput, "
@@ -452,7 +469,7 @@ def one_line(plan: dict) -> str:
     speed = (f"{r['images_per_s']:.3g} img/s per replica ({r['basis']}), ETA {_duration(e['wall_s'])} on "
              f"{e['replicas']} replicas, {_num(e['gpu_hours'])} GPU-hours" if e["wall_s"] is not None
              else "throughput not measured: no ETA (jobs.plan --calibrate K measures it)")
-    return (f"plan: {led['images_left']:,} of {i['images']:,} images left ({i['basis']}), "
+    return (f"plan: {_count(led['images_left'])} of {_count(i['images'])} images left ({i['basis']}), "
             f"{led['committed_shards']:,}/{i['shards']:,} shards committed; {plan['prompts']['per_image']} prompts "
             f"per image; replica {plan['memory']['total_gb']} GB ({f['status']}); {speed}")
 

@@ -68,19 +68,38 @@ class Processor:
     questions_column: str | None
     keep_image: bool
     model_config: Any = None
+    prefix: str = ""  # put before the names of the columns the processor adds
+
+    def output_names(self) -> list[str]:
+        return [self.prefix + n for n in RESULT_COLUMNS]
+
+    def check_columns(self, columns: Iterable[str]) -> None:
+        """The dataset's columns: the named inputs exist, none collides with an output column."""
+        columns = list(columns)
+        mine = {self.key_column, self.image_column, self.uri_column, self.questions_column}
+        clash = sorted((set(columns) & set(self.output_names())) - mine)
+        if clash:
+            raise ConfigError(f"input column(s) {', '.join(clash)} collide with the processor's output columns: "
+                              f"pass prefix='cogvlm_' to build_processor, or rename them (ds.rename_columns)")
+        for col in (self.image_column, self.uri_column, self.key_column, self.questions_column):
+            if col is not None and col not in columns:
+                raise ConfigError(f"the dataset has no column {col!r} (columns: {', '.join(map(str, columns))})")
 
     def __call__(self, ds: Any) -> Any:
         import ray
 
         from .crashes import CrashLedger
 
+        schema = ds.schema(fetch_if_missing=False)  # known without running anything for most sources
+        if schema is not None:
+            self.check_columns(schema.names)
         crash_ledger = ray.remote(num_cpus=0)(CrashLedger).remote()
         # where data-borne URIs may point; with image bytes nothing is fetched (no location at all)
         root = self.config.input.allowed_uri_prefixes[0] if self.uri_column else os.devnull
         rows = ds.map_batches(_adapt, fn_kwargs={"p": self, "root": root}, batch_format="pandas",
                               zero_copy_batch=False)
         out = stages(rows, self.config, self.model_config, crash_ledger, root)
-        return out.map_batches(_results, batch_format="pandas")
+        return out.map_batches(_results, fn_kwargs={"prefix": self.prefix}, batch_format="pandas")
 
 
 def build_processor(*, model: dict[str, Any] | str, tasks: dict[str, Any] | None = None,
@@ -89,7 +108,7 @@ def build_processor(*, model: dict[str, Any] | str, tasks: dict[str, Any] | None
                     allowed_uri_prefixes: Iterable[str] = (), keep_image: bool = False,
                     s3: dict[str, Any] | None = None, errors: dict[str, Any] | None = None,
                     retry: dict[str, Any] | None = None, max_image_pixels: int | None = None,
-                    max_image_bytes: int | None = None) -> Processor:
+                    max_image_bytes: int | None = None, prefix: str = "") -> Processor:
     """A `Dataset -> Dataset` callable running CogVLM on a user's own Ray dataset.
 
     - `model`: the job config's `model:` section (a dict, or just the checkpoint source), e.g.
@@ -104,6 +123,8 @@ def build_processor(*, model: dict[str, Any] | str, tasks: dict[str, Any] | None
       `key` and RESULT_COLUMNS: task, task_index, prompt, response, boxes, box_errors, status,
       error_message, token counts, finish_reason, width, height, generation settings and the
       model's provenance. Bad images become rows with an error status, never exceptions.
+      `prefix` (e.g. "cogvlm_") goes before those names, for inputs that already have such
+      columns (img2dataset's Parquet has key, status, error_message, width, height).
 
     Config errors (unknown keys, bad values, a checkpoint that does not load) raise before any
     work, naming the key.
@@ -136,28 +157,28 @@ def build_processor(*, model: dict[str, Any] | str, tasks: dict[str, Any] | None
             check_fit(cfg, mcfg)
     except JobError as e:
         raise ConfigError(str(e)) from None
-    return Processor(cfg, image_column, uri_column, key_column, questions_column, keep_image, mcfg)
+    return Processor(cfg, image_column, uri_column, key_column, questions_column, keep_image, mcfg, prefix)
 
 
 def _adapt(batch: pd.DataFrame, p: Processor, root: str) -> pd.DataFrame:
     """User rows -> the reader's row contract, the user's columns carried along pickled."""
     from .readers import _questions
 
-    clash = sorted(set(batch.columns) & (set(RESULT_COLUMNS) | {"key"}) - {p.key_column, p.image_column,
-                                                                         p.uri_column, p.questions_column})
-    if clash:
-        raise ConfigError(f"input column(s) {', '.join(clash)} collide with the processor's output "
-                          f"columns; rename them first (ds.rename_columns)")
-    for col in (p.image_column, p.uri_column, p.key_column, p.questions_column):
-        if col is not None and col not in batch.columns:
-            raise ConfigError(f"the dataset has no column {col!r} (columns: {', '.join(map(str, batch.columns))})")
+    p.check_columns(batch.columns)
     keep = [c for c in batch.columns if c != p.image_column or p.keep_image]
+    records = batch.to_dict("records")
+    idents = []
+    for row in records:
+        value = row.get(p.image_column) if p.image_column else row.get(p.uri_column)
+        data = bytes(value) if isinstance(value, (bytes, bytearray, memoryview)) else repr(value).encode()
+        idents.append(hashlib.sha1(data).hexdigest()[:16])
+    # the crash ledger's image ids: (batch, position), the same if Ray re-runs this batch, and
+    # distinct across batches even for repeated images
+    batch_id = hashlib.sha1("".join(idents).encode() + str(len(idents)).encode()).hexdigest()[:16]
     out = []
-    for i, row in enumerate(batch.to_dict("records")):
+    for i, (row, ident) in enumerate(zip(records, idents)):
         image = row.get(p.image_column) if p.image_column else None
         uri = _none(row.get(p.uri_column)) if p.uri_column else None
-        ident = hashlib.sha1(bytes(image) if isinstance(image, (bytes, bytearray, memoryview))
-                             else str(uri if p.uri_column else image).encode()).hexdigest()[:16]
         key = str(row[p.key_column]) if p.key_column else ident
         error = None
         if p.image_column and not isinstance(image, (bytes, bytearray, memoryview)):
@@ -169,25 +190,35 @@ def _adapt(batch: pd.DataFrame, p: Processor, root: str) -> pd.DataFrame:
         out.append({"key": key, "image": bytes(image) if image is not None else None,
                     "image_uri": uri if p.uri_column else None, "questions": questions,
                     "read_error": error, "read_status": "read_error" if error else None,
-                    # per-image ids for the crash ledger; stable if Ray re-runs this batch
-                    "shard_id": ident, "image_index": i, "shard_total": 1,
-                    "source_uri": uri if uri else root,
+                    "shard_id": batch_id, "image_index": i, "shard_total": len(records),
+                    "source_uri": uri if isinstance(uri, str) else "",
                     PASSTHROUGH: pickle.dumps({c: row[c] for c in keep})})
     return pd.DataFrame(out)
 
 
-def _results(batch: pd.DataFrame) -> pd.DataFrame:
-    """Generate's rows -> the user's columns + key + RESULT_COLUMNS."""
-    rows = []
-    for r in batch.to_dict("records"):
-        user = pickle.loads(r[PASSTHROUGH]) if r.get(PASSTHROUGH) is not None else {}
-        boxes, errors = _boxes(r.get("boxes_json"))
-        res = dict(user)
-        res["key"] = r["key"]
-        res["project_version"] = cogvlm.__version__
-        for name in RESULT_COLUMNS:
-            if name in ("key", "project_version"):
-                continue
-            res[name] = boxes if name == "boxes" else errors if name == "box_errors" else _none(r.get(name))
-        rows.append(res)
-    return pd.DataFrame(rows)
+def _results(batch: pd.DataFrame, prefix: str = "") -> pd.DataFrame:
+    """Generate's rows -> the user's columns + key + RESULT_COLUMNS (typed as in the CLI's
+    Parquet schema, so that every block has the same types)."""
+    import pyarrow as pa
+
+    rows = batch.to_dict("records")
+    users = [pickle.loads(r[PASSTHROUGH]) if r.get(PASSTHROUGH) is not None else {} for r in rows]
+    cols: dict[str, Any] = {}
+    for name in dict.fromkeys(c for u in users for c in u):
+        cols[name] = pd.Series([u.get(name) for u in users])
+    boxes = [_boxes(r.get("boxes_json")) for r in rows]
+    types = {f.name: f.type for f in SCHEMA}
+    for name in RESULT_COLUMNS:
+        if name == "project_version":
+            values = [cogvlm.__version__] * len(rows)
+        elif name in ("boxes", "box_errors"):
+            values = [b[0] if name == "boxes" else b[1] for b in boxes]
+        else:
+            values = [_none(r.get(name)) for r in rows]
+            if name == "source_uri":
+                values = [v or None for v in values]
+            if pa.types.is_integer(types[name]):
+                values = [None if v is None else int(v) for v in values]
+        cols[prefix + name] = pd.Series(pa.array(values, type=types[name]).to_pandas(types_mapper=pd.ArrowDtype),
+                                        name=prefix + name)
+    return pd.DataFrame(cols)

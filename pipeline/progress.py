@@ -20,7 +20,7 @@ from .storage import join, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
-RATE_WINDOW_S = 300.0  # images/s over the last five minutes
+RATE_WINDOW_S = 300.0  # images/s over the last five minutes (the run's average until 2 commits fall in it)
 
 
 class Progress:
@@ -37,6 +37,7 @@ class Progress:
         self.counts: Counter = Counter()
         self.recent: deque[tuple[float, int]] = deque()  # (time, images) of each commit in the window
         self.lock = threading.Lock()
+        self.write_lock = threading.Lock()
 
     def add_shard(self, images: int, counts: Counter) -> None:
         with self.lock:
@@ -65,7 +66,10 @@ class Progress:
             while self.recent and self.recent[0][0] < now - RATE_WINDOW_S:
                 self.recent.popleft()
             window = min(RATE_WINDOW_S, now - self.t0)
-            rate = sum(n for _, n in self.recent) / window if self.images and window > 0 else None
+            if len(self.recent) >= 2 and window > 0:  # the last minutes
+                rate: float | None = sum(n for _, n in self.recent) / window
+            else:  # too few commits lately (slow shards, a stall): the run's average
+                rate = self.images / (now - self.t0) if self.images and now > self.t0 else None
             left = None if total is None else max(0, total - self.images)
             errors = {k: v for k, v in sorted(self.counts.items()) if k != "ok"}
             return {"run_id": self.run_id, "state": state, "images_done": self.images, "images_total": total,
@@ -83,15 +87,19 @@ class Progress:
         errors = ", ".join(f"{k} {v}" for k, v in p["errors_by_status"].items()) or "none"
         state = "" if p["state"] == "running" else f" ({p['state']})"
         return (f"progress{state}: {p['images_done']}/{total} images, {p['shards_done']}/{p['shards_total']} shards, "
-                f"{rate} images/s (last {int(RATE_WINDOW_S / 60)} min), ETA {eta}, errors: {errors}")
+                f"{rate} images/s, ETA {eta}, errors: {errors}")
 
     def report(self, state: str = "running") -> dict[str, Any]:
         """Log the line and write progress.json (a failed write is logged, never raised)."""
-        p = self.snapshot(state)
-        log.info("%s", self.line(p))
+        with self.write_lock:  # reports in order: the last one written is the last one made
+            p = self.snapshot(state)
+            log.info("%s", self.line(p))
+            self._write(p)
+        return p
+
+    def _write(self, p: dict[str, Any]) -> None:
         try:
             write_bytes_atomic(self.fs, join(self.root, "_runs", self.run_id, "progress.json"),
                                json.dumps(p, indent=2).encode(), tmp_root=self.root)
         except Exception as e:  # noqa: BLE001 - progress is advisory; the next report retries
             log.warning("could not write progress.json: %s", describe(e))
-        return p

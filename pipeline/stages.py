@@ -227,12 +227,24 @@ class Generate:
     async def __call__(self, batch: pd.DataFrame) -> AsyncIterator[pd.DataFrame]:
         rows = batch.to_dict("records")
         failed: list[_Failed] = []
+        # the CLI job's driver drops rows repeated by a retried batch (ShardTracker); a
+        # processor's rows go straight to the user, so there a batch's rows leave once, together
+        whole = bool(rows) and rows[0].get("passthrough") is not None
+        held: list[dict[str, Any]] = []
         try:
             async for out in isolating(self.crash_ledger, "generate", rows, lambda rs: self._process(rs, failed),
                                        self._died, self.job.errors.max_crashes_per_image, self.gate):
-                yield pd.DataFrame(out, columns=OUTPUT_COLUMNS)
+                if whole:
+                    held += out
+                else:
+                    yield pd.DataFrame(out, columns=OUTPUT_COLUMNS)
             for f in failed:  # an engine round failed with these images in it: each alone now
-                yield pd.DataFrame(await self._alone(*f), columns=OUTPUT_COLUMNS)
+                if whole:
+                    held += await self._alone(*f)
+                else:
+                    yield pd.DataFrame(await self._alone(*f), columns=OUTPUT_COLUMNS)
+            if whole:
+                yield pd.DataFrame(held, columns=OUTPUT_COLUMNS)
         except EngineBroken as e:
             if self.crash_ledger is None:
                 raise

@@ -81,3 +81,39 @@ def test_processor_config_errors_before_any_work(ckpt_v1, tokenizer_v1, tmp_path
         build_processor(model=_model(ckpt_v1, tokenizer_v1), image_column=None, uri_column="uri")
     with pytest.raises(ConfigError, match="model.source"):
         build_processor(model=str(tmp_path / "missing"))
+
+
+def test_processor_repeated_and_missing_images_prefix_and_collisions(ray_cluster, ckpt_v1, tokenizer_v1):
+    import ray
+
+    same = good_image(7)
+    items = [{"image": same, "n": i, "status": "raw"} for i in range(4)] + [{"image": None, "n": 4, "status": "raw"}]
+    ds = ray.data.from_items(items)
+    kw = dict(model=_model(ckpt_v1, tokenizer_v1), tasks={"caption": {"max_new_tokens": 3}})
+    with pytest.raises(ConfigError, match="status.*prefix"):  # img2dataset-style columns: refused at once
+        build_processor(**kw)(ds)
+    df = build_processor(**kw, prefix="cogvlm_")(ds).to_pandas().sort_values("n")
+    assert list(df.n) == [0, 1, 2, 3, 4] and set(df.status) == {"raw"}  # the user's own status column
+    assert list(df.cogvlm_status) == ["ok"] * 4 + ["read_error"]
+    assert "not image bytes" in df.cogvlm_error_message.iloc[4]
+    assert df.cogvlm_response.iloc[:4].nunique() == 1  # the same image, greedy: the same caption
+    assert str(df.cogvlm_prompt_tokens.dtype).startswith("int32")  # typed as the CLI's Parquet schema
+
+
+def test_processor_rows_exactly_once_when_an_image_kills_its_worker(ray_cluster, ckpt_v1, tokenizer_v1, monkeypatch):
+    """The Generate worker is SIGKILLed by one image (for real): Ray restarts the replica and
+    retries the batch, which leaves its rows once; the image ends as worker_died rows."""
+    import ray
+
+    from pipeline.crashes import FAULT_ENV
+
+    monkeypatch.setenv(FAULT_ENV, "generate:k3")
+    items = [{"image": good_image(20 + i), "id": f"k{i}"} for i in range(6)]
+    processor = build_processor(model=dict(_model(ckpt_v1, tokenizer_v1), batch_size=6), key_column="id",
+                                tasks={"caption": {"max_new_tokens": 3}, "vqa": {"questions": ["Why?"], "max_new_tokens": 2}},
+                                errors={"max_crashes_per_image": 1})
+    df = processor(ray.data.from_items(items)).to_pandas()
+    assert Counter(df.id) == Counter({f"k{i}": 2 for i in range(6)})
+    assert not df.duplicated(["id", "task_index"]).any()
+    assert set(df[df.id == "k3"].status) == {"worker_died"}
+    assert set(df[df.id != "k3"].status) == {"ok"}
