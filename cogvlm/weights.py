@@ -6,10 +6,15 @@ target dtype/device one at a time and assigned, so a checkpoint is never held tw
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import hashlib
 import json
 import logging
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -61,10 +66,46 @@ def resolve_source(source: str | os.PathLike, cache_dir: str | os.PathLike | Non
     return _download_hub(src, cache_dir, patterns)
 
 
+# --- s3:// download: once per node, files and byte ranges in parallel -------------------------
+
+DOWNLOAD_WORKERS = 8  # concurrent range requests, across all files of a checkpoint
+PART_BYTES = 64 << 20  # files larger than this are fetched as concurrent byte ranges
+LOCK_TIMEOUT_S = 2 * 3600.0  # how long to wait for another process's download (35 GB)
+LOCK_TIMEOUT_ENV = "COGVLM_DOWNLOAD_LOCK_TIMEOUT_S"
+LOCK_FILE = ".download.lock"
+
+
 def _download_s3(uri: str, cache_dir: Path, storage_options: dict[str, Any],
                  patterns: list[str] | None = None) -> Path:
-    import fnmatch
+    """Download `uri` into `cache_dir/s3/<prefix>` once per cache directory.
 
+    Processes sharing the cache directory (replicas on one node) take a file lock on it: the
+    first downloads, the others wait and then reuse its files. The lock is an OS lock, so a
+    process that dies while downloading releases it; the next one removes its `.part` files.
+    """
+    prefix = uri[len("s3://"):].rstrip("/")
+    local = cache_dir / "s3" / prefix
+    done = local / (".complete" if patterns is None else ".complete-" + hashlib.sha1(
+        json.dumps(sorted(patterns)).encode()).hexdigest()[:12])
+    if done.exists() or (local / ".complete").exists():
+        return local
+    local.mkdir(parents=True, exist_ok=True)
+    with _download_lock(local, uri):
+        if done.exists() or (local / ".complete").exists():
+            log.info("reusing %s: downloaded into %s by another process", uri, local)
+            return local
+        fs = _s3_filesystem(storage_options)
+        sizes = _list_checkpoint(fs, uri, prefix, patterns)
+        for stale in local.rglob("*.part-*"):  # left by a process that died holding the lock
+            log.info("removing %s, left by an interrupted download", stale)
+            stale.unlink()
+        _fetch_files(fs, uri, {name: (local / name[len(prefix):].lstrip("/"), size)
+                          for name, size in sizes.items()})
+        done.write_text(json.dumps(sorted(sizes)))
+    return local
+
+
+def _s3_filesystem(storage_options: dict[str, Any]) -> Any:
     import s3fs  # only needed for s3:// sources
 
     opts = dict(storage_options)
@@ -72,35 +113,151 @@ def _download_s3(uri: str, cache_dir: Path, storage_options: dict[str, Any],
         or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         opts.setdefault("client_kwargs", {})["endpoint_url"] = endpoint
-    fs = s3fs.S3FileSystem(**opts)
-    prefix = uri[len("s3://"):].rstrip("/")
-    local = cache_dir / "s3" / prefix
-    done = local / (".complete" if patterns is None else ".complete-" + hashlib.sha1(
-        json.dumps(sorted(patterns)).encode()).hexdigest()[:12])
-    if done.exists() or (local / ".complete").exists():
-        return local
+    return s3fs.S3FileSystem(**opts)
+
+
+@contextlib.contextmanager
+def _download_lock(local: Path, uri: str) -> Iterator[None]:
+    """Hold the download lock of `local`; wait (logged) while another process holds it."""
+    from filelock import FileLock, Timeout
+
+    raw = os.environ.get(LOCK_TIMEOUT_ENV)
+    try:
+        timeout = float(raw) if raw else LOCK_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"{LOCK_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+    lock = FileLock(local / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting up to %.0f s for another process downloading %s into %s (lock %s)",
+                 timeout, uri, local, lock.lock_file)
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout:
+            raise TimeoutError(f"another process has been downloading {uri} into {local} for over "
+                               f"{timeout:.0f} s (lock {lock.lock_file}); raise {LOCK_TIMEOUT_ENV} "
+                               f"or check that process") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _list_checkpoint(fs: Any, uri: str, prefix: str, patterns: list[str] | None) -> dict[str, int]:
+    """Object name -> size for the files to download; `CheckpointError` when there are none."""
     try:
         entries = [e for e in fs.find(prefix, detail=True).values() if e["type"] == "file"]
     except Exception as e:  # noqa: BLE001 - any backend error becomes a clear message
         raise CheckpointError(f"cannot list checkpoint {uri}: {e}") from e
-    files = [e["name"] for e in entries if not e["name"].endswith("/")]
+    sizes = {e["name"]: int(e["size"]) for e in entries if not e["name"].endswith("/")}
     if patterns is not None:
-        files = [f for f in files if any(fnmatch.fnmatch(f.rsplit("/", 1)[-1], p) for p in patterns)]
-        if not files:
+        sizes = {f: n for f, n in sizes.items()
+                 if any(fnmatch.fnmatch(f.rsplit("/", 1)[-1], p) for p in patterns)}
+        if not sizes:
             raise CheckpointError(f"no files matching {patterns} under {uri}")
-    elif not any(f.endswith((".safetensors", INDEX_FILE)) for f in files):
+    elif not any(f.endswith((".safetensors", INDEX_FILE)) for f in sizes):
         raise CheckpointError(f"no safetensors files under {uri}")
-    local.mkdir(parents=True, exist_ok=True)
-    for name in files:
-        rel = name[len(prefix):].lstrip("/")
-        dest = local / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f"{dest.name}.part-{os.getpid()}")
-        log.info("downloading %s", "s3://" + name)
-        fs.get_file(name, str(tmp))
-        tmp.replace(dest)
-    done.write_text(json.dumps(sorted(files)))
-    return local
+    return sizes
+
+
+def _fetch_files(fs: Any, uri: str, files: dict[str, tuple[Path, int]]) -> None:
+    """Fetch every object (name -> (destination, size)) as byte ranges on one thread pool.
+
+    Each file is written into a preallocated `<name>.part-<pid>`; once its last range is in, it is
+    checked against its listed size and renamed into place. A destination that already has its
+    listed size is kept: only a complete file is ever renamed there (by an interrupted earlier run).
+    """
+    todo = {name: (dest, size) for name, (dest, size) in sorted(files.items())
+            if not (dest.is_file() and dest.stat().st_size == size)}
+    for name in sorted(set(files) - set(todo)):
+        log.info("keeping %s, downloaded by an earlier run", files[name][0])
+    if not todo:
+        return
+    log.info("downloading %d files (%.2f GB) of %s with %d workers", len(todo),
+             sum(size for _, size in todo.values()) / 1e9, uri, DOWNLOAD_WORKERS)
+    opened: list[_PartFile] = []
+    try:
+        parts: list[_Part] = []
+        for name, (dest, size) in todo.items():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            f = _PartFile(name, dest, size)
+            opened.append(f)
+            ranges = [_Part(f, start, min(start + PART_BYTES, size)) for start in range(0, size, PART_BYTES)]
+            f.parts_left = len(ranges)
+            parts += ranges
+            if not ranges:  # an empty file
+                f.finish()
+        with ThreadPoolExecutor(DOWNLOAD_WORKERS, thread_name_prefix="s3-download") as pool:
+            futures = {pool.submit(_fetch_part, fs, p): p for p in parts}
+            try:
+                for fut in as_completed(futures):
+                    fut.result()
+                    f = futures[fut].file
+                    f.parts_left -= 1
+                    if f.parts_left == 0:
+                        f.finish()
+            except BaseException:
+                for fut in futures:
+                    fut.cancel()
+                raise
+    finally:
+        for f in opened:
+            f.discard()
+
+
+class _PartFile:
+    """A destination being written: `<dest>.part-<pid>`, preallocated to the object's size."""
+
+    def __init__(self, name: str, dest: Path, size: int) -> None:
+        self.name, self.dest, self.size = name, dest, size
+        self.tmp = dest.with_name(f"{dest.name}.part-{os.getpid()}")
+        self.fd: int | None = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.ftruncate(self.fd, size)
+        self.written = 0
+        self.parts_left = 0
+        self._lock = threading.Lock()
+
+    def write(self, data: bytes, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+        with self._lock:
+            self.written += len(data)
+
+    def finish(self) -> None:
+        """Check the size against the listing and rename into place."""
+        os.close(self.fd)
+        self.fd = None
+        on_disk = self.tmp.stat().st_size
+        if self.written != self.size or on_disk != self.size:
+            raise OSError(f"download of s3://{self.name} is incomplete: {self.written} bytes received, "
+                          f"{on_disk} on disk, {self.size} listed")
+        self.tmp.replace(self.dest)
+        log.info("downloaded s3://%s (%d bytes)", self.name, self.size)
+
+    def discard(self) -> None:
+        """After a failure: close and remove the `.part` file (a no-op once renamed)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.tmp.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class _Part:
+    file: _PartFile
+    start: int
+    end: int  # exclusive
+
+
+def _fetch_part(fs: Any, part: _Part) -> None:
+    data = fs.cat_file(part.file.name, start=part.start, end=part.end)
+    if len(data) != part.end - part.start:
+        raise OSError(f"s3://{part.file.name} bytes {part.start}-{part.end}: got {len(data)} bytes, "
+                      f"expected {part.end - part.start}")
+    part.file.write(data, part.start)
 
 
 def _download_hub(repo_id: str, cache_dir: str | os.PathLike | None,

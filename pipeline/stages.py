@@ -13,7 +13,10 @@ import json
 import logging
 import os
 import posixpath
+import threading
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, AsyncIterator, Awaitable
 
 import numpy as np
@@ -61,6 +64,11 @@ def load_tokenizer(job: JobConfig) -> Any:
     return AutoTokenizer.from_pretrained(str(local), trust_remote_code=False)
 
 
+# Images fetched at once per Preprocess worker (URI inputs: a HEAD and a GET each, bound by latency,
+# not CPU). A constant, not a config key: it also caps the undecoded images a worker holds.
+FETCH_CONCURRENCY = 16
+
+
 class Preprocess:
     """Decode (EXIF-rotated RGB), guard sizes, resize/normalize, tokenize every prompt of the image."""
 
@@ -73,14 +81,16 @@ class Preprocess:
         self.crash_ledger = crash_ledger
         self.uris = UriPolicy(input_root or job.input.path, job.input.allowed_uri_prefixes)
         self._fs: dict[str, Any] = {}
+        self._fs_lock = threading.Lock()  # the fetch threads make each scheme's filesystem once
 
     def _fetch(self, uri: str, source_uri: str) -> bytes:
         """The bytes behind a data-borne URI: confined, regular files only, size-capped while
-        reading, transient failures retried."""
+        reading, transient failures retried. Called on the fetch threads."""
         scheme, path = self.uris.resolve(uri, base=posixpath.dirname(source_uri))
-        if scheme not in self._fs:
-            self._fs[scheme] = filesystem("s3://" if scheme == "s3" else "/", self.job.s3)[0]
-        fs = self._fs[scheme]
+        with self._fs_lock:
+            if scheme not in self._fs:
+                self._fs[scheme] = filesystem("s3://" if scheme == "s3" else "/", self.job.s3)[0]
+            fs = self._fs[scheme]
         return retry(lambda: read_capped(fs, path, self.job.input.max_image_bytes), f"fetching {uri}",
                      self.job.retry.deadline_s, self.job.retry.backoff_s)
 
@@ -98,7 +108,21 @@ class Preprocess:
         return pd.DataFrame(out, columns=PREPROCESSED_COLUMNS)
 
     def _process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [self._one(row) for row in rows]
+        """The rows' records, in order. Images behind URIs are fetched on threads, up to
+        FETCH_CONCURRENCY rows ahead of the decoding, which stays serial."""
+        out: list[dict[str, Any]] = []
+        ahead: deque[tuple[dict[str, Any], dict[str, Any], Future | None]] = deque()
+        with ThreadPoolExecutor(FETCH_CONCURRENCY, thread_name_prefix="preprocess-fetch") as pool:
+            for row in rows:
+                rec = self._start(row)
+                fetch = None
+                if rec["status"] == st.OK and row.get("image") is None:
+                    fetch = pool.submit(self._fetch, row["image_uri"], row["source_uri"])
+                ahead.append((row, rec, fetch))
+                if len(ahead) >= FETCH_CONCURRENCY:
+                    out.append(self._finish(*ahead.popleft()))
+            out.extend(self._finish(row, rec, fetch) for row, rec, fetch in ahead)
+        return out
 
     def _record(self, row: dict[str, Any]) -> dict[str, Any]:
         prompts = self.prompts(row.get("questions"))
@@ -121,19 +145,26 @@ class Preprocess:
                                                         f"while processing this image; skipped")
         return [rec]
 
-    def _one(self, row: dict[str, Any]) -> dict[str, Any]:
+    def _start(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The row's record, final unless its status is OK (its image is still to be read); the
+        fault hook fires here, before any work on the image."""
         rec = self._record(row)
         if row.get("read_error"):  # first: a transient read must never pass as no_questions
             rec.update(status=row.get("read_status") or st.READ_ERROR, error_message=row["read_error"])
             return rec
+        if rec["status"] == st.OK:
+            maybe_inject_fault("preprocess", str(row["key"]))
+        return rec
+
+    def _finish(self, row: dict[str, Any], rec: dict[str, Any], fetch: Future | None) -> dict[str, Any]:
+        """`rec` completed with the image: `row`'s bytes, or what `fetch` (its `_fetch`) gave."""
         if rec["status"] != st.OK:
             return rec
-        maybe_inject_fault("preprocess", str(row["key"]))
         data = row.get("image")
-        if data is None:
+        if fetch is not None:
             uri = row["image_uri"]
             try:
-                data = self._fetch(uri, row["source_uri"])
+                data = fetch.result()
             except UriRefused as e:
                 rec.update(status=st.READ_ERROR, error_message=str(e))
             except FileTooLarge as e:

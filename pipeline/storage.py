@@ -36,8 +36,10 @@ def s3_options(s3: S3Config) -> dict[str, Any]:
         opts["anon"] = True
     # botocore retries each request (connection errors, throttling, 5xx) with backoff; timeouts
     # make a hung connection an error instead of a stall
+    # (max_pool_connections: the default 10 capped Preprocess's 16 concurrent image fetches)
     opts["config_kwargs"] = {"retries": {"max_attempts": s3.max_attempts, "mode": "standard"},
-                             "connect_timeout": s3.connect_timeout_s, "read_timeout": s3.read_timeout_s}
+                             "connect_timeout": s3.connect_timeout_s, "read_timeout": s3.read_timeout_s,
+                             "max_pool_connections": 32}
     return opts
 
 
