@@ -33,9 +33,13 @@ RESULT_COLUMNS = [f.name for f in SCHEMA if f.name not in ("shard_id", "image_in
 DATASET_INPUT = "ray-dataset://"  # stands for input/output paths a processor does not have
 
 
-def stages(ds: Any, cfg: JobConfig, mcfg: Any, crash_ledger: Any, input_root: str) -> Any:
+def stages(ds: Any, cfg: JobConfig, mcfg: Any, crash_ledger: Any, input_root: str,
+           whole_batches: bool = False) -> Any:
     """Rows with the reader's columns (key, image | image_uri, questions, read_error, read_status,
-    shard_id, source_uri, shard_total, image_index[, passthrough]) -> one row per (image, prompt)."""
+    shard_id, source_uri, shard_total, image_index[, passthrough]) -> one row per (image, prompt).
+
+    `whole_batches`: Generate emits a batch's rows together (for consumers that cannot drop the
+    rows a retried batch repeats; the CLI's driver can, so it gets each image's rows as ready)."""
     from ray.data import ActorPoolStrategy
 
     from .stages import Generate, Preprocess
@@ -48,7 +52,7 @@ def stages(ds: Any, cfg: JobConfig, mcfg: Any, crash_ledger: Any, input_root: st
                         num_cpus=1, batch_size=16, batch_format="pandas", **stage_env)
     # Generate's __call__ is async: a replica takes `batches_in_flight` Ray batches at once and
     # feeds them all to its one engine, so the device never waits for the next batch
-    return ds.map_batches(Generate, fn_constructor_kwargs=kwargs,
+    return ds.map_batches(Generate, fn_constructor_kwargs=dict(kwargs, whole_batches=whole_batches),
                           compute=ActorPoolStrategy(min_size=cfg.model.min_replicas,
                                                     max_size=cfg.model.max_replicas,
                                                     max_tasks_in_flight_per_actor=cfg.model.batches_in_flight,
@@ -98,7 +102,7 @@ class Processor:
         root = self.config.input.allowed_uri_prefixes[0] if self.uri_column else os.devnull
         rows = ds.map_batches(_adapt, fn_kwargs={"p": self, "root": root}, batch_format="pandas",
                               zero_copy_batch=False)
-        out = stages(rows, self.config, self.model_config, crash_ledger, root)
+        out = stages(rows, self.config, self.model_config, crash_ledger, root, whole_batches=True)
         return out.map_batches(_results, fn_kwargs={"prefix": self.prefix}, batch_format="pandas")
 
 

@@ -20,6 +20,7 @@ from .storage import join, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
+WRITE_EVERY_S = 10.0  # progress.json at most this often while running (the log line at every report)
 RATE_WINDOW_S = 300.0  # images/s over the last five minutes (the run's average until 2 commits fall in it)
 
 
@@ -38,6 +39,7 @@ class Progress:
         self.recent: deque[tuple[float, int]] = deque()  # (time, images) of each commit in the window
         self.lock = threading.Lock()
         self.write_lock = threading.Lock()
+        self.written = float("-inf")  # when progress.json was last written
 
     def add_shard(self, images: int, counts: Counter) -> None:
         with self.lock:
@@ -94,7 +96,10 @@ class Progress:
         with self.write_lock:  # reports in order: the last one written is the last one made
             p = self.snapshot(state)
             log.info("%s", self.line(p))
-            self._write(p)
+            now = self.clock()
+            if state != "running" or now - self.written >= WRITE_EVERY_S:  # not one PUT per shard commit
+                self.written = now
+                self._write(p)
         return p
 
     def _write(self, p: dict[str, Any]) -> None:

@@ -209,8 +209,10 @@ class Generate:
     as all its prompts are done. `run(batch)` is the same for a plain call (tests, benchmarks).
     """
 
-    def __init__(self, job: JobConfig, model_config: CogVLMConfig, crash_ledger: Any = None) -> None:
+    def __init__(self, job: JobConfig, model_config: CogVLMConfig, crash_ledger: Any = None,
+                 whole_batches: bool = False) -> None:
         self.job = job
+        self.whole_batches = whole_batches  # see pipeline.processor.stages
         self.crash_ledger = crash_ledger
         m = job.model
         device = "cuda" if m.gpus_per_replica > 0 else "cpu"
@@ -255,27 +257,23 @@ class Generate:
         S = self.config.image_size
         return normalize(np.frombuffer(row["pixels"], dtype=np.uint8).reshape(S, S, 3).copy())
 
+    async def _outputs(self, rows: list[dict[str, Any]]) -> AsyncIterator[list[dict[str, Any]]]:
+        """The batch's output rows, a group at a time as images finish."""
+        failed: list[_Failed] = []
+        async for out in isolating(self.crash_ledger, "generate", rows, lambda rs: self._process(rs, failed),
+                                   self._died, self.job.errors.max_crashes_per_image, self.gate):
+            yield out
+        for f in failed:  # an engine round failed with these images in it: each alone now
+            yield await self._alone(*f)
+
     async def __call__(self, batch: pd.DataFrame) -> AsyncIterator[pd.DataFrame]:
         rows = batch.to_dict("records")
-        failed: list[_Failed] = []
-        # the CLI job's driver drops rows repeated by a retried batch (ShardTracker); a
-        # processor's rows go straight to the user, so there a batch's rows leave once, together
-        whole = bool(rows) and rows[0].get("passthrough") is not None
-        held: list[dict[str, Any]] = []
         try:
-            async for out in isolating(self.crash_ledger, "generate", rows, lambda rs: self._process(rs, failed),
-                                       self._died, self.job.errors.max_crashes_per_image, self.gate):
-                if whole:
-                    held += out
-                else:
+            if self.whole_batches:
+                yield pd.DataFrame([r async for out in self._outputs(rows) for r in out], columns=OUTPUT_COLUMNS)
+            else:
+                async for out in self._outputs(rows):
                     yield pd.DataFrame(out, columns=OUTPUT_COLUMNS)
-            for f in failed:  # an engine round failed with these images in it: each alone now
-                if whole:
-                    held += await self._alone(*f)
-                else:
-                    yield pd.DataFrame(await self._alone(*f), columns=OUTPUT_COLUMNS)
-            if whole:
-                yield pd.DataFrame(held, columns=OUTPUT_COLUMNS)
         except EngineBroken as e:
             if self.crash_ledger is None:
                 raise

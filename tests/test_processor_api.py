@@ -117,3 +117,20 @@ def test_processor_rows_exactly_once_when_an_image_kills_its_worker(ray_cluster,
     assert not df.duplicated(["id", "task_index"]).any()
     assert set(df[df.id == "k3"].status) == {"worker_died"}
     assert set(df[df.id != "k3"].status) == {"ok"}
+
+
+def test_processor_marks_a_persistent_network_failure_as_transient_not_as_an_answer(ray_cluster, ckpt_v1,
+                                                                                     tokenizer_v1):
+    """The store refuses connections (nothing listens on its port) past the retry deadline: the
+    rows say transient_error, so that the caller can run them again; no read_error is claimed."""
+    import ray
+
+    from .conftest import free_port
+
+    processor = build_processor(model=_model(ckpt_v1, tokenizer_v1), image_column=None, uri_column="u",
+                                allowed_uri_prefixes=["s3://b/imgs"], tasks={"caption": {"max_new_tokens": 3}},
+                                s3={"endpoint_url": f"http://127.0.0.1:{free_port()}", "max_attempts": 1},
+                                retry={"deadline_s": 1, "backoff_s": 0.2})
+    df = processor(ray.data.from_items([{"u": "s3://b/imgs/0.jpg"}, {"u": "s3://b/imgs/1.jpg"}])).to_pandas()
+    assert list(df.status) == ["transient_error"] * 2
+    assert df.error_message.str.contains("fetching s3://b/imgs/").all()

@@ -37,8 +37,12 @@ def test_progress_extrapolates_rates_and_writes_progress_json(tmp_path):
     p.add_shard(10, Counter(ok=20))
     clock.t += 10
     p.add_shard(20, Counter(ok=40))
+    p.report()
     p.add_shard(5, Counter(ok=10))
+    p.report()  # a commit right after the last write: logged, not written again
+    assert json.loads((tmp_path / "_runs" / "run-1" / "progress.json").read_text())["images_done"] == 40
     snap = p.report("done")
+    assert json.loads((tmp_path / "_runs" / "run-1" / "progress.json").read_text()) == snap
     assert snap["images_total"] == 45 and snap["images_total_exact"] and snap["state"] == "done"
     assert snap["images_per_s"] == round(35 / RATE_WINDOW_S, 3) and snap["eta_s"] == 0.0  # the last 5 min
     clock.t += 2 * RATE_WINDOW_S  # nothing committed for a while: the run's average
