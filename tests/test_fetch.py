@@ -39,6 +39,7 @@ class LatencyProxy:
         self.requests: list[bytes] = []  # each request's first line
         self.connections = 0
         self.open = self.peak = 0  # connections open now, and at most
+        self.waiting = self.most_waiting = 0  # requests held in the relay now, and at most (reset per run)
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.2)
@@ -77,8 +78,13 @@ class LatencyProxy:
         try:
             while data := src.recv(65536):
                 if requests and data.split(b" ", 1)[0] in (b"GET", b"HEAD", b"PUT", b"POST", b"DELETE"):
-                    self.requests.append(data.split(b"\r\n", 1)[0])
+                    with self._lock:
+                        self.requests.append(data.split(b"\r\n", 1)[0])
+                        self.waiting += 1
+                        self.most_waiting = max(self.most_waiting, self.waiting)
                     time.sleep(self.latency_s)
+                    with self._lock:
+                        self.waiting -= 1
                 dst.sendall(data)
         except OSError:
             pass
@@ -136,12 +142,13 @@ def _rows(bucket: str, uris: list[str | bytes | None], errors: dict[int, str] | 
                         dtype=object)  # None stays None, as in the reader's rows
 
 
-def _timed(stage, batch: pd.DataFrame, proxy: LatencyProxy) -> tuple[pd.DataFrame, float, int]:
-    """(output, seconds, S3 requests made)."""
+def _timed(stage, batch: pd.DataFrame, proxy: LatencyProxy) -> tuple[pd.DataFrame, float, int, int]:
+    """(output, seconds, S3 requests made, most requests in flight at once)."""
     before = len(proxy.requests)
+    proxy.most_waiting = 0
     start = time.perf_counter()
     out = stage(batch)
-    return out, time.perf_counter() - start, len(proxy.requests) - before
+    return out, time.perf_counter() - start, len(proxy.requests) - before, proxy.most_waiting
 
 
 def _serial_and_concurrent(stage, batch, proxy, monkeypatch):
@@ -157,14 +164,17 @@ def _serial_and_concurrent(stage, batch, proxy, monkeypatch):
 def test_a_batch_of_uris_is_fetched_concurrently_with_the_same_rows(stage, store, monkeypatch):
     bucket, proxy = store
     batch = _rows(bucket, [f"s3://{bucket}/in/imgs/{i:03d}.jpg" for i in range(N_GOOD)])
-    (serial, t_serial, n_serial), (fast, t_fast, n_fast) = _serial_and_concurrent(stage, batch, proxy, monkeypatch)
+    (serial, t_serial, n_serial, w_serial), (fast, t_fast, n_fast, w_fast) = _serial_and_concurrent(
+        stage, batch, proxy, monkeypatch)
+    # the times are printed, not asserted (this machine is shared); what is asserted is that
+    # requests really overlapped: with one fetch at a time no request can wait beside another
     print(f"\n{N_GOOD} images, {LATENCY_S * 1000:.0f} ms per request: serial {t_serial:.2f} s "
           f"({n_serial} requests), concurrent {t_fast:.2f} s ({n_fast} requests), {t_serial / t_fast:.1f}x; "
-          f"{proxy.connections} connections in all, at most {proxy.peak} at once")
+          f"at most {w_serial} / {w_fast} requests in flight at once")
     assert (serial.status == "ok").all() and serial.pixels.map(len).gt(0).all()
     pd.testing.assert_frame_equal(serial[COMPARED], fast[COMPARED])
     assert n_serial == n_fast >= 2 * N_GOOD  # a HEAD and a GET each, nothing cached
-    assert t_serial >= 3 * t_fast, (t_serial, t_fast)
+    assert w_serial == 1 and w_fast >= 4, (w_serial, w_fast)
 
 
 def test_bad_uris_among_good_ones_keep_their_statuses_and_messages(stage, store, monkeypatch):
@@ -182,7 +192,7 @@ def test_bad_uris_among_good_ones_keep_their_statuses_and_messages(stage, store,
             good_image(5),  # bytes in the row: nothing to fetch
             b"garbage"]
     batch = _rows(bucket, uris, errors={7: "empty image URI"})
-    (serial, _, _), (fast, _, _) = _serial_and_concurrent(stage, batch, proxy, monkeypatch)
+    (serial, *_), (fast, *_) = _serial_and_concurrent(stage, batch, proxy, monkeypatch)
     pd.testing.assert_frame_equal(serial[COMPARED], fast[COMPARED])
     got = list(zip(fast.status, fast.error_message.fillna("")))
     expected = [("ok", ""),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import pandas as pd
 import pytest
@@ -205,14 +204,12 @@ def test_job_refuses_a_gpu_too_small_before_any_work(tmp_path):
     webdataset_shards(tmp_path / "in", n_shards=1, per_shard=2)
     data = job(ckpt, tok, tmp_path / "in", tmp_path / "out",
                model={"dtype": "bf16", "gpus_per_replica": 1, "gpu_memory_gb": 24})
-    t0 = time.monotonic()
     with pytest.raises(JobError) as e:
         run(load_config(data=data))
     msg = str(e.value)
     assert "needs about" in msg and "model.gpu_memory_gb is 24.0 GB" in msg and "model.quantization=int4" in msg
     assert "\n" not in msg
     assert not (tmp_path / "out" / "data").exists() and not list((tmp_path / "out").glob("_claims/*"))
-    assert time.monotonic() - t0 < 60  # no actor started, no weights read
     # the same check, as the replicas run it: with int4 it fits; a shared GPU gets its part only
     cfg = load_config(data=dict(data, model=dict(data["model"], quantization="int4")))
     assert replica_fit_error(cfg, preset("v1"), int(24 * GB), "x") is None
