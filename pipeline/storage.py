@@ -131,8 +131,11 @@ def list_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     """All files under `root` (or `root` itself if it is a file), sorted; S3 folder markers skipped."""
     if fs.isfile(root):
         return [root]
-    found = fs.find(root, detail=True)
-    return sorted(p for p, info in found.items() if info.get("type") == "file" and not p.endswith("/"))
+    if is_s3(to_uri(fs, root)):
+        # names only: no per-key detail dicts for listings of 100k+ keys; folder markers end in "/"
+        return sorted(p for p in fs.find(root, detail=False) if not p.endswith("/"))
+    # locally the walk stats every entry anyway: keep regular files only (no links, FIFOs, sockets)
+    return sorted(p for p, info in fs.find(root, detail=True).items() if info.get("type") == "file")
 
 
 def put_conditional(fs: fsspec.AbstractFileSystem, path: str, data: bytes, **condition: Any) -> bool:
