@@ -44,6 +44,9 @@ class InputConfig:
     images_per_shard: int = 256  # folder input: images per unit of work
     max_image_pixels: int = 89_478_485  # larger declared sizes are rejected before decoding
     max_image_bytes: int = 64 * 1024 * 1024  # enforced while reading
+    # a shard is read as a stream of blocks of at most this many MB of image bytes (one larger
+    # image goes alone): a read task's memory follows this, not the shard's size
+    read_block_mb: float = 64
     # uri_column values must lie under the input's own location or one of these prefixes
     # (local folders or s3://bucket/prefix); anything else is refused with a read_error row
     allowed_uri_prefixes: list[str] = field(default_factory=list)
@@ -241,6 +244,8 @@ class JobConfig:
                            ("s3.read_timeout_s", self.s3.read_timeout_s)):
             if value <= 0:
                 raise ConfigError(f"{key} must be > 0, got {value:g}")
+        if not self.input.read_block_mb > 0:
+            raise ConfigError(f"input.read_block_mb must be > 0, got {self.input.read_block_mb:g}")
         if not 0 < self.errors.guard_share <= 1:
             raise ConfigError(f"errors.guard_share must be in (0, 1], got {self.errors.guard_share:g}")
         return self

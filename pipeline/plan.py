@@ -105,7 +105,7 @@ def workload(cfg: JobConfig) -> str:
 # --- counting ------------------------------------------------------------------------------------
 
 def _tar_images(fs: Any, path: str) -> int:
-    """Samples with an image in a tar, from its headers (keys and extensions as `readers._read_tar`
+    """Samples with an image in a tar, from its headers (keys and extensions as `readers._tar_samples`
     groups them); member data is seeked over, not read, where the file can seek."""
     keys: set[str] = set()
     with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tar:
