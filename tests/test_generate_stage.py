@@ -111,7 +111,7 @@ def test_generate_stage_rows_exactly_once_when_an_image_fails(ckpt_v1, tokenizer
     mcfg = read_config(ckpt_v1)
     rows = pd.DataFrame(read_shard(Shard("00000", str(tmp_path / "in" / "00000.tar")), cfg.input, cfg.s3))
     pre = Preprocess.__call__(Preprocess(cfg, mcfg), rows)
-    pre.loc[1, "pixels"] = pre.loc[1, "pixels"][:-3]  # not an (S, S, 3) image any more
+    pre.loc[1, ["pixels", "pixels_format"]] = [b"\0" * 7, "raw"]  # not an (S, S, 3) image
     out = Generate(cfg, mcfg).run(pre)
     assert len(out) == 6 and not out.duplicated(["key", "task_index"]).any()
     by = out.set_index(["key", "task_index"]).status
