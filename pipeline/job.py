@@ -1,16 +1,20 @@
 """The job, in phases: plan -> claim -> execute -> commit -> record.
 
-    shards --read (tasks)--> raw bytes --Preprocess (CPU actors)--> pixels + token ids
-           --Generate (GPU actors)--> one row per (image, prompt) --driver--> data/<shard>.parquet
+    shards --read (tasks; each claims its shard, streams it in bounded blocks)--> raw bytes
+           --Preprocess (CPU actors)--> pixels + token ids
+           --Generate (GPU actors)--> rows, written by the replicas as Parquet parts (pipeline.sink)
+           --driver: one small record per part--> merge task --> data/<shard>.parquet + marker
 
-The driver only receives small text rows; it groups them by shard and commits a shard as soon as
-every prompt of every image of it has come back. A shard with a transient failure left (network,
+No result row passes through the driver: it counts each shard's images from the part records and
+commits a shard as soon as all of them are in (a Ray task merges the parts into the shard's file,
+then the driver writes the ledger marker). A shard with a transient failure left (network,
 throttling, out of memory, after retries) is not committed: the run ends non-zero naming it and a
-rerun redoes it. Runs on one output claim shards, so concurrent runs split the work.
+rerun redoes it. Runs on one output claim shards as they read them, so concurrent runs split the work.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -19,24 +23,27 @@ import os
 import signal
 import threading
 import time
-from collections import Counter, defaultdict
-from typing import Any
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any, Iterator
 
 import yaml
 
 import cogvlm
 from cogvlm.weights import CheckpointError, check_checkpoint, read_config, resolve_source
 
-from . import errors as st
 from . import fit
 from . import plan as plan_job
 from .config import JobConfig, to_dict
 from .crashes import CrashLedger
+from .claims import ClaimKeeper
 from .errors import describe, redact, retry
-from .ledger import Claims, Ledger
-from .readers import InputPlan, Shard, check_parquet_columns, plan_input, read_shard
+from .ledger import Ledger
 from .processor import stages
 from .progress import Progress
+from .readers import (TOTAL_UNKNOWN, InputPlan, Shard, check_parquet_columns, plan_input, read_block_bytes,
+                      shard_blocks_fn)
+from .sink import PartSink, delete_parts, sweep_parts
 from .storage import filesystem, join, s3_options, write_bytes_atomic
 
 log = logging.getLogger("pipeline")
@@ -217,60 +224,79 @@ def _actor_wait_s(cfg: JobConfig) -> int:
     return int(cfg.model.wait_for_gpus_s) if cfg.model.wait_for_gpus_s > 0 else 1800
 
 
-class ShardTracker:
-    """Collects result rows per shard; a shard is complete when all prompts of all images arrived."""
+@dataclasses.dataclass
+class ShardParts:
+    """What the driver knows of one shard in flight: its parts and the images they cover."""
+
+    shard_id: str
+    parts: list[str] = dataclasses.field(default_factory=list)
+    images: set[int] = dataclasses.field(default_factory=set)
+    total: int = TOTAL_UNKNOWN  # known once the reader's last block of the shard is through
+    transient: str | None = None  # a transient failure's message: the shard is left for a rerun
+    failures: dict[int, tuple[str, str]] = dataclasses.field(default_factory=dict)  # image -> (status, message)
+
+
+class PartTracker:
+    """Part records in, complete shards out: a shard is complete when its parts cover every one
+    of its images. Records repeated by a re-run batch add no image twice."""
 
     def __init__(self) -> None:
-        self.rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        self.total: dict[str, int] = {}
-        self.tasks: dict[str, dict[int, int]] = defaultdict(dict)
-        self.got: dict[str, Counter] = defaultdict(Counter)
-        self.done_images: dict[str, int] = Counter()
-        self.seen: dict[str, set[tuple[int, int]]] = defaultdict(set)
+        self.open: dict[str, ShardParts] = {}
+        self.finished: set[str] = set()
+        self.late: list[str] = []  # parts written for shards already complete (a re-run batch's)
 
-    def add(self, r: dict[str, Any]) -> str | None:
-        sid = r["shard_id"]
-        i = int(r["image_index"])
-        row_id = (i, int(r["task_index"]))
-        if row_id in self.seen[sid]:  # a re-executed task's repeat: already have this row
+    def add(self, rec: dict[str, Any]) -> ShardParts | None:
+        sid = str(rec["shard_id"])
+        if sid in self.finished:
+            if rec["part"]:
+                self.late.append(str(rec["part"]))
             return None
-        self.seen[sid].add(row_id)
-        self.rows[sid].append(r)
-        self.total[sid] = int(r["shard_total"])
-        self.tasks[sid][i] = int(r["image_tasks"])
-        self.got[sid][i] += 1
-        if self.got[sid][i] == self.tasks[sid][i]:
-            self.done_images[sid] += 1
-        return sid if self.done_images[sid] == self.total[sid] else None
-
-    def pop(self, sid: str) -> list[dict[str, Any]]:
-        rows = self.rows.pop(sid)
-        for d in (self.total, self.tasks, self.got, self.done_images, self.seen):
-            d.pop(sid, None)
-        return rows
+        sp = self.open.setdefault(sid, ShardParts(sid))
+        if rec["part"]:
+            sp.parts.append(str(rec["part"]))
+        sp.images.update(json.loads(rec["images"]))
+        if int(rec["shard_total"]) != TOTAL_UNKNOWN:
+            sp.total = int(rec["shard_total"])
+        if rec["transient"] and sp.transient is None:
+            sp.transient = str(rec["transient"])
+        for i, status, msg in json.loads(rec["failures"]):
+            sp.failures.setdefault(int(i), (status, msg))
+        if sp.total != TOTAL_UNKNOWN and len(sp.images) >= sp.total:
+            self.finished.add(sid)
+            return self.open.pop(sid)
+        return None
 
 
 def build_dataset(cfg: JobConfig, shards: list[Shard], mcfg: cogvlm.CogVLMConfig, crash_ledger: Any,
-                  input_root: str) -> Any:
+                  input_root: str, keeper: Any, sink: PartSink) -> Any:
+    """Shards -> part records. Each read task claims its shard first (through `keeper`), so a run
+    claims only as far ahead as Ray Data reads, and skips shards other runs hold or committed."""
     import ray
     from ray.data import TaskPoolStrategy
 
     ctx = ray.data.DataContext.get_current()
     ctx.wait_for_min_actors_s = _actor_wait_s(cfg)
-    input_cfg, s3, policy = cfg.input, cfg.s3, cfg.retry
+    input_cfg, s3, policy, out = cfg.input, cfg.s3, cfg.retry, cfg.output.path
+    blocks = shard_blocks_fn(input_cfg, s3, policy)
 
-    def read(shard: dict[str, Any]) -> list[dict[str, Any]]:
+    def read(shard: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        sid = str(shard["shard_id"])
+        if ray.get(keeper.claim.remote(sid)) != "mine":
+            return
+        delete_parts(out, s3, sid)  # a killed run's parts of this shard: never to be merged
         files = [str(f) for f in (shard["files"] if shard["files"] is not None else [])]
-        s = Shard(str(shard["shard_id"]), str(shard["uri"]), files)
-        return read_shard(s, input_cfg, s3, policy)
+        yield from blocks(Shard(sid, str(shard["uri"]), files))
 
     # one shard per read task; flat_map (unlike map_batches) is not fused into the batched
     # actor stage below, so shards stay separate blocks and results stream back shard by shard.
     # Reads reserve no CPU (they are I/O-bound): with a CPU reservation, two jobs whose actor
     # pools held every CPU of a cluster deadlocked, each waiting for a CPU for its reads.
     ds = ray.data.from_items([s.to_dict() for s in shards], override_num_blocks=len(shards))
+    # Ray cuts a read task's rows into blocks of this size (this dataset's plan only; the default,
+    # 128 MiB, would hold a smaller shard whole): a read task holds a few blocks, never a shard
+    ds.context.target_max_block_size = read_block_bytes(input_cfg)
     ds = ds.flat_map(read, num_cpus=0, compute=TaskPoolStrategy(size=max(2, 2 * cfg.model.preprocess_workers)))
-    return stages(ds, cfg, mcfg, crash_ledger, input_root)  # the same block as pipeline.build_processor
+    return stages(ds, cfg, mcfg, crash_ledger, input_root, sink=sink)  # the same block as pipeline.build_processor
 
 
 class ErrorGuard:
@@ -287,17 +313,13 @@ class ErrorGuard:
         self.kinds: Counter = Counter()
         self.example: dict[tuple[str, str], str] = {}
 
-    def add(self, rows: list[dict[str, Any]]) -> None:
-        first: dict[int, dict[str, Any]] = {}
-        for r in sorted(rows, key=lambda r: int(r["task_index"])):
-            first.setdefault(int(r["image_index"]), r)
-        for r in first.values():
-            self.seen += 1
-            if r["status"] != st.OK:
-                msg = str(r.get("error_message") or "")
-                kind = (r["status"], msg.split(":", 1)[0][:80])
-                self.kinds[kind] += 1
-                self.example.setdefault(kind, msg)
+    def add(self, images: int, failures: list[tuple[str, str]]) -> None:
+        """`images` more images, of which `failures` (status, message) failed."""
+        self.seen += images
+        for status, msg in failures:
+            kind = (status, msg.split(":", 1)[0][:80])
+            self.kinds[kind] += 1
+            self.example.setdefault(kind, msg)
 
     def ready(self, stream_ended: bool) -> bool:
         return not self.decided and (self.seen >= self.limit or (stream_ended and self.seen >= self.MIN_IMAGES))
@@ -329,135 +351,164 @@ class RunState:
     first_commit: list[float] = dataclasses.field(default_factory=list)  # (seconds, images so far)
 
 
+COMMIT_THREADS = 8  # shards merged and marked at once (each waits on a Ray task and two writes)
+
+
 class Committer:
-    """Commits complete shards (retrying transient store failures), leaves shards with transient
-    rows uncommitted, and holds commits until the error guard has judged the first images."""
+    """Commits complete shards: a Ray task merges a shard's parts into its data file, then the
+    driver writes its ledger marker (store failures retried). Shards with transient failures are
+    left uncommitted; commits wait until the error guard has judged the first images."""
 
-    def __init__(self, cfg: JobConfig, ledger: Ledger, claims: Claims, state: RunState, run_id: str,
+    def __init__(self, cfg: JobConfig, ledger: Ledger, keeper: Any, state: RunState, run_id: str,
                  progress: Progress | None = None) -> None:
-        self.progress = progress
-        self.cfg, self.ledger, self.claims, self.state = cfg, ledger, claims, state
-        self.meta = {"project_version": cogvlm.__version__, "run_id": run_id,
-                     "timestamp": dt.datetime.now(dt.timezone.utc)}
-        self.guard = ErrorGuard(cfg.errors.guard_images, cfg.errors.guard_share)
-        self.held: list[tuple[str, list[dict[str, Any]], str]] = []
-        self.kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
+        import ray
 
-    def shard_done(self, sid: str, rows: list[dict[str, Any]], source: str) -> None:
-        transient = [r for r in rows if r["status"] == st.TRANSIENT]
-        if transient:
-            why = str(transient[0].get("error_message") or "transient failure")
-            self.state.failed[sid] = why
-            log.error("shard %s left uncommitted (a rerun redoes it): %d rows failed transiently: %s",
-                      sid, len(transient), redact(why))
-            self.claims.release(sid)
+        from .sink import merge_parts
+
+        self.progress = progress
+        self.cfg, self.ledger, self.keeper, self.state, self.run_id = cfg, ledger, keeper, state, run_id
+        self.merge = ray.remote(num_cpus=0, max_retries=3)(merge_parts)
+        self.guard = ErrorGuard(cfg.errors.guard_images, cfg.errors.guard_share)
+        self.held: list[tuple[ShardParts, str]] = []
+        self.kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
+        self.pool = ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="commit")
+        self.running: set[Future] = set()
+        self.lock = threading.Lock()
+
+    def shard_done(self, sp: ShardParts, source: str) -> None:
+        if sp.transient is not None:
+            self.state.failed[sp.shard_id] = sp.transient
+            log.error("shard %s left uncommitted (a rerun redoes it): rows failed transiently: %s",
+                      sp.shard_id, redact(sp.transient))
+            self.keeper.release.remote(sp.shard_id)
             return
         if self.guard.decided:
-            self._commit(sid, rows, source)
+            self._submit(sp, source)
             return
-        self.guard.add(rows)
-        self.held.append((sid, rows, source))
+        self.guard.add(len(sp.images), list(sp.failures.values()))
+        self.held.append((sp, source))
         if self.guard.ready(stream_ended=False):
             self._judge()
+
+    def check(self) -> None:
+        """Raise the first failed commit's error (RunStopped)."""
+        for f in [f for f in self.running if f.done()]:
+            self.running.discard(f)
+            f.result()
 
     def stream_ended(self) -> None:
         if self.guard.ready(stream_ended=True):
             self._judge()
-        for sid, rows, source in self.held:
-            self._commit(sid, rows, source)
+        for sp, source in self.held:
+            self._submit(sp, source)
         self.held = []
+        self.drain()
+
+    def drain(self) -> None:
+        while self.running:
+            wait(self.running, return_when=FIRST_COMPLETED)
+            self.check()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
     def _judge(self) -> None:
         reason = self.guard.verdict()
         if reason is not None:
             raise RunStopped(reason)
-        for sid, rows, source in self.held:
-            self._commit(sid, rows, source)
+        for sp, source in self.held:
+            self._submit(sp, source)
         self.held = []
 
-    def _commit(self, sid: str, rows: list[dict[str, Any]], source: str) -> None:
-        s = self.state
+    def _submit(self, sp: ShardParts, source: str) -> None:
+        self.running.add(self.pool.submit(self._commit, sp, source))
+
+    def _commit(self, sp: ShardParts, source: str) -> None:
+        import ray
+
+        s, sid, out = self.state, sp.shard_id, self.cfg.output.path
         try:
-            rec = retry(lambda: self.ledger.commit(sid, source, rows, self.meta), f"committing shard {sid}",
-                        self.cfg.retry.deadline_s, self.cfg.retry.backoff_s)
+            rec = ray.get(self.merge.remote(out, self.cfg.s3, self.cfg.retry, sid, source, sp.parts, self.run_id))
+            retry(lambda: self.ledger.mark(rec), f"committing shard {sid}", self.cfg.retry.deadline_s,
+                  self.cfg.retry.backoff_s)
         except Exception as e:  # noqa: BLE001 - the store is down or full: stop with one line
-            raise RunStopped(f"could not commit shard {sid} to {redact(self.cfg.output.path)}: {describe(e)}. "
-                           f"{len(s.committed)} shards were committed by this run and are kept; "
-                           f"rerun to finish") from None
-        s.counts.update(r["status"] for r in rows)
-        s.images += rec["images"]
-        s.prompt_tokens += sum(int(r["prompt_tokens"]) for r in rows if r["status"] == st.OK)
-        s.output_tokens += sum(int(r["output_tokens"]) for r in rows if r["status"] == st.OK)
-        s.committed.append(sid)
-        self.claims.release(sid)
-        if not s.first_commit:
-            s.first_commit.extend([time.perf_counter() - s.t0, s.images])
-        log.info("shard %s committed: %d images, %d rows %s (%d committed)", sid, rec["images"], rec["rows"],
-                 rec["status"], len(s.committed))
-        if self.progress is not None:
-            self.progress.add_shard(rec["images"], Counter(r["status"] for r in rows))
-            self.progress.report()
-        if self.kill_after and len(s.committed) >= self.kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _claim(claims: Claims, ledger: Ledger, shards: list[Shard], cfg: JobConfig) -> tuple[list[Shard], list[Shard]]:
-    """(shards this run now holds, shards other runs hold); committed shards are in neither."""
-    def claim(s: Shard) -> bool | None:
-        if not claims.acquire(s.shard_id):
-            return False
-        if ledger.is_done(s.shard_id):  # committed by another run since we listed
-            claims.release(s.shard_id)
-            return None
-        return True
-
-    mine, busy = [], []
-    for s in shards:
-        got = retry(lambda: claim(s), f"claiming shard {s.shard_id}", cfg.retry.deadline_s, cfg.retry.backoff_s)
-        if got:
-            mine.append(s)
-        elif got is False:
-            busy.append(s)
-    return mine, busy
+            e = getattr(e, "cause", None) or e  # a Ray task's error: the exception it raised
+            with contextlib.suppress(Exception):
+                if self.ledger.is_done(sid):  # another run (which took the claim over) committed it
+                    log.warning("shard %s was committed by another run meanwhile", sid)
+                    return
+            raise RunStopped(f"could not commit shard {sid} to {redact(out)}: {describe(e)}. "
+                             f"{len(s.committed)} shards were committed by this run and are kept; "
+                             f"rerun to finish") from None
+        delete_parts(out, self.cfg.s3, sid)
+        self.keeper.release.remote(sid)
+        with self.lock:
+            s.counts.update(rec["status"])
+            s.images += rec["images"]
+            s.prompt_tokens += rec["prompt_tokens"]
+            s.output_tokens += rec["output_tokens"]
+            s.committed.append(sid)
+            if not s.first_commit:
+                s.first_commit.extend([time.perf_counter() - s.t0, s.images])
+            log.info("shard %s committed: %d images, %d rows %s (%d committed)", sid, rec["images"],
+                     rec["rows"], rec["status"], len(s.committed))
+            if self.progress is not None:
+                self.progress.add_shard(rec["images"], Counter(rec["status"]))
+            if self.kill_after and len(s.committed) >= self.kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _execute(cfg: JobConfig, shards: list[Shard], mcfg: cogvlm.CogVLMConfig, committer: Committer,
-             crash_ledger: Any, input_root: str) -> None:
-    tracker = ShardTracker()
+             crash_ledger: Any, input_root: str, keeper: Any, sink: PartSink) -> None:
+    """Run the pipeline over `shards`; the driver receives one small record per written part."""
+    import ray
+
+    tracker = PartTracker()
     source = {s.shard_id: s.uri for s in shards}
-    finished: set[str] = set()
     try:
-        dataset = build_dataset(cfg, shards, mcfg, crash_ledger, input_root)
+        dataset = build_dataset(cfg, shards, mcfg, crash_ledger, input_root, keeper, sink)
         for batch in dataset.iter_batches(batch_format="pandas", batch_size=None):
-            for r in batch.to_dict("records"):
-                sid = tracker.add(r)
-                if sid is not None:
-                    finished.add(sid)
-                    committer.shard_done(sid, tracker.pop(sid), source[sid])
+            for rec in batch.to_dict("records"):
+                sp = tracker.add(rec)
+                if sp is not None:
+                    committer.shard_done(sp, source[sp.shard_id])
+            committer.check()
     except JobError:
         raise
     except Exception as e:  # noqa: BLE001 - Ray's errors are pages long; the log has the details
         log.exception("the pipeline failed")
         raise RunStopped(f"the pipeline failed: {describe(e)}") from None
+    mine = set(ray.get(keeper.outcomes.remote())["mine"])
     for s in shards:
-        if s.shard_id in finished:
+        if s.shard_id in tracker.finished or s.shard_id not in mine:
             continue
-        if s.shard_id in tracker.rows:
-            raise JobError(f"shard {s.shard_id}: stream ended with {len(tracker.rows[s.shard_id])} rows of an "
-                           f"incomplete shard (this is a bug)")
-        committer.shard_done(s.shard_id, [], s.uri)  # a shard with no samples
+        if s.shard_id in tracker.open:
+            sp = tracker.open[s.shard_id]
+            raise JobError(f"shard {s.shard_id}: stream ended with {len(sp.images)} of "
+                           f"{sp.total if sp.total != TOTAL_UNKNOWN else 'an unknown number of'} images "
+                           f"(this is a bug)")
+        committer.shard_done(ShardParts(s.shard_id, total=0), s.uri)  # a shard with no samples
     committer.stream_ended()
+    if tracker.late:  # parts a re-run batch wrote after its shard was merged
+        fs, root = filesystem(cfg.output.path, cfg.s3)
+        for rel in tracker.late:
+            with contextlib.suppress(Exception):
+                fs.rm(join(root, rel))
 
 
-def _wait_for_others(claims: Claims, ledger: Ledger, busy: list[Shard], cfg: JobConfig) -> list[Shard]:
+def _wait_for_others(keeper: Any, busy: list[Shard], cfg: JobConfig) -> list[Shard]:
     """Batch mode: wait until every shard another run holds is committed, and take over those
     whose claim expires (their run died). Returns the shards taken over."""
+    import ray
+
     poll = max(1.0, min(10.0, cfg.claim_ttl_s / 3))
     last_log = 0.0
     left = list(busy)
     while left:
-        taken, left = _claim(claims, ledger, left, cfg)
-        if taken:
+        got = {s.shard_id: ray.get(keeper.claim.remote(s.shard_id)) for s in left}
+        taken = [s for s in left if got[s.shard_id] == "mine"]
+        left = [s for s in left if got[s.shard_id] == "busy"]
+        if taken:  # the next pass's reads claim them again: already ours, so "mine"
             return taken
         if left:
             if time.monotonic() - last_log > 60:
@@ -507,22 +558,20 @@ def run(cfg: JobConfig) -> dict[str, Any]:
     check_resources(cfg)
     if cfg.model.gpu_memory_gb is None:
         check_fit(cfg, mcfg)
-    # claim: batch and enrich runs alike, so that concurrent runs on one output split the work
-    claims = Claims(out_fs, out_root, run_id, cfg.claim_ttl_s)
-    stop_heartbeat = threading.Event()
+    # claim: batch and enrich runs alike, so that concurrent runs on one output split the work;
+    # each read task claims its shard just before reading it (see build_dataset)
+    # (on the driver's node: a claim names its process, and a rerun on this machine takes over at
+    # once the claims of a process that is gone; the keeper dies with the driver)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    def heartbeat() -> None:
-        while not stop_heartbeat.wait(max(1.0, cfg.claim_ttl_s / 3)):
-            try:
-                claims.refresh()
-            except Exception as e:  # noqa: BLE001 - try again next beat; the TTL covers several
-                log.warning("claims heartbeat failed: %s", describe(e))
-
-    beat = threading.Thread(target=heartbeat, name="claims-heartbeat", daemon=True)
-    beat.start()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    keeper = ray.remote(num_cpus=0, max_concurrency=32)(ClaimKeeper).options(scheduling_strategy=here).remote(
+        cfg.output.path, cfg.s3, run_id, cfg.claim_ttl_s, cfg.retry)
+    sink = PartSink(cfg.output.path, cfg.s3, cfg.retry, run_id, cogvlm.__version__)
+    sweep_parts(out_fs, out_root, done, cfg.retry)
     crash_ledger = ray.remote(num_cpus=0)(CrashLedger).remote()
-    progress = Progress(out_fs, out_root, run_id, shards=0)
-    committer = Committer(cfg, ledger, claims, state, run_id, progress)
+    progress = Progress(out_fs, out_root, run_id, shards=len(pending))
+    committer = Committer(cfg, ledger, keeper, state, run_id, progress)
     stop_progress = threading.Event()
 
     def ticker() -> None:
@@ -530,34 +579,37 @@ def run(cfg: JobConfig) -> dict[str, Any]:
             progress.report()
 
     final = "failed"
+    busy: list[Shard] = []
     ticking = threading.Thread(target=ticker, name="progress", daemon=True)
     try:
-        mine, busy = _claim(claims, ledger, pending, cfg)
-        log.info("run %s: %d shards, %d already committed, %d claimed by other runs, %d to process",
-                 run_id, len(shards), len(shards) - len(pending), len(busy), len(mine))
-        progress.add_shards(len(mine))
+        log.info("run %s: %d shards, %d already committed, %d to process (each claimed as it is read)",
+                 run_id, len(shards), len(shards) - len(pending), len(pending))
         ticking.start()
         # execute -> commit, then (batch mode) wait for the shards other runs hold, taking over
         # those whose run died, until every shard of the input is committed
+        todo = pending
         while True:
-            if mine:
-                _execute(cfg, mine, mcfg, committer, crash_ledger, plan.root)
+            _execute(cfg, todo, mcfg, committer, crash_ledger, plan.root, keeper, sink)
+            held = set(ray.get(keeper.outcomes.remote())["busy"])  # each shard's latest answer
+            busy = [s for s in pending if s.shard_id in held]
+            if busy:
+                log.info("%d shards are being processed by other runs", len(busy))
             if cfg.mode != "batch" or not busy:
                 break
-            mine = _wait_for_others(claims, ledger, busy, cfg)
-            if not mine:
+            todo = _wait_for_others(keeper, busy, cfg)
+            if not todo:  # all committed by the runs that held them
                 break
-            progress.add_shards(len(mine))
-            busy = [s for s in busy if s not in mine]
         final = "incomplete" if state.failed else "done"
     finally:
         stop_progress.set()
         if ticking.is_alive():
             ticking.join(timeout=60)
-        stop_heartbeat.set()
-        beat.join(timeout=60)
-        for sid in list(claims.held):
-            claims.release(sid)
+        committer.close()
+        try:
+            ray.get(keeper.close.remote(), timeout=60)
+            ray.kill(keeper)
+        except Exception as e:  # noqa: BLE001 - claims left behind expire (or their owner is gone)
+            log.warning("could not release this run's claims: %s", describe(e))
         try:
             crash_stats = ray.get(crash_ledger.stats.remote(), timeout=30)
             ray.kill(crash_ledger)

@@ -25,6 +25,7 @@ import cogvlm
 from .config import ConfigError, JobConfig, load_config
 from .crashes import FAULT_ENV
 from .ledger import SCHEMA, _boxes, _none
+from .sink import WRITE_FAULT_ENV
 
 PASSTHROUGH = "passthrough"  # internal column: the user's own columns, pickled per row
 
@@ -34,25 +35,27 @@ DATASET_INPUT = "ray-dataset://"  # stands for input/output paths a processor do
 
 
 def stages(ds: Any, cfg: JobConfig, mcfg: Any, crash_ledger: Any, input_root: str,
-           whole_batches: bool = False) -> Any:
+           whole_batches: bool = False, sink: Any = None) -> Any:
     """Rows with the reader's columns (key, image | image_uri, questions, read_error, read_status,
     shard_id, source_uri, shard_total, image_index[, passthrough]) -> one row per (image, prompt).
 
     `whole_batches`: Generate emits a batch's rows together (for consumers that cannot drop the
-    rows a retried batch repeats; the CLI's driver can, so it gets each image's rows as ready)."""
+    rows a retried batch repeats). `sink` (a `pipeline.sink.PartSink`, the CLI job's): Generate
+    writes the rows itself and emits one small record per written part instead."""
     from ray.data import ActorPoolStrategy
 
     from .stages import Generate, Preprocess
 
     # the tests' fault-injection hook reaches the stage workers through their runtime env
-    stage_env = {"runtime_env": {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}}} if os.environ.get(FAULT_ENV) else {}
+    hooks = {k: os.environ[k] for k in (FAULT_ENV, WRITE_FAULT_ENV) if os.environ.get(k)}
+    stage_env = {"runtime_env": {"env_vars": hooks}} if hooks else {}
     kwargs = {"job": cfg, "model_config": mcfg, "crash_ledger": crash_ledger}
     ds = ds.map_batches(Preprocess, fn_constructor_kwargs=dict(kwargs, input_root=input_root),
                         compute=ActorPoolStrategy(min_size=1, max_size=max(1, cfg.model.preprocess_workers)),
                         num_cpus=1, batch_size=16, batch_format="pandas", **stage_env)
     # Generate's __call__ is async: a replica takes `batches_in_flight` Ray batches at once and
     # feeds them all to its one engine, so the device never waits for the next batch
-    return ds.map_batches(Generate, fn_constructor_kwargs=dict(kwargs, whole_batches=whole_batches),
+    return ds.map_batches(Generate, fn_constructor_kwargs=dict(kwargs, whole_batches=whole_batches, sink=sink),
                           compute=ActorPoolStrategy(min_size=cfg.model.min_replicas,
                                                     max_size=cfg.model.max_replicas,
                                                     max_tasks_in_flight_per_actor=cfg.model.batches_in_flight,

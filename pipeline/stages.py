@@ -19,16 +19,15 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, AsyncIterator, Awaitable
 
-import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
 
-from cogvlm import CogVLMProcessor, build_prompt, load_model, open_image, parse_boxes
+from cogvlm import CogVLMProcessor, build_prompt, load_model, parse_boxes
 from cogvlm.config import CogVLMConfig
 from cogvlm.engine import Completion, Engine, Request
 from cogvlm.memory import CUDA_CONTEXT_BYTES
-from cogvlm.processor import normalize, resize_image
+from cogvlm.processor import normalize
 from cogvlm.sampling import derive_seed
 from cogvlm.weights import resolve_source, weights_fingerprint
 
@@ -39,7 +38,9 @@ from .engine_loop import EngineBroken, EngineLoop
 from .fit import DoesNotFit, gpu_bytes_per_replica, prompts_per_image, replica_fit_error
 from .errors import TransientError, describe, is_transient, retry
 from .storage import FileTooLarge, UriPolicy, UriRefused, filesystem, read_capped, s3_options
+from .sink import RECORD_COLUMNS, PartSink
 from .tasks import Prompt, expand, to_json
+from .transport import UndecodableImage, pack, unpack
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,8 @@ TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "*.model", "vocab*",
                    "added_tokens.json", "config.json"]
 
 PREPROCESSED_COLUMNS = ["shard_id", "source_uri", "shard_total", "image_index", "key", "status",
-                        "error_message", "width", "height", "pixels", "prompts", "prompt_ids", "passthrough"]
+                        "error_message", "width", "height", "pixels", "pixels_format", "prompts", "prompt_ids",
+                        "passthrough"]
 OUTPUT_COLUMNS = ["key", "source_uri", "shard_id", "shard_total", "image_index", "image_tasks", "task",
                   "task_index", "prompt", "response", "boxes_json", "status", "error_message",
                   "prompt_tokens", "output_tokens", "finish_reason", "generation_s", "width", "height",
@@ -94,10 +96,9 @@ class Preprocess:
         return retry(lambda: read_capped(fs, path, self.job.input.max_image_bytes), f"fetching {uri}",
                      self.job.retry.deadline_s, self.job.retry.backoff_s)
 
-    def _pixels(self, data: bytes) -> tuple[np.ndarray, int, int]:
-        image = open_image(data, max_pixels=self.job.input.max_image_pixels)
-        w, h = image.size
-        return resize_image(image, self.config.image_size), w, h  # uint8 (S, S, 3)
+    def _pixels(self, data: bytes) -> tuple[dict[str, Any], int, int]:
+        """The image decoded in full -> its transport columns (pipeline.transport), width, height."""
+        return pack(data, self.config.image_size, max_pixels=self.job.input.max_image_pixels)
 
     def prompts(self, questions: str | None) -> list[Prompt]:
         return expand(self.job.tasks, self.config.template_version, questions)
@@ -132,7 +133,7 @@ class Preprocess:
         ids = [self.processor.tokenizer.encode(build_prompt(p.query, (), p.template),
                                                add_special_tokens=False) for p in prompts]
         rec = {k: row[k] for k in ("shard_id", "source_uri", "shard_total", "image_index", "key")}
-        rec.update(status=st.OK, error_message=None, width=None, height=None, pixels=None,
+        rec.update(status=st.OK, error_message=None, width=None, height=None, pixels=None, pixels_format=None,
                    prompts=to_json(prompts), prompt_ids=json.dumps(ids),
                    passthrough=row.get("passthrough"))  # a processor's user columns (pipeline.processor)
         if no_prompt:
@@ -184,8 +185,8 @@ class Preprocess:
         try:
             if len(data) == 0:
                 raise ValueError("empty image file (0 bytes)")
-            pixels, w, h = self._pixels(bytes(data))
-            rec.update(pixels=pixels.tobytes(), width=w, height=h)
+            columns, w, h = self._pixels(bytes(data))
+            rec.update(columns, width=w, height=h)
         except Image.DecompressionBombError as e:
             rec.update(status=st.IMAGE_TOO_LARGE, error_message=describe(e))
         except MemoryError as e:
@@ -210,9 +211,12 @@ class Generate:
     """
 
     def __init__(self, job: JobConfig, model_config: CogVLMConfig, crash_ledger: Any = None,
-                 whole_batches: bool = False) -> None:
+                 whole_batches: bool = False, sink: PartSink | None = None) -> None:
+        """`sink`: write each batch's rows to Parquet parts here and emit only their records
+        (the CLI job); without it, the rows themselves leave (`whole_batches`: a batch's together)."""
         self.job = job
         self.whole_batches = whole_batches  # see pipeline.processor.stages
+        self.sink = sink
         self.crash_ledger = crash_ledger
         m = job.model
         device = "cuda" if m.gpus_per_replica > 0 else "cpu"
@@ -247,15 +251,16 @@ class Generate:
         dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(m.dtype, m.dtype)
         self.weights = dtype + (f"+{m.quantization}" if m.quantization else "")  # provenance of each row
         self.worker = f"{os.uname().nodename}/{os.getpid()}"
+        # `_pixels` (decode, resize, normalize) on this replica's CPUs, off the event loop
+        self.decoder = ThreadPoolExecutor(max(1, int(m.cpus_per_replica)), thread_name_prefix="generate-decode")
 
     def _prompts(self, prompts_json: str) -> list[Prompt]:
         return [Prompt(p["task"], p["query"], p["template"], getattr(self.job.tasks, p["task"]))
                 for p in json.loads(prompts_json)]
 
     def _pixels(self, row: dict[str, Any]) -> torch.Tensor:
-        """(3, S, S) float32, on the CPU until admitted."""
-        S = self.config.image_size
-        return normalize(np.frombuffer(row["pixels"], dtype=np.uint8).reshape(S, S, 3).copy())
+        """(3, S, S) float32, on the CPU until admitted; forwarded image files are decoded here."""
+        return normalize(unpack(row, self.config.image_size))
 
     async def _outputs(self, rows: list[dict[str, Any]]) -> AsyncIterator[list[dict[str, Any]]]:
         """The batch's output rows, a group at a time as images finish."""
@@ -269,7 +274,11 @@ class Generate:
     async def __call__(self, batch: pd.DataFrame) -> AsyncIterator[pd.DataFrame]:
         rows = batch.to_dict("records")
         try:
-            if self.whole_batches:
+            if self.sink is not None:
+                out = [r async for group in self._outputs(rows) for r in group]
+                records = await asyncio.to_thread(self.sink.write, out)
+                yield pd.DataFrame(records, columns=RECORD_COLUMNS)
+            elif self.whole_batches:
                 yield pd.DataFrame([r async for out in self._outputs(rows) for r in out], columns=OUTPUT_COLUMNS)
             else:
                 async for out in self._outputs(rows):
@@ -302,6 +311,8 @@ class Generate:
     def _failure(e: BaseException, where: str) -> tuple[str, str]:
         """(status, message) for an exception: out of memory and the like may pass (TRANSIENT,
         left for the rerun); anything else is this input's GENERATION_ERROR."""
+        if isinstance(e, UndecodableImage):  # its forwarded file did not decode here
+            return st.DECODE_ERROR, f"{where}{describe(e)}"
         return (st.TRANSIENT if is_transient(e) else st.GENERATION_ERROR), f"{where}{describe(e)}"
 
     async def _process(self, rows: list[dict[str, Any]], failed: list[_Failed]) -> AsyncIterator[list[dict[str, Any]]]:
@@ -333,11 +344,14 @@ class Generate:
             yield ready
         # the batch's images enter the engine together (one admission round when it is free)
         submit: list[tuple[_Failed, tuple[list[Request], torch.Tensor]]] = []
-        for item in images:
-            try:
-                submit.append((item, ([req for _, _, req in item[2]], self._pixels(item[0]))))
-            except Exception:  # noqa: BLE001 - retried (and reported) alone, like an engine failure
+        loop = asyncio.get_running_loop()  # pixels made on the decode threads while the engine runs
+        pixels = await asyncio.gather(*(loop.run_in_executor(self.decoder, self._pixels, item[0]) for item in images),
+                                      return_exceptions=True)
+        for item, px in zip(images, pixels):
+            if isinstance(px, BaseException):  # retried (and reported) alone, like an engine failure
                 failed.append(item)
+            else:
+                submit.append((item, ([req for _, _, req in item[2]], px)))
         futures = self.loop.submit([s for _, s in submit], id(rows))
         pending = {asyncio.ensure_future(self._image(*item, f)): item for (item, _), f in zip(submit, futures)}
         while pending:

@@ -245,6 +245,7 @@ def test_killed_run_resumes_without_duplicates_or_recomputation(ray_cluster, ckp
         assert json.loads((out / "_ledger" / f"{sid}.json").read_text())["run_id"] == rec["run_id"]
         assert (out / "data" / f"{sid}.parquet").stat().st_mtime_ns == first_files[sid]
     assert set(df[df.shard_id.isin(first)].run_id) == {rec["run_id"] for rec in first.values()}
+    assert not [p for p in (out / "_parts").rglob("*") if p.is_file()]  # the killed run's parts are gone
 
 
 def test_config_and_setup_errors_fail_fast_and_name_the_problem(ray_cluster, ckpt_v1, tokenizer_v1, tmp_path):
@@ -297,7 +298,8 @@ def test_preprocess_stage_called_directly(ckpt_v1, tokenizer_v1, tmp_path):
                                            ("bad", bad_images()["truncated"][1])])]
     out = Preprocess.__call__(stage, pd.DataFrame(rows))
     assert out.status.tolist() == ["ok", "image_too_large", "decode_error"]
-    assert len(out.pixels[0]) == 3 * 56 * 56 and out.pixels[1] is None  # uint8 (S, S, 3)
+    # a small JPEG travels as its own bytes (smaller than the uint8 (S, S, 3) pixels)
+    assert out.pixels_format[0] == "source" and out.pixels[0] == good_image(1) and out.pixels[1] is None
 
 
 def test_enrich_processes_only_new_shards_and_records_runs(ray_cluster, ckpt_v1, tokenizer_v1, tmp_path):
