@@ -283,7 +283,7 @@ def build_dataset(cfg: JobConfig, shards: list[Shard], mcfg: cogvlm.CogVLMConfig
         sid = str(shard["shard_id"])
         if ray.get(keeper.claim.remote(sid)) != "mine":
             return
-        delete_parts(out, s3, sid)  # a killed run's parts of this shard: never to be merged
+        delete_parts(out, s3, sid, keep_run=sink.run_id)  # a killed run's parts: never to be merged
         files = [str(f) for f in (shard["files"] if shard["files"] is not None else [])]
         yield from blocks(Shard(sid, str(shard["uri"]), files))
 
@@ -452,10 +452,11 @@ class Committer:
                 s.first_commit.extend([time.perf_counter() - s.t0, s.images])
             log.info("shard %s committed: %d images, %d rows %s (%d committed)", sid, rec["images"],
                      rec["rows"], rec["status"], len(s.committed))
-            if self.progress is not None:
-                self.progress.add_shard(rec["images"], Counter(rec["status"]))
             if self.kill_after and len(s.committed) >= self.kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
+        if self.progress is not None:
+            self.progress.add_shard(rec["images"], Counter(rec["status"]))
+            self.progress.report()
 
 
 def _execute(cfg: JobConfig, shards: list[Shard], mcfg: cogvlm.CogVLMConfig, committer: Committer,

@@ -19,6 +19,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import signal
 import uuid
 from collections import Counter
@@ -154,14 +155,22 @@ def _one_row_per_task(table: pa.Table) -> pa.Table:
     return table.take(keep) if len(keep) < table.num_rows else table
 
 
-def delete_parts(output_path: str, s3: S3Config, shard_id: str) -> None:
-    """Remove the shard's parts (a committed shard's, or a killed run's); never raises."""
+def delete_parts(output_path: str, s3: S3Config, shard_id: str, keep_run: str | None = None) -> None:
+    """Remove the shard's parts (all, once it is committed; at its claim, those of other runs
+    but `keep_run`'s, which a re-run read task must not take from under the driver); never raises."""
     fs, root = filesystem(output_path, s3)
     path = parts_dir(root, shard_id)
     try:
         fs.invalidate_cache(path)
-        if fs.exists(path):
+        if not fs.exists(path):
+            return
+        if keep_run is None:
             fs.rm(path, recursive=True)
+            return
+        mine = re.compile(re.escape(keep_run) + r"-[0-9a-f]{32}\.parquet")
+        stale = [p for p in fs.ls(path, detail=False) if not mine.fullmatch(p.rstrip("/").rsplit("/", 1)[-1])]
+        if stale:
+            fs.rm(stale, recursive=True)
     except FileNotFoundError:
         pass
     except Exception as e:  # noqa: BLE001 - leftovers are removed by the next run

@@ -140,3 +140,18 @@ def test_a_failed_merge_leaves_nothing_where_readers_look(tmp_path):
     assert sorted(p.name for p in (out / "data").iterdir()) == ["small.parquet"]
     assert not list((out / "_tmp").iterdir())  # the partial file was removed
     assert pd.read_parquet(out / "data").response.tolist() == ["r0.0"]
+
+
+def test_a_claim_deletes_other_runs_parts_and_keeps_its_own(tmp_path):
+    """At its claim a run deletes a killed run's parts of the shard, but not its own (a read
+    task that Ray re-runs claims again while the driver already lists the run's earlier parts)."""
+    from pipeline.sink import delete_parts
+
+    out = str(tmp_path / "out")
+    for run_id in ("run-a", "run-a-2", "run-b"):  # run-a-2's names start with "run-a-" too
+        PartSink(out, S3Config(), RetryConfig(deadline_s=5), run_id, "0").write(rows_of("s", range(2)))
+    delete_parts(out, S3Config(), "s", keep_run="run-a")
+    left = [p.name for p in (tmp_path / "out" / "_parts" / "s").iterdir()]
+    assert len(left) == 1 and left[0].startswith("run-a-") and len(left[0]) == len("run-a-") + 32 + len(".parquet")
+    delete_parts(out, S3Config(), "s")  # after the commit: all of them
+    assert not (tmp_path / "out" / "_parts" / "s").exists()
