@@ -2,11 +2,13 @@
 and what is left is reading, Ray Data, the driver and the commits. Driver CPU is the driver
 process's user + system time over the run (getrusage of the driver alone, not Ray's other processes).
 
-    python bench/overhead.py --images 2000 --per-shard 100
-    python bench/overhead.py --repo /tmp/before   # the same run with another checkout's pipeline
+    python bench/overhead.py --images 500 4000 --per-shard 100
+    python bench/overhead.py --repo /tmp/before --repo .   # another checkout's pipeline, then this one
 
 With several `--repo`, each checkout runs in turn in this one invocation, on the same inputs and
-checkpoint, so their numbers compare as ratios. Prints one table.
+checkpoint, so their numbers compare as ratios. With two sizes, the driver CPU per row is also
+given as the slope between them (what one more row costs the driver, start-up excluded).
+Prints one table.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def make_inputs(root: Path, n_images: int, per_shard: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--images", type=int, nargs="+", default=[500, 4000])
     p.add_argument("--per-shard", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray")
@@ -66,43 +68,54 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_checkpoint(root / "ckpt", version=1, preset_name="tiny", tokenizer_dir=root / "tok")
-        make_inputs(root / "in", a.images, a.per_shard)
+        for n in a.images:
+            make_inputs(root / f"in-{n}", n, a.per_shard)
         for i, repo in enumerate(repos):
-            data = {
-                "input": {"path": str(root / "in")}, "output": {"path": str(root / f"out-{i}")},
-                "tasks": {"caption": {"max_new_tokens": 1}},
-                "model": {"source": str(root / "ckpt"), "tokenizer": str(root / "tok"), "dtype": "fp32",
-                          "gpus_per_replica": 0, "cpus_per_replica": 1, "batch_size": a.batch_size,
-                          "preprocess_workers": 1},
-            }
-            env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", PYTHONPATH=str(repo))
-            env.pop("RAY_ADDRESS", None)
-            proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(data), str(a.cpus)], cwd=repo, env=env,
-                                  capture_output=True, text=True)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                sys.exit(f"{repo}: no result\n{proc.stderr[-3000:]}")
-            r = json.loads(line[len("RESULT "):])
             rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
                                  text=True).stdout.strip()
-            results.append((f"{repo.name}@{rev}", r))
-    print(f"tiny v1, {a.images} images ({a.per_shard}/shard), caption, 1 new token, batch {a.batch_size}, "
-          f"local Ray {a.cpus} logical CPUs on {os.cpu_count()} cores")
+            for n in a.images:
+                data = {
+                    "input": {"path": str(root / f"in-{n}")}, "output": {"path": str(root / f"out-{i}-{n}")},
+                    "tasks": {"caption": {"max_new_tokens": 1}},
+                    "model": {"source": str(root / "ckpt"), "tokenizer": str(root / "tok"), "dtype": "fp32",
+                              "gpus_per_replica": 0, "cpus_per_replica": 1, "batch_size": a.batch_size,
+                              "preprocess_workers": 1},
+                }
+                env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", PYTHONPATH=str(repo))
+                env.pop("RAY_ADDRESS", None)
+                proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(data), str(a.cpus)], cwd=repo,
+                                      env=env, capture_output=True, text=True)
+                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+                if line is None:
+                    sys.exit(f"{repo}: no result\n{proc.stderr[-3000:]}")
+                results.append((f"{repo.name}@{rev}", n, json.loads(line[len("RESULT "):])))
+    print(f"tiny v1, {'/'.join(map(str, a.images))} images ({a.per_shard}/shard), caption, 1 new token, batch "
+          f"{a.batch_size}, local Ray {a.cpus} logical CPUs on {os.cpu_count()} cores")
     # the main thread is the data path (it receives the output blocks and, before workers wrote,
     # tracked and committed every row); the process total adds Ray Data's executor and Ray's threads
-    print("| checkout | wall s | images/s | steady images/s | driver CPU s (process) | per 1,000 rows "
+    print("| checkout | images | wall s | images/s | steady images/s | driver CPU s (process) | per 1,000 rows "
           "| main-thread CPU s | per 1,000 rows |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, r in results:
-        print(f"| {name} | {r['wall_s']:.1f} | {r['images'] / r['wall_s']:.1f} | {r['steady'] or 0:.1f} | "
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, n, r in results:
+        print(f"| {name} | {n} | {r['wall_s']:.1f} | {r['images'] / r['wall_s']:.1f} | {r['steady'] or 0:.1f} | "
               f"{r['driver_cpu_s']:.2f} | {1000 * r['driver_cpu_s'] / r['rows']:.3f} | "
               f"{r['main_thread_cpu_s']:.2f} | {1000 * r['main_thread_cpu_s'] / r['rows']:.3f} |")
-    if len(results) == 2:
-        (_, b), (_, c) = results
-        print(f"first/second: driver CPU per row {(b['driver_cpu_s'] / b['rows']) / (c['driver_cpu_s'] / c['rows']):.1f}x, "
-              f"main-thread CPU per row {(b['main_thread_cpu_s'] / b['rows']) / (c['main_thread_cpu_s'] / c['rows']):.1f}x; "
-              f"images/s second/first {(c['images'] / c['wall_s']) / (b['images'] / b['wall_s']):.2f}x")
-
+    if len(a.images) < 2:
+        return
+    slopes = []
+    for name in dict.fromkeys(name for name, _, _ in results):
+        mine = sorted(((n, r) for m, n, r in results if m == name), key=lambda t: t[0])
+        (n0, r0), (n1, r1) = mine[0], mine[-1]
+        rows = r1["rows"] - r0["rows"]
+        slope = {k: 1e6 * (r1[k] - r0[k]) / rows for k in ("driver_cpu_s", "main_thread_cpu_s")}
+        slopes.append((name, slope, r1["images"] / r1["wall_s"], r1["steady"]))
+        print(f"{name}: driver CPU per extra row ({n0} -> {n1} images): process {slope['driver_cpu_s']:.1f} us, "
+              f"main thread {slope['main_thread_cpu_s']:.1f} us")
+    if len(slopes) == 2:
+        (b, sb, ib, stb), (c, sc, ic, stc) = slopes
+        print(f"{b} / {c}: driver CPU per extra row {sb['driver_cpu_s'] / max(sc['driver_cpu_s'], 1e-9):.1f}x "
+              f"(process), {sb['main_thread_cpu_s'] / max(sc['main_thread_cpu_s'], 1e-9):.1f}x (main thread); "
+              f"images/s at {a.images[-1]} images {c} / {b}: {ic / ib:.2f}x (steady {stc / stb:.2f}x)")
 
 if __name__ == "__main__":
     main()
