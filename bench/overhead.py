@@ -58,6 +58,7 @@ def main() -> None:
     p.add_argument("--per-shard", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray")
+    p.add_argument("--questions", type=int, default=0, help="VQA questions per image beside the caption (rows per image - 1)")
     p.add_argument("--repo", action="append", default=[], help="checkouts to run (default: this one)")
     a = p.parse_args()
     sys.path.insert(0, str(HERE))
@@ -76,7 +77,9 @@ def main() -> None:
             for n in a.images:
                 data = {
                     "input": {"path": str(root / f"in-{n}")}, "output": {"path": str(root / f"out-{i}-{n}")},
-                    "tasks": {"caption": {"max_new_tokens": 1}},
+                    "tasks": {"caption": {"max_new_tokens": 1}, **({"vqa": {
+                        "questions": [f"Question {q}?" for q in range(a.questions)], "max_new_tokens": 1}}
+                        if a.questions else {})},
                     "model": {"source": str(root / "ckpt"), "tokenizer": str(root / "tok"), "dtype": "fp32",
                               "gpus_per_replica": 0, "cpus_per_replica": 1, "batch_size": a.batch_size,
                               "preprocess_workers": 1},
@@ -89,7 +92,8 @@ def main() -> None:
                 if line is None:
                     sys.exit(f"{repo}: no result\n{proc.stderr[-3000:]}")
                 results.append((f"{repo.name}@{rev}", n, json.loads(line[len("RESULT "):])))
-    print(f"tiny v1, {'/'.join(map(str, a.images))} images ({a.per_shard}/shard), caption, 1 new token, batch "
+    print(f"tiny v1, {'/'.join(map(str, a.images))} images ({a.per_shard}/shard), caption + {a.questions} VQA "
+          f"questions, 1 new token, batch "
           f"{a.batch_size}, local Ray {a.cpus} logical CPUs on {os.cpu_count()} cores")
     # the main thread is the data path (it receives the output blocks and, before workers wrote,
     # tracked and committed every row); the process total adds Ray Data's executor and Ray's threads
