@@ -39,7 +39,7 @@ from pipeline.config import InputConfig, RetryConfig, S3Config  # noqa: E402
 from pipeline.ledger import Ledger  # noqa: E402
 from pipeline.readers import plan_input  # noqa: E402
 from pipeline.storage import filesystem, join, list_files, write_bytes_atomic  # noqa: E402
-from tests.test_claims_scale import CountingRelay  # noqa: E402
+from tests.test_scale_claims import CountingRelay  # noqa: E402
 
 IN_BUCKET, OUT_BUCKET = "bench-in", "bench-out"
 TTL_S = 600.0
