@@ -2,7 +2,7 @@
 
     python bench/claims.py [--shards 100000] [--in-progress 64] [--old-claims 1000] [--split 1000]
 
-1. start-up: `plan_input` of `in/<00000..>.tar`, the ledger listing of an empty output, then the
+1. start-up: `list_input` of `in/<00000..>.tar`, the ledger listing of an empty output, then the
    first `ClaimKeeper.claim()` answering "mine": the time until the pipeline gets its first shard;
 2. heartbeat: with all shards pending and `--in-progress` of them claimed, one round's writes and time;
 3. old vs new: claiming `--old-claims` shards one after another up front (acquire + ledger check,
@@ -37,7 +37,7 @@ for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing
 from pipeline.claims import MINE, ClaimKeeper, Claims  # noqa: E402
 from pipeline.config import InputConfig, RetryConfig, S3Config  # noqa: E402
 from pipeline.ledger import Ledger  # noqa: E402
-from pipeline.readers import plan_input  # noqa: E402
+from pipeline.listing import list_input  # noqa: E402
 from pipeline.storage import filesystem, join, list_files, write_bytes_atomic  # noqa: E402
 from tests.test_scale_claims import CountingRelay  # noqa: E402
 
@@ -154,7 +154,7 @@ def main() -> None:
                      "not timed below"))
 
         # 1. start-up: plan -> ledger -> first claim
-        plan, plan_s = timed(lambda: plan_input(InputConfig(path=f"s3://{IN_BUCKET}/in", format="webdataset"), s3))
+        plan, plan_s = timed(lambda: list_input(InputConfig(path=f"s3://{IN_BUCKET}/in", format="webdataset"), s3))
         out = fresh_output()
         fs, root = filesystem(out, s3)
         done, ledger_s = timed(lambda: Ledger(fs, root).done())
@@ -162,7 +162,7 @@ def main() -> None:
         keeper, keeper_s = timed(lambda: ClaimKeeper(out, s3, "run-bench", TTL_S, RETRY))
         first, claim_s = timed(lambda: next(sid for sid in pending if keeper.claim(sid) == MINE))
         total = plan_s + ledger_s + keeper_s + claim_s
-        rows += [("start-up: plan_input (list + shard ids)", f"{plan_s:.2f} s", f"{len(plan.shards):,} shards"),
+        rows += [("start-up: list_input (list + shard ids)", f"{plan_s:.2f} s", f"{len(plan.shards):,} shards"),
                  ("start-up: ledger listing (empty output)", f"{ledger_s:.3f} s", f"{len(pending):,} pending"),
                  ("start-up: ClaimKeeper + first claim() -> mine", f"{keeper_s + claim_s:.3f} s", f"shard {first}"),
                  ("start-up: total, to the first shard handed out", f"{total:.2f} s",

@@ -50,8 +50,8 @@ if side == "before":
             if sid is not None:
                 pq.write_table(to_table(tracker.pop(sid), run), io.BytesIO(), compression="zstd")
 else:
-    from pipeline.job import PartTracker
-    from pipeline.sink import RECORD_COLUMNS
+    from pipeline.commit import PartTracker
+    from pipeline.rows import RECORD_COLUMNS
     # what Generate's writer sends per part: computed on the workers, so built before timing
     recs = []
     for s in range(shards):

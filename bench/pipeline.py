@@ -25,7 +25,9 @@ import torch  # noqa: E402
 from cogvlm.tiny import write_checkpoint  # noqa: E402
 from cogvlm.weights import read_config  # noqa: E402
 from pipeline import load_config, run  # noqa: E402
-from pipeline.readers import ROW_COLUMNS, plan_shards, read_shard  # noqa: E402
+from pipeline.listing import list_input  # noqa: E402
+from pipeline.readers import read_shard  # noqa: E402
+from pipeline.rows import ROW_COLUMNS  # noqa: E402
 from pipeline.stages import Generate, Preprocess  # noqa: E402
 
 
@@ -44,7 +46,7 @@ def in_process(cfg) -> float:
     mcfg = read_config(Path(cfg.model.source))
     pre, gen = Preprocess(cfg, mcfg), Generate(cfg, mcfg)
     n = 0
-    for shard in plan_shards(cfg.input, cfg.s3):
+    for shard in list_input(cfg.input, cfg.s3).shards:
         rows = pd.DataFrame(read_shard(shard, cfg.input, cfg.s3), columns=ROW_COLUMNS)
         for i in range(0, len(rows), cfg.model.batch_size):
             out = gen.run(pre(rows.iloc[i:i + cfg.model.batch_size]))

@@ -54,7 +54,8 @@ def _rss_kb() -> int:
 def measure(mode: str, tar: str, block_mb: float) -> dict:
     """In this (fresh) process: read the shard one way; peak memory and rows."""
     from pipeline.config import InputConfig, S3Config
-    from pipeline.readers import Shard, iter_shard, read_shard
+    from pipeline.listing import Shard
+    from pipeline.readers import iter_shard, read_shard
 
     cfg, shard = InputConfig(path=os.path.dirname(tar), read_block_mb=block_mb), Shard("bench", tar)
     before = _rss_kb()

@@ -108,12 +108,8 @@ def _download_s3(uri: str, cache_dir: Path, storage_options: dict[str, Any],
 def _s3_filesystem(storage_options: dict[str, Any]) -> Any:
     import s3fs  # only needed for s3:// sources
 
-    opts = dict(storage_options)
-    endpoint = opts.pop("endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL_S3") \
-        or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        opts.setdefault("client_kwargs", {})["endpoint_url"] = endpoint
-    return s3fs.S3FileSystem(**opts)
+    # without an endpoint_url here, botocore reads AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL itself
+    return s3fs.S3FileSystem(**storage_options)
 
 
 @contextlib.contextmanager

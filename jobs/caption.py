@@ -23,8 +23,7 @@ import sys
 from cogvlm.weights import CheckpointError
 from pipeline import ConfigError, InputError, JobError, load_config, run
 from pipeline.config import parse_yaml
-from pipeline.errors import describe
-from pipeline.job import IncompleteRun, RunStopped
+from pipeline.errors import IncompleteRun, RunStopped, describe
 
 CONFIG_ENV = "COGVLM_JOB_CONFIG"
 

@@ -23,7 +23,10 @@ from typing import Any
 
 from cogvlm.weights import CheckpointError
 from pipeline import ConfigError, InputError, JobConfig, JobError, load_config, run
-from pipeline.plan import COUNT_SHARDS, calibration_config, calibration_result, describe, make_plan
+from pipeline.calibration import calibration_config, calibration_result
+from pipeline.listing import COUNT_SHARDS
+from pipeline.plan import make_plan, render
+from pipeline.preflight import prepare
 
 
 def calibrate(cfg: JobConfig, images: int) -> dict[str, Any]:
@@ -63,11 +66,12 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # noqa: BLE001 - JobError/RunStopped and the rest: one line
                 print(f"error: the calibration run failed: {e}", file=sys.stderr)
                 return 1
-        plan = make_plan(cfg, a.replicas, a.gpu_hour_price, calibration, count_shards=a.count_shards)
+        plan = make_plan(prepare(cfg, writable=False), a.replicas, a.gpu_hour_price, calibration,
+                         count_shards=a.count_shards)
     except (ConfigError, InputError, JobError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(plan, indent=2) if a.json else describe(plan))
+    print(json.dumps(plan, indent=2) if a.json else render(plan))
     return 0
 
 

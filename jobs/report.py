@@ -32,7 +32,9 @@ import yaml
 from pipeline import errors as st
 from pipeline.config import InputConfig, RetryConfig, S3Config
 from pipeline.errors import describe, redact
-from pipeline.readers import SHARD_KEY, Shard, is_image_name, read_shard
+from pipeline.listing import Shard, is_image_name
+from pipeline.readers import read_shard
+from pipeline.rows import SHARD_KEY
 from pipeline.storage import UriPolicy, filesystem, is_s3, join, read_capped
 
 THUMB_SIDE = 256

@@ -10,7 +10,7 @@ from typing import Any
 
 _EXPORTS = {
     "ConfigError": "pipeline.config", "JobConfig": "pipeline.config", "load_config": "pipeline.config",
-    "InputError": "pipeline.readers", "JobError": "pipeline.job", "run": "pipeline.job",
+    "InputError": "pipeline.errors", "JobError": "pipeline.errors", "run": "pipeline.job",
     "Processor": "pipeline.processor", "build_processor": "pipeline.processor",
 }
 __all__ = sorted(_EXPORTS)

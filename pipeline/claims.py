@@ -20,9 +20,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 from . import errors
-from .config import RetryConfig, S3Config
+from .actors import on_driver_node
+from .config import JobConfig, RetryConfig, S3Config
 from .errors import describe, redact
-from .storage import create_exclusive, filesystem, is_s3, join, put_conditional, to_uri, write_bytes_atomic
+from .layout import OutputLayout
+from .ledger import Ledger
+from .listing import Shard
+from .storage import create_exclusive, filesystem, is_s3, put_conditional, to_uri, write_bytes_atomic
 
 log = logging.getLogger("pipeline")
 
@@ -52,7 +56,7 @@ class Claims:
                  threads: int = REFRESH_THREADS) -> None:
         self.fs, self.root, self.run_id, self.ttl_s = fs, root, run_id, ttl_s
         self.threads = max(1, threads)
-        self.dir = join(root, "_claims")
+        self.layout = OutputLayout(root)
         self.held: set[str] = set()
         self._lock = threading.Lock()  # guards `held`
         # the heartbeat must not rewrite a claim being released: one lock per shard (striped)
@@ -60,7 +64,7 @@ class Claims:
         self.s3 = is_s3(to_uri(fs, root))
 
     def _path(self, shard_id: str) -> str:
-        return join(self.dir, f"{shard_id}.json")
+        return self.layout.claim(shard_id)
 
     def _shard_lock(self, shard_id: str) -> threading.Lock:
         return self._shard_locks[hash(shard_id) % _STRIPES]
@@ -77,8 +81,8 @@ class Claims:
             return
         import fcntl
 
-        self.fs.makedirs(self.dir, exist_ok=True)
-        with open(join(self.dir, ".lock"), "a+") as f:
+        self.fs.makedirs(self.layout.claims_dir, exist_ok=True)
+        with open(self.layout.claims_lock, "a+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
@@ -213,8 +217,6 @@ class ClaimKeeper:
     """
 
     def __init__(self, output_path: str, s3: S3Config, run_id: str, ttl_s: float, retry: RetryConfig) -> None:
-        from .ledger import Ledger  # here, not above: ledger.py re-exports Claims from this module
-
         fs, root = filesystem(output_path, s3)
         self.output_path = output_path
         self.claims = Claims(fs, root, run_id, ttl_s)
@@ -269,25 +271,23 @@ class ClaimKeeper:
                 out[outcome].append(sid)
         return out
 
-    def wait_busy(self, shard_ids: list[str], poll_s: float = 10.0) -> list[str]:
+    def wait_busy(self, shard_ids: list[str], poll_s: float = 10.0, max_wait_s: float | None = None) -> list[str]:
         """Batch mode: claim again, every `poll_s`, shards that other runs held, until some are
-        this run's (released uncommitted, or their run died and the claim expired) or none is
-        held elsewhere any more. Returns the shards now MINE; [] when all were committed."""
+        this run's (released uncommitted, or their run died and the claim expired), none is held
+        elsewhere any more, or `max_wait_s` passed. Returns the shards now MINE; [] otherwise
+        (`outcomes()` then tells the shards still BUSY)."""
         left = list(shard_ids)
-        last_log = time.monotonic()
+        start = time.monotonic()
         while left:
             answers = {sid: self.claim(sid) for sid in left}
             mine = [sid for sid in left if answers[sid] == MINE]
             if mine:
                 return mine
             left = [sid for sid in left if answers[sid] == BUSY]
-            if left:
-                if time.monotonic() - last_log > 60:
-                    log.info("waiting for %d shards that other runs are processing (%s%s)", len(left),
-                             ", ".join(left[:5]), ", ..." if len(left) > 5 else "")
-                    last_log = time.monotonic()
-                if self._stop.wait(poll_s):  # closed
-                    break
+            if not left or (max_wait_s is not None and time.monotonic() - start >= max_wait_s):
+                break
+            if self._stop.wait(poll_s):  # closed
+                break
         return []
 
     def beat(self) -> int:
@@ -321,6 +321,77 @@ class ClaimKeeper:
                 self.beat()
             except Exception as e:  # noqa: BLE001 - try again next beat; the TTL covers several
                 log.warning("claims heartbeat failed: %s", describe(e))
+
+
+class Claiming:
+    """The driver's side of a run's claims: its `ClaimKeeper` actor (on the driver's node: a claim
+    names its process, and a rerun on this machine takes over at once the claims of a process that
+    is gone; the keeper dies with the driver), and the rounds of work it leaves this run."""
+
+    WAIT_ROUND_S = 60.0  # a log line per round of waiting for shards other runs hold
+
+    def __init__(self, cfg: JobConfig, run_id: str) -> None:
+        self.batch = cfg.mode == "batch"
+        self.poll_s = max(1.0, min(10.0, cfg.claim_ttl_s / 3))
+        self.keeper = on_driver_node(ClaimKeeper, cfg.output.path, cfg.s3, run_id, cfg.claim_ttl_s, cfg.retry,
+                                     max_concurrency=32)
+        self.elsewhere: list[Shard] = []  # shards other runs held at the last round's end
+
+    def rounds(self, pending: list[Shard]) -> Iterator[list[Shard]]:
+        """The shards to run, round by round: first `pending` (each read task claims its shard);
+        then, in batch mode, the shards other runs held that became this run's (their run died or
+        let them go), until every pending shard is committed or this run's. Enrich mode leaves
+        held shards to their runs."""
+        import ray
+
+        todo = pending
+        while todo:
+            yield todo
+            held = set(ray.get(self.keeper.outcomes.remote())[BUSY])
+            self.elsewhere = [s for s in pending if s.shard_id in held]
+            if self.elsewhere:
+                log.info("%d shards are being processed by other runs", len(self.elsewhere))
+            if not self.batch:
+                return
+            todo = self._wait(self.elsewhere)
+
+    def _wait(self, busy: list[Shard]) -> list[Shard]:
+        """Wait (one keeper call per round) until some of `busy` are this run's; [] when none is
+        held elsewhere any more (committed by the runs that held them)."""
+        import ray
+
+        by_id = {s.shard_id: s for s in busy}
+        left = list(by_id)
+        while left:
+            mine = ray.get(self.keeper.wait_busy.remote(left, self.poll_s, self.WAIT_ROUND_S))
+            if mine:  # the next round's reads claim them again: already ours, so MINE
+                return [by_id[sid] for sid in mine]
+            held = set(ray.get(self.keeper.outcomes.remote())[BUSY])
+            left = [sid for sid in left if sid in held]
+            if left:
+                log.info("waiting for %d shards that other runs are processing (%s%s)", len(left),
+                         ", ".join(left[:5]), ", ..." if len(left) > 5 else "")
+        return []
+
+    def mine(self) -> set[str]:
+        """The shards this run's reads claimed (their latest answer)."""
+        import ray
+
+        return set(ray.get(self.keeper.outcomes.remote())[MINE])
+
+    def release(self, shard_id: str) -> None:
+        self.keeper.release.remote(shard_id)
+
+    def close(self) -> None:
+        """Release the claims still held and stop the keeper; claims left behind (store down)
+        expire, or are taken over at once by a rerun on this machine."""
+        import ray
+
+        try:
+            ray.get(self.keeper.close.remote(), timeout=60)
+            ray.kill(self.keeper)
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not release this run's claims: %s", describe(e))
 
 
 def _start_time(pid: int) -> str | None:

@@ -88,6 +88,11 @@ class TasksConfig:
     vqa: VQATask | None = None
     grounding: GroundingTask | None = None
 
+    def enabled(self) -> dict[str, GenerationSettings]:
+        """The enabled tasks by name, in their fixed order (caption, vqa, grounding)."""
+        return {name: task for name in ("caption", "vqa", "grounding")
+                if (task := getattr(self, name)) is not None}
+
 
 @dataclass
 class ModelConfig:
@@ -182,8 +187,9 @@ class JobConfig:
             raise ConfigError("output.path is required")
         if not self.model.source:
             raise ConfigError("model.source is required")
-        if self.model.dtype not in ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16"):
+        if self.model.dtype not in DTYPE_NAMES:
             raise ConfigError(f"model.dtype must be fp32, bf16 or fp16, got {self.model.dtype!r}")
+        self.model.dtype = DTYPE_NAMES[self.model.dtype]  # one spelling from here on
         for key in ("batch_size", "batches_in_flight", "max_slots", "max_prompt_tokens", "admission_images",
                     "sync_every"):
             if getattr(self.model, key) < 1:
@@ -195,7 +201,7 @@ class JobConfig:
             self.model.quantization = q = str(q).lower()
         if q not in (None, "int8", "int4"):
             raise ConfigError(f"model.quantization must be int8, int4 or null, got {q!r}")
-        if self.model.quantization == "int4" and self.model.dtype not in ("bf16", "bfloat16"):
+        if self.model.quantization == "int4" and self.model.dtype != "bf16":
             # torchao's int4 kernels: bf16 only on GPUs; on CPUs fp32 works but ran 60x slower
             raise ConfigError(f"model.quantization int4 needs model.dtype bf16, got {self.model.dtype!r}")
         if self.progress_interval_s <= 0:
@@ -208,24 +214,22 @@ class JobConfig:
         if not 1 <= self.model.min_replicas <= self.model.max_replicas:
             raise ConfigError("model.min_replicas must be >= 1 and <= model.max_replicas")
         t = self.tasks
-        if t.caption is None and t.vqa is None and t.grounding is None:
+        if not t.enabled():
             raise ConfigError("tasks: enable at least one of caption, vqa, grounding")
         if t.vqa is not None and not t.vqa.questions and not (t.vqa.use_column and self.input.questions_column):
             raise ConfigError("tasks.vqa.questions is empty and no input.questions_column is set")
-        for name in ("caption", "vqa", "grounding"):
-            task = getattr(t, name)
-            if task is not None:
-                if task.max_new_tokens < 1:
-                    raise ConfigError(f"tasks.{name}.max_new_tokens must be >= 1")
-                if task.template not in (None, "base", "chat", "vqa"):
-                    raise ConfigError(f"tasks.{name}.template must be base, chat or vqa")
-                if task.temperature < 0:
-                    raise ConfigError(f"tasks.{name}.temperature must be >= 0 (0 is greedy), got {task.temperature:g}")
-                if not 0 < task.top_p <= 1:
-                    raise ConfigError(f"tasks.{name}.top_p must be in (0, 1], got {task.top_p:g}")
-                for key in ("top_k", "seed"):
-                    if getattr(task, key) < 0:
-                        raise ConfigError(f"tasks.{name}.{key} must be >= 0, got {getattr(task, key)}")
+        for name, task in t.enabled().items():
+            if task.max_new_tokens < 1:
+                raise ConfigError(f"tasks.{name}.max_new_tokens must be >= 1")
+            if task.template not in (None, "base", "chat", "vqa"):
+                raise ConfigError(f"tasks.{name}.template must be base, chat or vqa")
+            if task.temperature < 0:
+                raise ConfigError(f"tasks.{name}.temperature must be >= 0 (0 is greedy), got {task.temperature:g}")
+            if not 0 < task.top_p <= 1:
+                raise ConfigError(f"tasks.{name}.top_p must be in (0, 1], got {task.top_p:g}")
+            for key in ("top_k", "seed"):
+                if getattr(task, key) < 0:
+                    raise ConfigError(f"tasks.{name}.{key} must be >= 0, got {getattr(task, key)}")
         for key, value, low in (
                 ("input.images_per_shard", self.input.images_per_shard, 1),
                 ("input.max_image_pixels", self.input.max_image_pixels, 1),
@@ -251,6 +255,8 @@ class JobConfig:
         return self
 
 
+DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16",
+               "float16": "fp16"}
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 

@@ -23,13 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
 from collections import Counter, OrderedDict
 from typing import Any, AsyncIterator, Callable
-
-FAULT_ENV = "COGVLM_FAULT_KILL_WORKER_ON"  # testing hook: "stage:key,..." SIGKILLs that worker
-
 
 class CrashLedger:
     """The per-run memory of images in flight (run as a Ray actor; plain object in tests)."""
@@ -78,13 +73,6 @@ class CrashLedger:
 
 def image_id(stage: str, row: dict[str, Any]) -> str:
     return f"{stage}/{row['shard_id']}/{int(row['image_index'])}"
-
-
-def maybe_inject_fault(stage: str, key: str) -> None:
-    """Testing hook: die like a crashing decoder when FAULT_ENV names this stage and key."""
-    spec = os.environ.get(FAULT_ENV)
-    if spec and f"{stage}:{key}" in spec.split(","):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Gate:

@@ -4,6 +4,9 @@ A *permanent* failure belongs to the input (bad bytes, a missing file, no access
 row's final status. A *transient* failure belongs to the moment (network, throttling, timeouts,
 out of memory): it is retried with backoff and, if it persists, the row gets TRANSIENT, which is
 never committed: its shard is left for the rerun.
+
+The exceptions that end a job live here too (every layer raises them, `jobs/` maps them to exit
+codes): `InputError`, `JobError`, `RunStopped`, `IncompleteRun`.
 """
 
 from __future__ import annotations
@@ -58,6 +61,34 @@ class TransientError(RuntimeError):
     """A failure that may pass: retried with backoff, and never committed as a final answer."""
 
 
+# --- what ends a job (jobs.caption: exit 2 for InputError / JobError, 1 RunStopped, 3 IncompleteRun)
+
+class InputError(ValueError):
+    """The input cannot be read at all (missing prefix, no shards, wrong columns)."""
+
+
+class JobError(RuntimeError):
+    """The job cannot run as configured (resources, output, checkpoint), or stopped; one line."""
+
+
+class RunStopped(JobError):
+    """The run stopped after work began (store down, error guard, pipeline failure); what was
+    committed is kept and a rerun resumes."""
+
+
+class IncompleteRun(RunStopped):
+    """Some shards were left uncommitted (transient failures after retries): rerun to finish."""
+
+    def __init__(self, message: str, summary: dict) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+# a listing or a file's metadata read (small, idempotent) is retried this long, whatever the
+# job's retry.deadline_s, which is meant for whole shard reads and commits
+METADATA_DEADLINE_S = 30.0
+
+
 def _chain(exc: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
     e: BaseException | None = exc
@@ -77,6 +108,20 @@ def error_code(exc: BaseException) -> str | None:
             if code or status:
                 return str(code or status)
     return None
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The exception a Ray task or actor raised, unwrapped from Ray's wrappers (RayTaskError keeps
+    it as `.cause`), so that a run's last line names a full disk, not a Ray traceback."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, BaseException):
+            exc = cause
+            continue
+        break
+    return exc
 
 
 def is_transient(exc: BaseException) -> bool:

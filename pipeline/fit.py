@@ -1,5 +1,8 @@
-"""Will a replica fit its GPU? Checked on the driver before any actor starts, and again by each
-Generate actor against its real device before it loads the weights.
+"""Will a replica fit its GPU? Checked on the driver before any actor starts (`check_fit`), and
+again by each Generate actor against its real device before it loads the weights.
+
+The engine's settings come from one function, `engine_settings`: the Generate stage builds its
+`Engine` with them and the memory estimate (the fit check, the cost plan) assumes the same.
 
 The driver takes the GPU's memory from `model.gpu_memory_gb`, or else from the Ray nodes'
 accelerator type (`accelerator_type:<name>`, as Ray detects it) where this table knows the name.
@@ -9,21 +12,26 @@ Types with several memory sizes under one name (A100, V100) are not guessed.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from cogvlm.config import CogVLMConfig
 from cogvlm.memory import fit_error
 from cogvlm.weights import DTYPES
 
 from .config import JobConfig
+from .errors import JobError
 from .tasks import expand
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pipeline")
 
 # MiB each GPU of a Ray accelerator type reports as its total (nvidia-smi; the smallest model
 # sold under that name). Other names: set model.gpu_memory_gb.
 GPU_MEMORY_MIB = {"T4": 15360, "A10G": 23028, "A10": 23028, "L4": 23034, "L40S": 46068, "L40": 46068,
                   "A40": 46068, "RTX-A5000": 24564, "RTX-A6000": 49140, "GeForce-RTX-3090": 24576,
                   "GeForce-RTX-4090": 24564, "H100": 81559, "H200": 143771}
+
+# the engine settings the memory estimate depends on (`cogvlm.memory.estimate_replica`)
+_ESTIMATED = ("max_prompt_tokens", "max_new_tokens", "admission_images", "prompts_per_image", "max_slots")
 
 
 class DoesNotFit(RuntimeError):
@@ -36,19 +44,28 @@ def prompts_per_image(job: JobConfig, template: str) -> int:
     return len(expand(job.tasks, template, None)) + 2 * column
 
 
-def replica_kwargs(job: JobConfig, config: CogVLMConfig) -> dict:
-    """The job's settings as `cogvlm.memory.estimate_replica` / `fit_error` take them (GPU replicas)."""
+def engine_settings(job: JobConfig, mcfg: CogVLMConfig) -> dict[str, Any]:
+    """The job's engine settings, as `cogvlm.engine.Engine` takes them (less the device share)."""
     m = job.model
-    tasks = [t for t in (job.tasks.caption, job.tasks.vqa, job.tasks.grounding) if t is not None]
-    return dict(device_type="cuda", quantize_vision=m.quantize_vision, max_prompt_tokens=m.max_prompt_tokens,
-                max_new_tokens=max(t.max_new_tokens for t in tasks), admission_images=m.admission_images,
-                prompts_per_image=prompts_per_image(job, config.template_version), max_slots=m.max_slots)
+    return dict(max_prompt_tokens=m.max_prompt_tokens,
+                max_new_tokens=max(t.max_new_tokens for t in job.tasks.enabled().values()),
+                max_slots=m.max_slots, kv_cache_gb=m.kv_cache_gb, margin_gb=m.memory_margin_gb,
+                admission_images=m.admission_images,
+                prompts_per_image=prompts_per_image(job, mcfg.template_version), sync_every=m.sync_every,
+                compile=m.compile, compile_vision=m.compile_vision)
 
 
-def replica_fit_error(job: JobConfig, config: CogVLMConfig, device_bytes: int, where: str) -> str | None:
+def replica_kwargs(job: JobConfig, mcfg: CogVLMConfig, device_type: str = "cuda") -> dict[str, Any]:
+    """`engine_settings` as `cogvlm.memory.estimate_replica` / `fit_error` take them."""
+    settings = engine_settings(job, mcfg)
+    return dict({k: settings[k] for k in _ESTIMATED}, device_type=device_type,
+                quantize_vision=job.model.quantize_vision)
+
+
+def replica_fit_error(job: JobConfig, mcfg: CogVLMConfig, device_bytes: int, where: str) -> str | None:
     """None if one replica of this job fits `device_bytes` of GPU memory, else what would."""
     m = job.model
-    return fit_error(config, DTYPES[m.dtype], m.quantization, device_bytes, where, **replica_kwargs(job, config))
+    return fit_error(mcfg, DTYPES[m.dtype], m.quantization, device_bytes, where, **replica_kwargs(job, mcfg))
 
 
 def cluster_gpu_bytes() -> tuple[int | None, str]:
@@ -74,3 +91,39 @@ def cluster_gpu_bytes() -> tuple[int | None, str]:
 def gpu_bytes_per_replica(job: JobConfig, gpu_bytes: int) -> int:
     """A replica's part of a GPU (replicas may share one with gpus_per_replica < 1)."""
     return int(gpu_bytes * min(1.0, job.model.gpus_per_replica))
+
+
+def replica_gpu_budget(job: JobConfig) -> tuple[int | None, int | None, str]:
+    """(the GPU's bytes, a replica's share of them, where that number comes from): from
+    `model.gpu_memory_gb`, else the connected cluster's accelerator type; (None, None, why) when
+    neither tells (no Ray connection, no GPU node yet, an unknown type)."""
+    if job.model.gpu_memory_gb is not None:
+        gpu, where = int(job.model.gpu_memory_gb * 1e9), "model.gpu_memory_gb is"
+    else:
+        import ray
+
+        if not ray.is_initialized():
+            return None, None, "Ray is not connected and model.gpu_memory_gb is not set"
+        gpu, where = cluster_gpu_bytes()
+        if gpu is None:
+            return None, None, where
+    share = gpu_bytes_per_replica(job, gpu)
+    if share < gpu:
+        where = f"{where} {gpu / 1e9:.0f} GB, of which a replica gets (model.gpus_per_replica)"
+    return gpu, share, where
+
+
+def check_fit(job: JobConfig, mcfg: CogVLMConfig) -> None:
+    """Refuse (JobError), before any actor starts, a GPU that cannot hold one replica; CPU
+    replicas, and GPUs whose size is not known yet, pass (each replica checks its own device)."""
+    if job.model.gpus_per_replica <= 0:
+        return
+    _, share, where = replica_gpu_budget(job)
+    if share is None:
+        log.info("GPU memory not checked before the start (%s; set model.gpu_memory_gb to check it); "
+                 "each replica checks its GPU when it starts", where)
+        return
+    err = replica_fit_error(job, mcfg, share, where)
+    if err:
+        raise JobError(err)
+    log.info("a replica fits its GPU (%s %.0f GB)", where, share / 1e9)

@@ -1,7 +1,7 @@
 """A job's plan before it runs: how much work is left, what a replica needs, what it will cost.
 
     make_plan(cfg) -> dict     counts, ledger, prompts and tokens, memory and fit, throughput, estimate
-    describe(plan) -> str      the same as text, each number with its basis
+    render(plan) -> str        the same as text, each number with its basis
     one_line(plan) -> str      one line for the job's start-up log
 
 Counting never decodes an image: a WebDataset shard is counted from its img2dataset
@@ -16,32 +16,29 @@ None with the reason, never a guess.
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import logging
 import math
 import os
-import posixpath
-import tarfile
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import fit
 from .config import JobConfig
+from .calibration import in_flight
 from .errors import describe as describe_error
-from .errors import retry
-from .ledger import Ledger
-from .readers import IMAGE_EXTENSIONS, Shard, plan_input
-from .storage import filesystem, to_uri
+from .listing import COUNT_SHARDS, count_images
+from .preflight import Prepared
+from .progress import duration
 from .tasks import expand
 
 if TYPE_CHECKING:
     from cogvlm.config import CogVLMConfig
 
-COUNT_SHARDS = 200  # most shards opened to count images; the rest are extrapolated by size
+log = logging.getLogger("pipeline")
+
 CHARS_PER_TOKEN = 4  # the prompt-length estimate when the tokenizer is not at hand (Llama-style BPE, English)
 
-EXACT, ESTIMATED = "exact", "estimated"
 MEASURED_BASIS, CALIBRATED, NOT_MEASURED = "measured", "calibrated", "not measured"
 
 
@@ -94,111 +91,8 @@ def model_shape(mcfg: "CogVLMConfig") -> str | None:
 
 
 def workload(cfg: JobConfig) -> str:
-    t = cfg.tasks
-    if t.caption is not None and t.vqa is None and t.grounding is None:
-        return "caption"
-    if t.caption is not None and t.vqa is not None and t.grounding is not None:
-        return "multi"
-    return "custom"
-
-
-# --- counting ------------------------------------------------------------------------------------
-
-def _tar_images(fs: Any, path: str) -> int:
-    """Samples with an image in a tar, from its headers (keys and extensions as `readers._tar_samples`
-    groups them); member data is seeked over, not read, where the file can seek."""
-    keys: set[str] = set()
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tar:
-        for member in tar:
-            base = posixpath.basename(member.name)
-            if not member.isfile() or "." not in base or base.startswith("."):
-                continue
-            if base.split(".", 1)[1].lower() in IMAGE_EXTENSIONS:
-                keys.add(posixpath.join(posixpath.dirname(member.name), base.split(".", 1)[0]))
-    return len(keys)
-
-
-def _sidecar_successes(fs: Any, path: str) -> int | None:
-    try:
-        n = json.loads(fs.cat_file(path)).get("successes")
-    except (ValueError, AttributeError):
-        return None
-    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None
-
-
-def _parquet_rows(fs: Any, path: str) -> int:
-    import pyarrow.parquet as pq
-
-    with fs.open(path, "rb") as f:
-        return pq.ParquetFile(f).metadata.num_rows
-
-
-def _count_one(cfg: JobConfig, shard: Shard, files: set[str]) -> tuple[int | None, str, str | None]:
-    """(images, method, error) for one shard, opened."""
-    fs, path = filesystem(shard.uri, cfg.s3)
-    try:
-        if cfg.input.format == "parquet":
-            n = retry(lambda: _parquet_rows(fs, path), f"reading the footer of {shard.uri}", 30.0)
-            return n, "parquet footer", None
-        sidecar = path[: -len(".tar")] + "_stats.json"
-        if sidecar in files:
-            n = retry(lambda: _sidecar_successes(fs, sidecar), f"reading {sidecar}", 30.0)
-            if n is not None:
-                return n, "img2dataset sidecar", None
-        return retry(lambda: _tar_images(fs, path), f"reading the headers of {shard.uri}", 30.0), "tar headers", None
-    except Exception as e:  # noqa: BLE001 - one unreadable shard is reported, not fatal to a plan
-        return None, "unreadable", describe_error(e)
-
-
-def _spread(n: int, k: int) -> list[int]:
-    """k indices spread evenly over range(n), first and last included."""
-    if k >= n:
-        return list(range(n))
-    if k <= 1:
-        return [0]
-    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
-
-
-def count_images(cfg: JobConfig, shards: list[Shard], count_shards: int = COUNT_SHARDS) -> dict[str, Any]:
-    """Images per shard without decoding any: `per_shard` (shard id -> count), whether the total
-    is exact, and how it was counted."""
-    if cfg.input.format == "folder":
-        per = {s.shard_id: len(s.files) for s in shards}
-        return {"per_shard": per, "images": sum(per.values()), "basis": EXACT,
-                "how": f"the listing of {len(shards)} chunks of up to {cfg.input.images_per_shard} images",
-                "methods": {"listing": len(shards)}, "errors": []}
-    fs, root = filesystem(cfg.input.path, cfg.s3)
-    found = fs.find(root, detail=True) if not fs.isfile(root) else {root: fs.info(root)}
-    sizes = {to_uri(fs, p): int(info.get("size") or 0) for p, info in found.items()}
-    files = set(found)
-    chosen = [shards[i] for i in _spread(len(shards), max(1, count_shards))]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        results = list(pool.map(lambda s: _count_one(cfg, s, files), chosen))
-    per: dict[str, int] = {}
-    methods: dict[str, int] = {}
-    errors = []
-    for s, (n, method, err) in zip(chosen, results):
-        methods[method] = methods.get(method, 0) + 1
-        if n is None:
-            errors.append(f"{s.uri}: {err}")
-        else:
-            per[s.shard_id] = n
-    counted_bytes = sum(sizes.get(s.uri, 0) for s in chosen if s.shard_id in per)
-    rest = [s for s in shards if s.shard_id not in per]
-    if rest and not counted_bytes:  # nothing could be counted: no number rather than zero
-        return {"per_shard": {}, "images": None, "basis": "unknown", "methods": methods, "errors": errors[:5],
-                "how": f"no shard could be counted ({len(errors)} failed)"}
-    per_byte = sum(per.values()) / counted_bytes if counted_bytes else 0.0
-    for s in rest:
-        per[s.shard_id] = round(sizes.get(s.uri, 0) * per_byte)
-    what = " and ".join(f"{n} by {m}" for m, n in sorted(methods.items()))
-    if not rest:
-        how = f"all {len(shards)} shards counted: {what}"
-    else:
-        how = (f"estimated from {len(chosen) - len(errors)} shards ({what}), the other {len(rest)} "
-               f"extrapolated by file size at {per_byte * 1e6:.3g} images per MB")
-    return {"per_shard": per, "images": sum(per.values()), "basis": EXACT if not rest else ESTIMATED,
-            "how": how, "methods": methods, "errors": errors[:5]}
+    tasks = list(cfg.tasks.enabled())
+    return {("caption",): "caption", ("caption", "vqa", "grounding"): "multi"}.get(tuple(tasks), "custom")
 
 
 # --- tokens, memory, fit ----------------------------------------------------------------------
@@ -245,17 +139,6 @@ def prompt_plan(cfg: JobConfig, mcfg: "CogVLMConfig") -> dict[str, Any]:
     }
 
 
-def _gpu_bytes(cfg: JobConfig) -> tuple[int | None, str]:
-    """A replica's GPU memory as check_fit finds it, without starting Ray."""
-    if cfg.model.gpu_memory_gb is not None:
-        return int(cfg.model.gpu_memory_gb * 1e9), "model.gpu_memory_gb is"
-    import ray
-
-    if not ray.is_initialized():
-        return None, "Ray is not connected and model.gpu_memory_gb is not set"
-    return fit.cluster_gpu_bytes()
-
-
 def memory_plan(cfg: JobConfig, mcfg: "CogVLMConfig") -> tuple[dict[str, Any], dict[str, Any]]:
     """(a replica's memory from the checkpoint's shapes, the fit check)."""
     from cogvlm.memory import GB, estimate_replica
@@ -263,9 +146,8 @@ def memory_plan(cfg: JobConfig, mcfg: "CogVLMConfig") -> tuple[dict[str, Any], d
 
     m = cfg.model
     on_gpu = m.gpus_per_replica > 0
-    gpu, where = _gpu_bytes(cfg) if on_gpu else (None, "")
-    share = fit.gpu_bytes_per_replica(cfg, gpu) if gpu is not None else None
-    kw = dict(fit.replica_kwargs(cfg, mcfg), device_type="cuda" if on_gpu else "cpu")  # as the fit check
+    _, share, where = fit.replica_gpu_budget(cfg) if on_gpu else (None, None, "")
+    kw = fit.replica_kwargs(cfg, mcfg, device_type="cuda" if on_gpu else "cpu")  # as the fit check
     est = estimate_replica(mcfg, DTYPES[m.dtype], m.quantization, device_bytes=share, **kw)
     memory = {"device": "gpu" if on_gpu else "cpu", "model": est.label,
               "weights_gb": round(est.weights_bytes / GB, 2), "activations_gb": round(est.activation_bytes / GB, 2),
@@ -277,8 +159,6 @@ def memory_plan(cfg: JobConfig, mcfg: "CogVLMConfig") -> tuple[dict[str, Any], d
     if share is None:
         return memory, {"status": "not checked", "gpu_gb": None,
                         "message": f"{where}; each replica checks its GPU when it starts"}
-    if share < gpu:
-        where = f"{where} {gpu / GB:.0f} GB, of which a replica gets (model.gpus_per_replica)"
     err = fit.replica_fit_error(cfg, mcfg, share, where)
     free = share - est.weights_bytes - est.activation_bytes - est.margin_bytes
     slots = max(0, min(m.max_slots, free // max(1, est.slot_bytes)))
@@ -303,8 +183,7 @@ def throughput(cfg: JobConfig, mcfg: "CogVLMConfig", calibration: dict[str, Any]
         return {"images_per_s": None, "startup_s": None, "basis": NOT_MEASURED,
                 "source": f"{what}: {source}", "advice": advice}
     caption = cfg.tasks.caption
-    dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(cfg.model.dtype, cfg.model.dtype)
-    job = (dtype, cfg.model.quantization, caption.max_new_tokens if caption else None)
+    job = (cfg.model.dtype, cfg.model.quantization, caption.max_new_tokens if caption else None)
     if (entry.dtype, entry.quantization, entry.max_new_tokens) != job:
         return {"images_per_s": None, "startup_s": None, "basis": NOT_MEASURED,
                 "source": (f"{what}: measured {entry.images_per_s} img/s only for dtype {entry.dtype}, quantization "
@@ -343,30 +222,14 @@ def estimate(images_left: int | None, replicas: int, gpus_per_replica: float, ra
     return out
 
 
-def make_plan(cfg: JobConfig, replicas: int | None = None, gpu_hour_price: float | None = None,
-              calibration: dict | None = None, *, count_shards: int = COUNT_SHARDS,
-              model_config: "CogVLMConfig | None" = None, input_plan: Any = None,
-              done: set[str] | None = None) -> dict:
-    """The plan as a JSON-ready dict (see the module docstring). `model_config`: the checkpoint's
-    config when the caller has read it (the job has); else it is read here (config.json only).
-    `input_plan` (`readers.plan_input`) and `done` (the ledger's committed shards): when the
-    caller has them, so that they are not listed again."""
-    if model_config is None:
-        from .job import model_config as read_model_config  # here: job.py may import this module
-
-        model_config = read_model_config(cfg)
-    mcfg = model_config
-    inp = input_plan if input_plan is not None else plan_input(cfg.input, cfg.s3)
+def make_plan(prepared: Prepared, replicas: int | None = None, gpu_hour_price: float | None = None,
+              calibration: dict | None = None, *, count_shards: int = COUNT_SHARDS) -> dict:
+    """The plan of a prepared run (`preflight.prepare(cfg, writable=False)`, or the job's own) as a
+    JSON-ready dict (see the module docstring)."""
+    cfg, mcfg, inp, done = prepared.cfg, prepared.mcfg, prepared.listing, prepared.done
+    ledger_error = prepared.ledger_error
     counts = count_images(cfg, inp.shards, count_shards)
     per = counts.pop("per_shard")
-    ledger_error = None
-    if done is None:
-        out_fs, out_root = filesystem(cfg.output.path, cfg.s3)
-        try:
-            done = retry(Ledger(out_fs, out_root).done, "listing the ledger", cfg.retry.deadline_s,
-                         cfg.retry.backoff_s)
-        except Exception as e:  # noqa: BLE001
-            done, ledger_error = set(), describe_error(e)
     committed = [s.shard_id for s in inp.shards if s.shard_id in done]
     if counts["images"] is None:
         committed_images = images_left = None
@@ -405,15 +268,7 @@ def _num(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.2f}" if x >= 1 or x == 0 else f"{x:.3g}"
 
 
-def _duration(s: float) -> str:
-    if s < 120:
-        return f"{s:.0f} s"
-    if s < 2 * 3600:
-        return f"{s / 60:.0f} min"
-    return f"{s / 3600:.1f} h"
-
-
-def describe(plan: dict) -> str:
+def render(plan: dict) -> str:
     i, led, p, mem, f, r, e = (plan[k] for k in ("input", "ledger", "prompts", "memory", "fit", "throughput",
                                                   "estimate"))
     lines = [f"input     {i['path']} ({i['format']}): {i['shards']:,} shards, {_count(i['images'])} images "
@@ -454,7 +309,7 @@ def describe(plan: dict) -> str:
                 else f"cost unknown ({e['why']})")
         lines.append(f"estimate  {_count(led['images_left'])} images: {_num(e['gpu_hours'])} GPU-hours "
                      f"({_num(e['replica_hours'])} replica-hours x {gpus:g} GPUs, start-up excluded); "
-                     f"wall {_duration(e['wall_s'])} on {e['replicas']} replicas (start-up included, "
+                     f"wall {duration(e['wall_s'])} on {e['replicas']} replicas (start-up included, "
                      f"replicas assumed to scale linearly); {cost} [{r['basis']} throughput, "
                      f"{led['images_left_basis']} counts]")
     cal = plan.get("calibration")
@@ -466,7 +321,7 @@ def describe(plan: dict) -> str:
 
 def one_line(plan: dict) -> str:
     i, led, f, r, e = (plan[k] for k in ("input", "ledger", "fit", "throughput", "estimate"))
-    speed = (f"{r['images_per_s']:.3g} img/s per replica ({r['basis']}), ETA {_duration(e['wall_s'])} on "
+    speed = (f"{r['images_per_s']:.3g} img/s per replica ({r['basis']}), ETA {duration(e['wall_s'])} on "
              f"{e['replicas']} replicas, {_num(e['gpu_hours'])} GPU-hours" if e["wall_s"] is not None
              else "throughput not measured: no ETA (jobs.plan --calibrate K measures it)")
     return (f"plan: {_count(led['images_left'])} of {_count(i['images'])} images left ({i['basis']}), "
@@ -474,121 +329,21 @@ def one_line(plan: dict) -> str:
             f"per image; replica {plan['memory']['total_gb']} GB ({f['status']}); {speed}")
 
 
-# --- calibration --------------------------------------------------------------------------
-
-def in_flight(cfg: JobConfig) -> int:
-    """Images one replica works on at once: its Ray batches in flight."""
-    return cfg.model.batch_size * cfg.model.batches_in_flight
+PLAN_LINE_S = 30.0  # the start-up plan line waits this long at most for its counts
 
 
-def calibration_result(cfg: JobConfig, summary: dict[str, Any], requested: int) -> dict[str, Any]:
-    """The rate and start-up of a calibration run's summary (`pipeline.run`), for make_plan.
+def log_one_line(prepared: Prepared) -> None:
+    """Log the same one-line estimate as `jobs.plan`, from the listing and ledger the run already
+    has and 2 shards counted; advice only: skipped (said so) after PLAN_LINE_S or on any error."""
+    result: list[str] = []
 
-    Start-up is the time to the first committed shard; the steady rate is the images after it
-    over the time after it. Images that were in flight at the first commit count after it, so
-    that rate is used only when at least 4x `in_flight` images came after the first commit (it
-    may then read high by up to a quarter); otherwise the end-to-end rate, start-up included, is
-    used: a lower bound."""
-    n, wall, first = summary["images"], summary["wall_s"], summary.get("first_commit_s")
-    steady = summary.get("steady_images_per_s")
-    after = round(steady * (wall - first)) if steady else 0
-    need = 4 * in_flight(cfg)
-    head = f"--calibrate {requested}: {n} images through pipeline.run on one replica in {wall:.1f} s"
-    if steady and after >= need:
-        rate, startup = steady, first
-        how = (f"{head}; start-up = time to the first committed shard ({first:.1f} s, with that shard's images), "
-               f"rate = the {after} images after it / the time after it (may read high by up to "
-               f"{in_flight(cfg) / after:.0%}: images in flight at the first commit)")
-    else:
-        rate, startup = (n / wall if wall else 0.0), 0.0
-        how = (f"{head}; too few images after the first commit ({after}, need {need} = 4 x model.batch_size x "
-               f"model.batches_in_flight) to separate the start-up: the rate includes it and is a lower bound; "
-               f"calibrate with more images, about {need + 2 * in_flight(cfg)}")
-    rows, ok = summary.get("rows", 0), summary.get("status_counts", {}).get("ok", 0)
-    if rows and ok < 0.9 * rows:
-        how += f"; WARNING: only {ok} of {rows} rows were ok, and failed rows are cheaper than real ones"
-    return {"images": n, "wall_s": wall, "first_commit_s": first, "steady": bool(steady and after >= need),
-            "images_per_s": round(rate, 4), "startup_s": round(startup or 0.0, 3), "replicas": 1,
-            "status_counts": summary.get("status_counts", {}), "source": how}
+    def make() -> None:
+        try:
+            result.append(one_line(make_plan(prepared, count_shards=2)))
+        except Exception as e:  # noqa: BLE001 - the plan is advice; the run does not depend on it
+            result.append(f"no plan line: {describe_error(e)}")
 
-
-def calibration_config(cfg: JobConfig, images: int, workdir: str) -> JobConfig:
-    """A copy of `cfg` whose input is the first `images` images of its input, rewritten as small
-    shards under `workdir` (of at most the images a replica holds in flight, so that the run has a
-    first commit and a steady part after it), whose output is `workdir/output`, with one replica
-    and no error guard (it would hold the commits)."""
-    inp = plan_input(cfg.input, cfg.s3)
-    out_dir = os.path.join(workdir, "input")
-    os.makedirs(out_dir, exist_ok=True)
-    per_part = max(1, min(in_flight(cfg), math.ceil(images / 4)), math.ceil(images / 64))
-    if cfg.input.format == "webdataset":
-        _copy_tar_samples(cfg, inp.shards, images, per_part, out_dir)
-    elif cfg.input.format == "parquet":
-        _copy_parquet_rows(cfg, inp.shards, images, per_part, out_dir)
-    else:
-        _copy_folder_images(cfg, inp.shards, images, out_dir)
-    new_input = dataclasses.replace(cfg.input, path=out_dir, images_per_shard=per_part,
-                                    allowed_uri_prefixes=list(cfg.input.allowed_uri_prefixes) + [inp.root])
-    return dataclasses.replace(
-        cfg, input=new_input, output=dataclasses.replace(cfg.output, path=os.path.join(workdir, "output")),
-        model=dataclasses.replace(cfg.model, min_replicas=1, max_replicas=1),
-        errors=dataclasses.replace(cfg.errors, guard_images=0), run_id="calibration", mode="batch")
-
-
-def _copy_tar_samples(cfg: JobConfig, shards: list[Shard], images: int, per_part: int, out_dir: str) -> None:
-    import io
-
-    samples: dict[str, list[tuple[tarfile.TarInfo, bytes]]] = {}
-    with_image: list[str] = []
-    for shard in shards:
-        fs, path = filesystem(shard.uri, cfg.s3)
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for m in tar:
-                base = posixpath.basename(m.name)
-                if not m.isfile() or "." not in base or base.startswith("."):
-                    continue
-                key = f"{shard.shard_id}/{posixpath.join(posixpath.dirname(m.name), base.split('.', 1)[0])}"
-                if key not in samples and len(with_image) >= images:
-                    break  # samples are consecutive in a WebDataset tar: the first `images` are whole
-                data = tar.extractfile(m)
-                samples.setdefault(key, []).append((m, data.read() if data is not None else b""))
-                if base.split(".", 1)[1].lower() in IMAGE_EXTENSIONS and key not in with_image:
-                    with_image.append(key)
-        if len(with_image) >= images:
-            break
-    keys = [k for k in samples if k in set(with_image[:images])]
-    for part in range(0, len(keys), per_part):
-        with tarfile.open(os.path.join(out_dir, f"{part // per_part:05d}.tar"), "w") as out:
-            for i, key in enumerate(keys[part:part + per_part]):
-                for m, data in samples[key]:
-                    info = tarfile.TarInfo(f"{part + i:09d}.{posixpath.basename(m.name).split('.', 1)[1]}")
-                    info.size = len(data)
-                    out.addfile(info, io.BytesIO(data))
-
-
-def _copy_parquet_rows(cfg: JobConfig, shards: list[Shard], images: int, per_part: int, out_dir: str) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    batches, got = [], 0
-    for shard in shards:
-        fs, path = filesystem(shard.uri, cfg.s3)
-        with fs.open(path, "rb") as f:
-            for b in pq.ParquetFile(f).iter_batches(batch_size=max(1, min(1024, images))):
-                batches.append(b.slice(0, images - got))
-                got += batches[-1].num_rows
-                if got >= images:
-                    break
-        if got >= images:
-            break
-    table = pa.Table.from_batches(batches) if batches else None
-    for part in range(0, got, per_part):
-        pq.write_table(table.slice(part, per_part), os.path.join(out_dir, f"{part // per_part:05d}.parquet"))
-
-
-def _copy_folder_images(cfg: JobConfig, shards: list[Shard], images: int, out_dir: str) -> None:
-    uris = [u for s in shards for u in s.files][:images]
-    for i, uri in enumerate(uris):
-        fs, path = filesystem(uri, cfg.s3)
-        fs.get_file(path, os.path.join(out_dir, f"{i:09d}-{posixpath.basename(path)}"))
-
+    t = threading.Thread(target=make, name="plan-line", daemon=True)
+    t.start()
+    t.join(PLAN_LINE_S)
+    log.info("%s", result[0] if result else f"no plan line: counting took over {PLAN_LINE_S:g} s")

@@ -1,13 +1,12 @@
-"""The pipeline's stages as one Ray Data building block.
+"""The library API: CogVLM as one Ray Data building block on a user's own dataset.
 
     processor = build_processor(model={"source": "THUDM/cogvlm-chat-hf", "gpus_per_replica": 1},
                                 tasks={"caption": {"max_new_tokens": 64}})
     out = processor(ray.data.read_parquet("s3://bucket/images/"))  # a column "image" of bytes
     out.write_parquet("s3://bucket/captions/")
 
-`stages(ds, ...)` is what both the CLI job (`pipeline.job`, with its shard ledger, resume and
-enrichment) and `build_processor` (on any user dataset) run: Preprocess (CPU actors) -> Generate
-(one model replica per actor).
+It runs the same stages as the CLI job (`pipeline.stages.model_stages`), without the job's shard
+ledger, claims and Parquet commits: the user's dataset in, the user's dataset out.
 """
 
 from __future__ import annotations
@@ -23,45 +22,11 @@ import pandas as pd
 import cogvlm
 
 from .config import ConfigError, JobConfig, load_config
-from .crashes import FAULT_ENV
-from .ledger import SCHEMA, _boxes, _none
-from .sink import WRITE_FAULT_ENV
+from .errors import JobError
+from .preflight import Prepared, for_dataset
+from .rows import PASSTHROUGH, RESULT_COLUMNS, SCHEMA, boxes_from_json, none_if_missing, questions_json
 
-PASSTHROUGH = "passthrough"  # internal column: the user's own columns, pickled per row
-
-# what a processor adds to each row (the CLI's Parquet schema less the shard and run fields)
-RESULT_COLUMNS = [f.name for f in SCHEMA if f.name not in ("shard_id", "image_index", "run_id", "timestamp")]
 DATASET_INPUT = "ray-dataset://"  # stands for input/output paths a processor does not have
-
-
-def stages(ds: Any, cfg: JobConfig, mcfg: Any, crash_ledger: Any, input_root: str,
-           whole_batches: bool = False, sink: Any = None) -> Any:
-    """Rows with the reader's columns (key, image | image_uri, questions, read_error, read_status,
-    shard_id, source_uri, shard_total, image_index[, passthrough]) -> one row per (image, prompt).
-
-    `whole_batches`: Generate emits a batch's rows together (for consumers that cannot drop the
-    rows a retried batch repeats). `sink` (a `pipeline.sink.PartSink`, the CLI job's): Generate
-    writes the rows itself and emits one small record per written part instead."""
-    from ray.data import ActorPoolStrategy
-
-    from .stages import Generate, Preprocess
-
-    # the tests' fault-injection hook reaches the stage workers through their runtime env
-    hooks = {k: os.environ[k] for k in (FAULT_ENV, WRITE_FAULT_ENV) if os.environ.get(k)}
-    stage_env = {"runtime_env": {"env_vars": hooks}} if hooks else {}
-    kwargs = {"job": cfg, "model_config": mcfg, "crash_ledger": crash_ledger}
-    ds = ds.map_batches(Preprocess, fn_constructor_kwargs=dict(kwargs, input_root=input_root),
-                        compute=ActorPoolStrategy(min_size=1, max_size=max(1, cfg.model.preprocess_workers)),
-                        num_cpus=1, batch_size=16, batch_format="pandas", **stage_env)
-    # Generate's __call__ is async: a replica takes `batches_in_flight` Ray batches at once and
-    # feeds them all to its one engine, so the device never waits for the next batch
-    return ds.map_batches(Generate, fn_constructor_kwargs=dict(kwargs, whole_batches=whole_batches, sink=sink),
-                          compute=ActorPoolStrategy(min_size=cfg.model.min_replicas,
-                                                    max_size=cfg.model.max_replicas,
-                                                    max_tasks_in_flight_per_actor=cfg.model.batches_in_flight,
-                                                    max_concurrent_calls_per_actor=cfg.model.batches_in_flight),
-                          num_gpus=cfg.model.gpus_per_replica, num_cpus=cfg.model.cpus_per_replica,
-                          batch_size=cfg.model.batch_size, batch_format="pandas", **stage_env)
 
 
 @dataclasses.dataclass
@@ -74,7 +39,7 @@ class Processor:
     key_column: str | None
     questions_column: str | None
     keep_image: bool
-    model_config: Any = None
+    prepared: Prepared | None = None
     prefix: str = ""  # put before the names of the columns the processor adds
 
     def output_names(self) -> list[str]:
@@ -93,19 +58,16 @@ class Processor:
                 raise ConfigError(f"the dataset has no column {col!r} (columns: {', '.join(map(str, columns))})")
 
     def __call__(self, ds: Any) -> Any:
-        import ray
-
+        from .actors import on_driver_node
         from .crashes import CrashLedger
+        from .stages import model_stages
 
         schema = ds.schema(fetch_if_missing=False)  # known without running anything for most sources
         if schema is not None:
             self.check_columns(schema.names)
-        crash_ledger = ray.remote(num_cpus=0)(CrashLedger).remote()
-        # where data-borne URIs may point; with image bytes nothing is fetched (no location at all)
-        root = self.config.input.allowed_uri_prefixes[0] if self.uri_column else os.devnull
-        rows = ds.map_batches(_adapt, fn_kwargs={"p": self, "root": root}, batch_format="pandas",
-                              zero_copy_batch=False)
-        out = stages(rows, self.config, self.model_config, crash_ledger, root, whole_batches=True)
+        crash_ledger = on_driver_node(CrashLedger)
+        rows = ds.map_batches(_adapt, fn_kwargs={"p": self}, batch_format="pandas", zero_copy_batch=False)
+        out = model_stages(rows, self.prepared, crash_ledger, whole_batches=True)
         return out.map_batches(_results, fn_kwargs={"prefix": self.prefix}, batch_format="pandas")
 
 
@@ -156,21 +118,17 @@ def build_processor(*, model: dict[str, Any] | str, tasks: dict[str, Any] | None
         if section is not None:
             data[name] = section
     cfg = load_config(data=data)
-    from .job import JobError, check_fit, model_config
-
+    # where data-borne URIs may point; with image bytes nothing is fetched (no location at all)
+    root = allowed[0] if uri_column else os.devnull
     try:
-        mcfg = model_config(cfg)
-        if cfg.model.gpu_memory_gb is not None:
-            check_fit(cfg, mcfg)
+        prepared = for_dataset(cfg, root)
     except JobError as e:
         raise ConfigError(str(e)) from None
-    return Processor(cfg, image_column, uri_column, key_column, questions_column, keep_image, mcfg, prefix)
+    return Processor(cfg, image_column, uri_column, key_column, questions_column, keep_image, prepared, prefix)
 
 
-def _adapt(batch: pd.DataFrame, p: Processor, root: str) -> pd.DataFrame:
+def _adapt(batch: pd.DataFrame, p: Processor) -> pd.DataFrame:
     """User rows -> the reader's row contract, the user's columns carried along pickled."""
-    from .readers import _questions
-
     p.check_columns(batch.columns)
     keep = [c for c in batch.columns if c != p.image_column or p.keep_image]
     records = batch.to_dict("records")
@@ -185,7 +143,7 @@ def _adapt(batch: pd.DataFrame, p: Processor, root: str) -> pd.DataFrame:
     out = []
     for i, (row, ident) in enumerate(zip(records, idents)):
         image = row.get(p.image_column) if p.image_column else None
-        uri = _none(row.get(p.uri_column)) if p.uri_column else None
+        uri = none_if_missing(row.get(p.uri_column)) if p.uri_column else None
         key = str(row[p.key_column]) if p.key_column else ident
         error = None
         if p.image_column and not isinstance(image, (bytes, bytearray, memoryview)):
@@ -193,7 +151,7 @@ def _adapt(batch: pd.DataFrame, p: Processor, root: str) -> pd.DataFrame:
             image = None
         elif p.uri_column and not isinstance(uri, str):
             error = f"column {p.uri_column!r} holds no URI"
-        questions = _questions(_none(row.get(p.questions_column))) if p.questions_column else None
+        questions = questions_json(none_if_missing(row.get(p.questions_column))) if p.questions_column else None
         out.append({"key": key, "image": bytes(image) if image is not None else None,
                     "image_uri": uri if p.uri_column else None, "questions": questions,
                     "read_error": error, "read_status": "read_error" if error else None,
@@ -213,7 +171,7 @@ def _results(batch: pd.DataFrame, prefix: str = "") -> pd.DataFrame:
     cols: dict[str, Any] = {}
     for name in dict.fromkeys(c for u in users for c in u):
         cols[name] = pd.Series([u.get(name) for u in users])
-    boxes = [_boxes(r.get("boxes_json")) for r in rows]
+    boxes = [boxes_from_json(r.get("boxes_json")) for r in rows]
     types = {f.name: f.type for f in SCHEMA}
     for name in RESULT_COLUMNS:
         if name == "project_version":
@@ -221,7 +179,7 @@ def _results(batch: pd.DataFrame, prefix: str = "") -> pd.DataFrame:
         elif name in ("boxes", "box_errors"):
             values = [b[0] if name == "boxes" else b[1] for b in boxes]
         else:
-            values = [_none(r.get(name)) for r in rows]
+            values = [none_if_missing(r.get(name)) for r in rows]
             if name == "source_uri":
                 values = [v or None for v in values]
             if pa.types.is_integer(types[name]):

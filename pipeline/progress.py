@@ -16,12 +16,22 @@ from collections import Counter, deque
 from typing import Any
 
 from .errors import describe
-from .storage import join, write_bytes_atomic
+from .layout import OutputLayout
+from .storage import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
 WRITE_EVERY_S = 10.0  # progress.json at most this often while running (the log line at every report)
 RATE_WINDOW_S = 300.0  # images/s over the last five minutes (the run's average until 2 commits fall in it)
+
+
+def duration(s: float) -> str:
+    """A length of time for people: `45 s`, `12.5 min`, `3.2 h`."""
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 2 * 3600:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
 
 
 class Progress:
@@ -104,7 +114,7 @@ class Progress:
 
     def _write(self, p: dict[str, Any]) -> None:
         try:
-            write_bytes_atomic(self.fs, join(self.root, "_runs", self.run_id, "progress.json"),
+            write_bytes_atomic(self.fs, OutputLayout(self.root).progress(self.run_id),
                                json.dumps(p, indent=2).encode(), tmp_root=self.root)
         except Exception as e:  # noqa: BLE001 - progress is advisory; the next report retries
             log.warning("could not write progress.json: %s", describe(e))

@@ -1,168 +1,20 @@
-"""Input shards (the unit of work, retry and resume) and reading them as raw bytes, never decoded."""
+"""Reading a shard (worker side): its samples as raw bytes, never decoded, in bounded blocks.
+
+The driver's look at the input (listing, shard ids, counts) is `pipeline.listing`.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import posixpath
 import tarfile
-from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
 from .config import InputConfig, RetryConfig, S3Config
 from .errors import IMAGE_TOO_LARGE, READ_ERROR, TRANSIENT, TransientError, describe, is_transient, retry
-from .storage import filesystem, list_files, to_uri
-
-# files with these extensions are images: each gets a row (decode_error if no decoder here reads
-# it: SVG, HEIC, JPEG XL, camera raw); any other file is not an image and is skipped and counted
-IMAGE_EXTENSIONS = frozenset(
-    "jpg jpeg jpe jfif png apng webp bmp dib gif tif tiff ico cur icns tga pcx ppm pgm pbm pnm pfm "
-    "qoi psd jp2 j2k jpx jpf j2c jpc avif avifs sgi rgb rgba bw dds xbm xpm mpo blp ras im msp "
-    "svg svgz heic heif jxl dng cr2 cr3 nef arw orf rw2 raf".split())
-
-ROW_COLUMNS = ["shard_id", "source_uri", "shard_total", "image_index", "key", "image", "image_uri",
-               "questions", "read_error", "read_status"]
-SHARD_KEY = "__shard__"  # the key of the row that reports a shard which broke mid-way
-
-
-class InputError(ValueError):
-    """The input cannot be read at all (missing prefix, no shards, wrong columns)."""
-
-
-@dataclass
-class Shard:
-    shard_id: str
-    uri: str  # the tar / parquet file, or the folder for folder chunks
-    files: list[str] = field(default_factory=list)  # folder input: this chunk's image files
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class InputPlan:
-    shards: list[Shard]
-    root: str  # the input's location: the prefix, or the folder of a single input file
-    skipped_files: int = 0  # files under the input that are neither shards nor images
-    skipped_examples: list[str] = field(default_factory=list)
-
-
-_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-_")
-
-
-def shard_id(relpath: str) -> str:
-    """A file-name-safe, injective id for a shard's path relative to the input root.
-
-    '/' becomes '~'; '~', '%' and every other byte outside [A-Za-z0-9._-] are %-escaped (so
-    `a/b` and `a__b` stay apart); a leading '_' or '.' is escaped too, since dataset readers
-    (pandas, pyarrow, DuckDB's hive discovery) skip files whose names start with them. Ids over
-    180 bytes keep a readable head and a hash of the whole path.
-    """
-    out = []
-    for i, part in enumerate(relpath.split("/")):
-        esc = "".join(c if c in _SAFE else "".join(f"%{b:02X}" for b in c.encode()) for c in part)
-        out.append(esc)
-    sid = "~".join(out)
-    if not sid:
-        sid = "%"  # the empty stem (a file named '.tar'); no escaped id is a lone '%'
-    elif sid[0] in "_.":
-        sid = f"%{ord(sid[0]):02X}{sid[1:]}"
-    if len(sid.encode()) > 180:
-        sid = f"{sid[:150]}~{hashlib.sha256(relpath.encode()).hexdigest()[:24]}"
-    return sid
-
-
-def _relative(root: str, path: str, suffix: str) -> str:
-    rel = posixpath.relpath(path, root) if path != root else posixpath.basename(path)
-    return rel[: -len(suffix)] if rel.endswith(suffix) else rel
-
-
-def is_image_name(name: str) -> bool:
-    base = posixpath.basename(name)
-    return "." in base and base.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
-
-
-def plan_input(cfg: InputConfig, s3: S3Config) -> InputPlan:
-    """List the input's shards in a stable order; raises InputError when there is nothing to read
-    or two files would map to one shard id."""
-    fs, root = filesystem(cfg.path, s3)
-
-    def listing() -> tuple[bool, bool, list[str]]:
-        exists = fs.exists(root)
-        return exists, exists and fs.isfile(root), list_files(fs, root) if exists else []
-
-    try:
-        exists, is_file, files = retry(listing, f"listing {cfg.path}", 30.0)
-    except Exception as e:  # noqa: BLE001 - backend errors (auth, endpoint) become one clear message
-        raise InputError(f"cannot list input {cfg.path}: {describe(e)}") from None
-    if not exists:
-        raise InputError(f"input {cfg.path} does not exist")
-    base = root if not is_file else posixpath.dirname(root)
-    if cfg.format in ("webdataset", "parquet"):
-        suffix = ".tar" if cfg.format == "webdataset" else ".parquet"
-        chosen = [f for f in files if f.endswith(suffix)]
-        shards = [Shard(shard_id(_relative(base, f, suffix)), to_uri(fs, f)) for f in chosen]
-    else:
-        chosen = [f for f in files if is_image_name(f)]
-        n = max(1, cfg.images_per_shard)
-        shards = [Shard(f"part-{i // n:05d}", to_uri(fs, base), [to_uri(fs, f) for f in chosen[i:i + n]])
-                  for i in range(0, len(chosen), n)]
-    if not shards:
-        kind = {"webdataset": ".tar", "parquet": ".parquet", "folder": "image"}[cfg.format]
-        raise InputError(f"no {kind} files under {cfg.path}")
-    seen: dict[str, str] = {}
-    for s in shards:
-        if s.shard_id in seen:  # cannot happen with shard_id()'s escaping unless the hash collides
-            raise InputError(f"{seen[s.shard_id]} and {s.uri} map to the same shard id {s.shard_id}")
-        seen[s.shard_id] = s.uri
-    taken = set(chosen)
-    skipped = [posixpath.relpath(f, base) for f in files if f not in taken]
-    return InputPlan(shards, to_uri(fs, base), len(skipped), skipped[:5])
-
-
-def plan_shards(cfg: InputConfig, s3: S3Config) -> list[Shard]:
-    return plan_input(cfg, s3).shards
-
-
-def check_parquet_columns(cfg: InputConfig, s3: S3Config, shards: list[Shard], tries: int = 3) -> None:
-    """Check the configured columns against the schema of the first readable shard (its footer
-    only), so that a wrong column name fails before any work. Unreadable files are left to the
-    readers, which report them as error rows."""
-    for shard in shards[:tries]:
-        fs, path = filesystem(shard.uri, s3)
-        try:
-            names = retry(lambda: _parquet_columns(fs, path), f"reading the schema of {shard.uri}", 30.0)
-        except Exception:  # noqa: BLE001 - not Parquet / unreachable: the reader reports it per shard
-            continue
-        problem = _missing_columns(cfg, names)
-        if problem:
-            raise InputError(f"{shard.uri}: {problem}")
-        return
-
-
-def _parquet_columns(fs: Any, path: str) -> list[str]:
-    import pyarrow.parquet as pq
-
-    with fs.open(path, "rb") as f:
-        return list(pq.ParquetFile(f).schema_arrow.names)
-
-
-def _missing_columns(cfg: InputConfig, cols: list[str]) -> str | None:
-    for name, col in (("input.uri_column", cfg.uri_column), ("input.key_column", cfg.key_column),
-                      ("input.questions_column", cfg.questions_column)):
-        if col and col not in cols:
-            return f"no column {col!r} ({name}); columns: {cols}"
-    if not cfg.uri_column and (not cfg.image_column or cfg.image_column not in cols):
-        return f"no image column {cfg.image_column!r} (input.image_column); columns: {cols}"
-    return None
-
-
-def _questions(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return json.dumps([value])
-    return json.dumps([str(q) for q in value])
+from .listing import IMAGE_EXTENSIONS, Shard, missing_columns, sample_key
+from .rows import SHARD_KEY, TOTAL_UNKNOWN, questions_json
+from .storage import filesystem
 
 
 def _row(key: str, image: Any = None, uri: str | None = None, questions: str | None = None,
@@ -173,7 +25,6 @@ def _row(key: str, image: Any = None, uri: str | None = None, questions: str | N
 
 # --- reading a shard as a stream of bounded blocks ---------------------------------------------
 
-TOTAL_UNKNOWN = -1  # shard_total of a row whose shard's size is not known yet (not its last block)
 MB = 1024 * 1024
 ROW_OVERHEAD = 256  # bytes a row counts for beside its image bytes and text (dict, key, ints)
 
@@ -328,12 +179,10 @@ def _tar_samples(shard: Shard, cfg: InputConfig, s3: S3Config, skip: int, budget
         with _open(fs, path, budget) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in iter(tar.next, None):
                 tar.members.clear()  # else stream mode keeps every header (~0.5 KB each) to the end
-                if not member.isfile():
+                sample_of = sample_key(member.name) if member.isfile() else None
+                if sample_of is None:
                     continue
-                base = posixpath.basename(member.name)
-                if "." not in base or base.startswith("."):
-                    continue
-                name = posixpath.join(posixpath.dirname(member.name), base.split(".", 1)[0])
+                name, ext = sample_of
                 if name != key:
                     if sample is not None:
                         yield _sample_row(key, sample)
@@ -345,7 +194,7 @@ def _tar_samples(shard: Shard, cfg: InputConfig, s3: S3Config, skip: int, budget
                         sample["stray"] = True
                     seen.add(name)
                 if sample is not None and "stray" not in sample:
-                    _add_member(tar, member, base.split(".", 1)[1].lower(), sample, cfg)
+                    _add_member(tar, member, ext, sample, cfg)
     except Exception as e:
         if sample is not None and _is_corrupt_tar(e) and not is_transient(e):
             yield _sample_row(key, sample)  # the bytes end here for good: keep what this sample had
@@ -368,7 +217,7 @@ def _add_member(tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str, sample:
         data = tar.extractfile(member)
         try:
             meta = json.loads(data.read()) if data is not None else {}
-            sample["questions"] = _questions(meta.get(cfg.questions_column))
+            sample["questions"] = questions_json(meta.get(cfg.questions_column))
         except (ValueError, AttributeError) as e:
             sample["error"] = (f"bad json sidecar: {describe(e)}", READ_ERROR)
 
@@ -409,7 +258,7 @@ def _parquet_rows(shard: Shard, cfg: InputConfig, s3: S3Config, skip: int, budge
     fs, path = filesystem(shard.uri, s3)
     with _open(fs, path, budget) as f:
         pf = pq.ParquetFile(f, buffer_size=min(budget, 4 * MB), pre_buffer=False)
-        problem = _missing_columns(cfg, list(pf.schema_arrow.names))
+        problem = missing_columns(cfg, list(pf.schema_arrow.names))
         if problem is not None:
             yield _row(SHARD_KEY, error=problem)
             return
@@ -446,7 +295,7 @@ def _parquet_row(cfg: InputConfig, data: dict[str, list[Any]], j: int, default_k
     elif not cfg.uri_column and not isinstance(image, (bytes, bytearray)):
         err = f"image column holds {type(image).__name__}, not bytes"
         image = None
-    q = _questions(data[cfg.questions_column][j]) if cfg.questions_column else None
+    q = questions_json(data[cfg.questions_column][j]) if cfg.questions_column else None
     return _row(key, image, uri, q, err)
 
 

@@ -1,4 +1,5 @@
 """Result rows written by the workers; the driver sees one small record per written part.
+(Paths: `pipeline.layout`; the record's columns: `rows.RECORD_COLUMNS`.)
 
     Generate (each Ray batch) --> _parts/<shard_id>/<run_id>-<uuid>.parquet  + a part record
     driver: a shard is complete when its records cover all its images --> merge_parts (a Ray
@@ -18,9 +19,6 @@ import dataclasses
 import datetime as dt
 import json
 import logging
-import os
-import re
-import signal
 import uuid
 from collections import Counter
 from typing import Any
@@ -31,20 +29,12 @@ import pyarrow.parquet as pq
 from . import errors as st
 from .config import RetryConfig, S3Config
 from .errors import describe, retry
-from .ledger import SCHEMA, to_table
+from .faults import maybe_die_after_write
+from .layout import OutputLayout
+from .rows import SCHEMA, to_table
 from .storage import filesystem, join, write_bytes_atomic
 
 log = logging.getLogger("pipeline")
-
-PARTS_DIR = "_parts"
-WRITE_FAULT_ENV = "COGVLM_WRITE_FAULT"  # testing hook, see _maybe_die_after_write
-
-# what the driver receives per written part (a few hundred bytes, whatever the part's size)
-RECORD_COLUMNS = ["shard_id", "part", "images", "shard_total", "rows", "transient", "failures"]
-
-
-def parts_dir(root: str, shard_id: str) -> str:
-    return join(root, PARTS_DIR, shard_id)
 
 
 @dataclasses.dataclass
@@ -66,6 +56,7 @@ class PartSink:
 
     def _write_part(self, sid: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
         fs, root = filesystem(self.output_path, self.s3)
+        layout = OutputLayout(root)
         images = sorted({int(r["image_index"]) for r in rows})
         first = {}
         for r in sorted(rows, key=lambda r: int(r["task_index"])):
@@ -85,34 +76,17 @@ class PartSink:
         buf = pa.BufferOutputStream()
         pq.write_table(table, buf, compression="zstd")
         data = buf.getvalue().to_pybytes()
-        name = f"{self.run_id}-{uuid.uuid4().hex}.parquet"
-        path = join(parts_dir(root, sid), name)
+        rel = layout.part_rel(sid, self.run_id, uuid.uuid4().hex)
+        path = join(root, rel)
         try:
             retry(lambda: write_bytes_atomic(fs, path, data, tmp_root=root), f"writing a part of shard {sid}",
                   self.retry.deadline_s, self.retry.backoff_s)
         except Exception as e:  # noqa: BLE001 - the rows cannot be stored: leave the shard to the rerun
             rec["transient"] = f"could not write result rows: {describe(e)}"
             return rec
-        _maybe_die_after_write([str(r["key"]) for r in rows])
-        rec["part"] = join(PARTS_DIR, sid, name)
+        maybe_die_after_write([str(r["key"]) for r in rows])
+        rec["part"] = rel
         return rec
-
-
-def _maybe_die_after_write(keys: list[str]) -> None:
-    """Testing hook: WRITE_FAULT_ENV="<key>:<flag file>": the first worker to write a part holding
-    <key> (the one that creates <flag file>) dies right after the write, before its record leaves,
-    so Ray re-runs the batch and the images are written again into another part."""
-    spec = os.environ.get(WRITE_FAULT_ENV)
-    if not spec:
-        return
-    key, flag = spec.split(":", 1)
-    if key not in keys:
-        return
-    try:
-        os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def merge_parts(output_path: str, s3: S3Config, policy: RetryConfig, shard_id: str, source_uri: str,
@@ -132,7 +106,7 @@ def merge_parts(output_path: str, s3: S3Config, policy: RetryConfig, shard_id: s
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf, compression="zstd")
     data = buf.getvalue().to_pybytes()
-    rel = join("data", f"{shard_id}.parquet")
+    rel = OutputLayout.data_rel(shard_id)
     retry(lambda: write_bytes_atomic(fs, join(root, rel), data, tmp_root=root), f"writing shard {shard_id}",
           policy.deadline_s, policy.backoff_s)
     status = Counter(table.column("status").to_pylist())
@@ -159,7 +133,7 @@ def delete_parts(output_path: str, s3: S3Config, shard_id: str, keep_run: str | 
     """Remove the shard's parts (all, once it is committed; at its claim, those of other runs
     but `keep_run`'s, which a re-run read task must not take from under the driver); never raises."""
     fs, root = filesystem(output_path, s3)
-    path = parts_dir(root, shard_id)
+    path = OutputLayout(root).parts_dir(shard_id)
     try:
         fs.invalidate_cache(path)
         if not fs.exists(path):
@@ -167,8 +141,8 @@ def delete_parts(output_path: str, s3: S3Config, shard_id: str, keep_run: str | 
         if keep_run is None:
             fs.rm(path, recursive=True)
             return
-        mine = re.compile(re.escape(keep_run) + r"-[0-9a-f]{32}\.parquet")
-        stale = [p for p in fs.ls(path, detail=False) if not mine.fullmatch(p.rstrip("/").rsplit("/", 1)[-1])]
+        stale = [p for p in fs.ls(path, detail=False)
+                 if not OutputLayout.is_part_of_run(p.rstrip("/").rsplit("/", 1)[-1], keep_run)]
         if stale:
             fs.rm(stale, recursive=True)
     except FileNotFoundError:
@@ -180,7 +154,7 @@ def delete_parts(output_path: str, s3: S3Config, shard_id: str, keep_run: str | 
 def sweep_parts(fs: Any, root: str, committed: set[str], policy: RetryConfig) -> None:
     """Delete the parts left under committed shards (a batch re-run after its shard's merge, a
     run killed between its marker and the deletion); never raises."""
-    base = join(root, PARTS_DIR)
+    base = OutputLayout(root).parts_root
     try:
         fs.invalidate_cache(base)
         if not fs.exists(base):
@@ -192,3 +166,13 @@ def sweep_parts(fs: Any, root: str, committed: set[str], policy: RetryConfig) ->
             log.info("deleted the leftover parts of %d committed shards", len(stale))
     except Exception as e:  # noqa: BLE001 - leftovers are harmless (readers never look there)
         log.warning("could not sweep %s: %s", base, describe(e))
+
+
+def delete_late_parts(fs: Any, root: str, parts: list[str]) -> None:
+    """Delete parts a re-run batch wrote after its shard was merged (paths relative to the root);
+    never raises (leftovers are swept by the next run)."""
+    for rel in parts:
+        try:
+            fs.rm(join(root, rel))
+        except Exception:  # noqa: BLE001
+            pass

@@ -1,4 +1,6 @@
-"""The two model-side stages as Ray Data UDF classes (callable on a plain DataFrame in tests).
+"""The two model-side stages as Ray Data UDF classes (callable on a plain DataFrame in tests),
+and `model_stages`, which wires them onto a dataset: the block both the CLI job and the library
+API (`pipeline.processor`) run.
 
 `Preprocess` (CPU actors): raw bytes -> decoded, guarded, normalized pixels + token ids per prompt.
 `Generate` (GPU actors): one model replica per actor, one continuous-batching engine fed by every
@@ -9,11 +11,10 @@ Each input image leaves `Generate` as exactly one row per prompt, with a status.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
-import posixpath
-import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,12 +34,15 @@ from cogvlm.weights import resolve_source, weights_fingerprint
 
 from . import errors as st
 from .config import JobConfig
-from .crashes import Gate, isolating, maybe_inject_fault, process_isolating
+from .crashes import Gate, isolating, process_isolating
 from .engine_loop import EngineBroken, EngineLoop
-from .fit import DoesNotFit, gpu_bytes_per_replica, prompts_per_image, replica_fit_error
-from .errors import TransientError, describe, is_transient, retry
-from .storage import FileTooLarge, UriPolicy, UriRefused, filesystem, read_capped, s3_options
-from .sink import RECORD_COLUMNS, PartSink
+from .errors import TransientError, describe, is_transient
+from .faults import maybe_inject_fault, worker_env
+from .fit import DoesNotFit, engine_settings, gpu_bytes_per_replica, replica_fit_error
+from .preflight import Prepared
+from .rows import OUTPUT_COLUMNS, PASSTHROUGH, PREPROCESSED_COLUMNS, RECORD_COLUMNS
+from .sink import PartSink
+from .storage import ConfinedFetcher, FileTooLarge, UriRefused, s3_options
 from .tasks import Prompt, expand, to_json
 from .transport import UndecodableImage, pack, unpack
 
@@ -46,14 +50,6 @@ log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "*.model", "vocab*", "merges.txt",
                    "added_tokens.json", "config.json"]
-
-PREPROCESSED_COLUMNS = ["shard_id", "source_uri", "shard_total", "image_index", "key", "status",
-                        "error_message", "width", "height", "pixels", "pixels_format", "prompts", "prompt_ids",
-                        "passthrough"]
-OUTPUT_COLUMNS = ["key", "source_uri", "shard_id", "shard_total", "image_index", "image_tasks", "task",
-                  "task_index", "prompt", "response", "boxes_json", "status", "error_message",
-                  "prompt_tokens", "output_tokens", "finish_reason", "generation_s", "width", "height",
-                  "generation_settings", "model_source", "model_fingerprint", "passthrough"]
 
 
 def load_tokenizer(job: JobConfig) -> Any:
@@ -81,20 +77,8 @@ class Preprocess:
         self.config = model_config
         self.processor = CogVLMProcessor(load_tokenizer(job), model_config)
         self.crash_ledger = crash_ledger
-        self.uris = UriPolicy(input_root or job.input.path, job.input.allowed_uri_prefixes)
-        self._fs: dict[str, Any] = {}
-        self._fs_lock = threading.Lock()  # the fetch threads make each scheme's filesystem once
-
-    def _fetch(self, uri: str, source_uri: str) -> bytes:
-        """The bytes behind a data-borne URI: confined, regular files only, size-capped while
-        reading, transient failures retried. Called on the fetch threads."""
-        scheme, path = self.uris.resolve(uri, base=posixpath.dirname(source_uri))
-        with self._fs_lock:
-            if scheme not in self._fs:
-                self._fs[scheme] = filesystem("s3://" if scheme == "s3" else "/", self.job.s3)[0]
-            fs = self._fs[scheme]
-        return retry(lambda: read_capped(fs, path, self.job.input.max_image_bytes), f"fetching {uri}",
-                     self.job.retry.deadline_s, self.job.retry.backoff_s)
+        self.fetcher = ConfinedFetcher(input_root or job.input.path, job.input.allowed_uri_prefixes, job.s3,
+                                       job.input.max_image_bytes, job.retry.deadline_s, job.retry.backoff_s)
 
     def _pixels(self, data: bytes) -> tuple[dict[str, Any], int, int]:
         """The image decoded in full -> its transport columns (pipeline.transport), width, height."""
@@ -118,7 +102,7 @@ class Preprocess:
                 rec = self._start(row)
                 fetch = None
                 if rec["status"] == st.OK and row.get("image") is None:
-                    fetch = pool.submit(self._fetch, row["image_uri"], row["source_uri"])
+                    fetch = pool.submit(self.fetcher.fetch, row["image_uri"], row["source_uri"])
                 ahead.append((row, rec, fetch))
                 if len(ahead) >= FETCH_CONCURRENCY:
                     out.append(self._finish(*ahead.popleft()))
@@ -135,7 +119,7 @@ class Preprocess:
         rec = {k: row[k] for k in ("shard_id", "source_uri", "shard_total", "image_index", "key")}
         rec.update(status=st.OK, error_message=None, width=None, height=None, pixels=None, pixels_format=None,
                    prompts=to_json(prompts), prompt_ids=json.dumps(ids),
-                   passthrough=row.get("passthrough"))  # a processor's user columns (pipeline.processor)
+                   passthrough=row.get(PASSTHROUGH))  # a processor's user columns (pipeline.processor)
         if no_prompt:
             rec.update(status=st.NO_QUESTIONS, error_message="no questions for this image")
         return rec
@@ -158,7 +142,7 @@ class Preprocess:
         return rec
 
     def _finish(self, row: dict[str, Any], rec: dict[str, Any], fetch: Future | None) -> dict[str, Any]:
-        """`rec` completed with the image: `row`'s bytes, or what `fetch` (its `_fetch`) gave."""
+        """`rec` completed with the image: `row`'s bytes, or what `fetch` (`fetcher.fetch`) gave."""
         if rec["status"] != st.OK:
             return rec
         data = row.get("image")
@@ -199,7 +183,19 @@ class Preprocess:
         return rec
 
 
-_Failed = tuple  # (row, prompt count, [(task index, Prompt, Request)]): an image whose engine round failed
+@dataclasses.dataclass
+class PendingImage:
+    """An image on its way through the engine: its preprocessed row, how many prompts it has in
+    all, and the ones the engine works on (task index, prompt, request); the others already have
+    their error rows (prompt_too_long)."""
+
+    row: dict[str, Any]
+    prompts: int
+    work: list[tuple[int, Prompt, Request]]
+
+    @property
+    def requests(self) -> list[Request]:
+        return [req for _, _, req in self.work]
 
 
 class Generate:
@@ -215,7 +211,7 @@ class Generate:
         """`sink`: write each batch's rows to Parquet parts here and emit only their records
         (the CLI job); without it, the rows themselves leave (`whole_batches`: a batch's together)."""
         self.job = job
-        self.whole_batches = whole_batches  # see pipeline.processor.stages
+        self.whole_batches = whole_batches  # see model_stages
         self.sink = sink
         self.crash_ledger = crash_ledger
         m = job.model
@@ -236,20 +232,13 @@ class Generate:
                                 quantize_vision=m.quantize_vision, cache_dir=m.cache_dir,
                                 storage_options=s3_options(job.s3))
         self.config = self.model.config
-        tasks = [t for t in (job.tasks.caption, job.tasks.vqa, job.tasks.grounding) if t is not None]
-        self.engine = Engine(self.model, max_prompt_tokens=m.max_prompt_tokens,
-                             device_share=min(1.0, m.gpus_per_replica) if device == "cuda" else 1.0,
-                             max_new_tokens=max(t.max_new_tokens for t in tasks), max_slots=m.max_slots,
-                             kv_cache_gb=m.kv_cache_gb, margin_gb=m.memory_margin_gb,
-                             admission_images=m.admission_images,
-                             prompts_per_image=prompts_per_image(job, self.config.template_version),
-                             sync_every=m.sync_every, compile=m.compile, compile_vision=m.compile_vision)
+        self.engine = Engine(self.model, device_share=min(1.0, m.gpus_per_replica) if device == "cuda" else 1.0,
+                             **engine_settings(job, self.config))
         self.loop = EngineLoop(self.engine)
         self.gate = Gate()
         self.processor = CogVLMProcessor(load_tokenizer(job), self.config)
         self.fingerprint = weights_fingerprint(self.model.checkpoint_dir)
-        dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(m.dtype, m.dtype)
-        self.weights = dtype + (f"+{m.quantization}" if m.quantization else "")  # provenance of each row
+        self.weights = m.dtype + (f"+{m.quantization}" if m.quantization else "")  # provenance of each row
         self.worker = f"{os.uname().nodename}/{os.getpid()}"
         # `_pixels` (decode, resize, normalize) on this replica's CPUs, off the event loop
         self.decoder = ThreadPoolExecutor(max(1, int(m.cpus_per_replica)), thread_name_prefix="generate-decode")
@@ -264,12 +253,12 @@ class Generate:
 
     async def _outputs(self, rows: list[dict[str, Any]]) -> AsyncIterator[list[dict[str, Any]]]:
         """The batch's output rows, a group at a time as images finish."""
-        failed: list[_Failed] = []
+        failed: list[PendingImage] = []
         async for out in isolating(self.crash_ledger, "generate", rows, lambda rs: self._process(rs, failed),
                                    self._died, self.job.errors.max_crashes_per_image, self.gate):
             yield out
-        for f in failed:  # an engine round failed with these images in it: each alone now
-            yield await self._alone(*f)
+        for image in failed:  # an engine round failed with these images in it: each alone now
+            yield await self._alone(image)
 
     async def __call__(self, batch: pd.DataFrame) -> AsyncIterator[pd.DataFrame]:
         rows = batch.to_dict("records")
@@ -315,11 +304,12 @@ class Generate:
             return st.DECODE_ERROR, f"{where}{describe(e)}"
         return (st.TRANSIENT if is_transient(e) else st.GENERATION_ERROR), f"{where}{describe(e)}"
 
-    async def _process(self, rows: list[dict[str, Any]], failed: list[_Failed]) -> AsyncIterator[list[dict[str, Any]]]:
+    async def _process(self, rows: list[dict[str, Any]], failed: list[PendingImage],
+                       ) -> AsyncIterator[list[dict[str, Any]]]:
         """Error rows at once; then each image's rows when its last prompt is done. Images in
         flight when the engine failed go to `failed`, for the caller to retry alone."""
         ready: list[dict[str, Any]] = []
-        images: list[_Failed] = []
+        images: list[PendingImage] = []
         for r in rows:
             r = dict(r)
             prompts = self._prompts(r["prompts"])
@@ -339,21 +329,21 @@ class Generate:
                 else:
                     work.append((j, p, req))
             if work:
-                images.append((r, n, work))
+                images.append(PendingImage(r, n, work))
         if ready:
             yield ready
         # the batch's images enter the engine together (one admission round when it is free)
-        submit: list[tuple[_Failed, tuple[list[Request], torch.Tensor]]] = []
+        submit: list[tuple[PendingImage, torch.Tensor]] = []
         loop = asyncio.get_running_loop()  # pixels made on the decode threads while the engine runs
-        pixels = await asyncio.gather(*(loop.run_in_executor(self.decoder, self._pixels, item[0]) for item in images),
-                                      return_exceptions=True)
-        for item, px in zip(images, pixels):
+        pixels = await asyncio.gather(*(loop.run_in_executor(self.decoder, self._pixels, image.row)
+                                        for image in images), return_exceptions=True)
+        for image, px in zip(images, pixels):
             if isinstance(px, BaseException):  # retried (and reported) alone, like an engine failure
-                failed.append(item)
+                failed.append(image)
             else:
-                submit.append((item, ([req for _, _, req in item[2]], px)))
-        futures = self.loop.submit([s for _, s in submit], id(rows))
-        pending = {asyncio.ensure_future(self._image(*item, f)): item for (item, _), f in zip(submit, futures)}
+                submit.append((image, px))
+        futures = self.loop.submit([(image.requests, px) for image, px in submit], id(rows))
+        pending = {asyncio.ensure_future(self._image(image, f)): image for (image, _), f in zip(submit, futures)}
         while pending:
             done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             out: list[dict[str, Any]] = []
@@ -368,25 +358,26 @@ class Generate:
             if out:
                 yield out
 
-    async def _alone(self, r: dict[str, Any], n: int, work: list[tuple[int, Prompt, Request]]) -> list[dict[str, Any]]:
+    async def _alone(self, image: PendingImage) -> list[dict[str, Any]]:
         """An image's prompts with nothing else in the engine: their rows, or their own errors."""
+        r, n = image.row, image.prompts
         async with self.gate.exclusive():
             try:
                 pixels = self._pixels(r)
-                return await self._image(r, n, work, self.loop.generate([req for _, _, req in work], pixels))
+                return await self._image(image, self.loop.generate(image.requests, pixels))
             except EngineBroken:
                 raise
             except Exception as e:  # noqa: BLE001 - it fails alone: this image's error
                 status, msg = self._failure(e, "")
-        return [self._row(r, j, n, p, status=status, error=msg) for j, p, _ in work]
+        return [self._row(r, j, n, p, status=status, error=msg) for j, p, _ in image.work]
 
-    async def _image(self, r: dict[str, Any], n: int, work: list[tuple[int, Prompt, Request]],
-                     future: Awaitable[list[Completion]]) -> list[dict[str, Any]]:
+    async def _image(self, image: PendingImage, future: Awaitable[list[Completion]]) -> list[dict[str, Any]]:
+        r, n = image.row, image.prompts
         t0 = time.perf_counter()
         done = await future
-        dt = (time.perf_counter() - t0) / len(work)
+        dt = (time.perf_counter() - t0) / len(image.work)
         rows = []
-        for (j, p, _), c in zip(work, done):
+        for (j, p, _), c in zip(image.work, done):
             if c.error is not None:  # out of memory even alone: this prompt's error
                 rows.append(self._row(r, j, n, p, status=st.GENERATION_ERROR, error=c.error))
                 continue
@@ -410,5 +401,31 @@ class Generate:
             "output_tokens": output_tokens, "finish_reason": finish_reason, "generation_s": generation_s,
             "width": r["width"], "height": r["height"], "generation_settings": p.settings_json(weights=self.weights),
             "model_source": self.job.model.source, "model_fingerprint": self.fingerprint,
-            "passthrough": r.get("passthrough"),
+            PASSTHROUGH: r.get(PASSTHROUGH),
         }
+
+
+def model_stages(ds: Any, prepared: Prepared, crash_ledger: Any, whole_batches: bool = False,
+                 sink: PartSink | None = None) -> Any:
+    """Rows with the reader's columns (`rows.ROW_COLUMNS`[, passthrough]) -> one row per (image,
+    prompt): Preprocess (CPU actors) -> Generate (one model replica per actor).
+
+    `whole_batches`: Generate emits a batch's rows together (for consumers that cannot drop the
+    rows a retried batch repeats). `sink` (the CLI job's): Generate writes the rows itself and
+    emits one small record per written part (`rows.RECORD_COLUMNS`) instead."""
+    from ray.data import ActorPoolStrategy
+
+    cfg, m = prepared.cfg, prepared.cfg.model
+    hooks = worker_env()  # the tests' fault hooks reach the stage workers through their runtime env
+    kwargs = {"job": cfg, "model_config": prepared.mcfg, "crash_ledger": crash_ledger}
+    ds = ds.map_batches(Preprocess, fn_constructor_kwargs=dict(kwargs, input_root=prepared.input_root),
+                        compute=ActorPoolStrategy(min_size=1, max_size=max(1, m.preprocess_workers)),
+                        num_cpus=1, batch_size=16, batch_format="pandas", **hooks)
+    # Generate's __call__ is async: a replica takes `batches_in_flight` Ray batches at once and
+    # feeds them all to its one engine, so the device never waits for the next batch
+    return ds.map_batches(Generate, fn_constructor_kwargs=dict(kwargs, whole_batches=whole_batches, sink=sink),
+                          compute=ActorPoolStrategy(min_size=m.min_replicas, max_size=m.max_replicas,
+                                                    max_tasks_in_flight_per_actor=m.batches_in_flight,
+                                                    max_concurrent_calls_per_actor=m.batches_in_flight),
+                          num_gpus=m.gpus_per_replica, num_cpus=m.cpus_per_replica,
+                          batch_size=m.batch_size, batch_format="pandas", **hooks)

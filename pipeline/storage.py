@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 import posixpath
 import stat
+import threading
 import uuid
 from typing import Any
 
 import fsspec
 
 from .config import S3Config
-
-TMP_DIR = "_tmp"  # under the output root: temporary files never sit where readers look
+from .errors import error_code, retry
+from .layout import TMP
 
 
 def is_s3(uri: str) -> bool:
@@ -20,12 +21,12 @@ def is_s3(uri: str) -> bool:
 
 
 def s3_options(s3: S3Config) -> dict[str, Any]:
-    """s3fs options from the config. Credentials: the environment / profile / instance role."""
+    """s3fs options from the config. Credentials: the environment / profile / instance role; with
+    no `s3.endpoint_url`, botocore itself reads AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL."""
     opts: dict[str, Any] = {}
     client: dict[str, Any] = {}
-    endpoint = s3.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        client["endpoint_url"] = endpoint
+    if s3.endpoint_url:
+        client["endpoint_url"] = s3.endpoint_url
     if s3.region:
         client["region_name"] = s3.region
     if client:
@@ -70,7 +71,7 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes,
         fs.pipe_file(path, data)
         return
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    tmp_dir = posixpath.join(tmp_root or posixpath.dirname(path), TMP_DIR)
+    tmp_dir = posixpath.join(tmp_root or posixpath.dirname(path), TMP)
     os.makedirs(tmp_dir, exist_ok=True)
     tmp = posixpath.join(tmp_dir, f"{posixpath.basename(path)}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
@@ -142,8 +143,6 @@ def put_conditional(fs: fsspec.AbstractFileSystem, path: str, data: bytes, **con
     """An S3 PUT under a condition (`mode="create"` for If-None-Match: *, or `IfMatch=etag`).
     False when the service says the condition failed (412 PreconditionFailed, 409
     ConditionalRequestConflict: a concurrent conditional write won); other errors are raised."""
-    from .errors import error_code
-
     try:
         fs.pipe_file(path, data, **condition)
         return True
@@ -233,3 +232,28 @@ class UriPolicy:
         if not any(real == p or real.startswith(p.rstrip(os.sep) + os.sep) for p in self.local):
             raise refused
         return "file", real
+
+
+class ConfinedFetcher:
+    """The bytes behind data-borne URIs (a Parquet `uri_column`): confined by a `UriPolicy`, regular
+    files only, size-capped while reading, transient failures retried for `deadline_s`. Safe to
+    call from many threads (each scheme's filesystem is made once)."""
+
+    def __init__(self, input_root: str, allowed: list[str] | tuple[str, ...], s3: S3Config, max_bytes: int,
+                 deadline_s: float, backoff_s: float = 0.5) -> None:
+        self.policy = UriPolicy(input_root, allowed)
+        self.s3, self.max_bytes = s3, max_bytes
+        self.deadline_s, self.backoff_s = deadline_s, backoff_s
+        self._fs: dict[str, fsspec.AbstractFileSystem] = {}
+        self._lock = threading.Lock()
+
+    def fetch(self, uri: str, source_uri: str) -> bytes:
+        """`uri`'s bytes; relative URIs are resolved beside `source_uri` (the shard file holding
+        them). Raises UriRefused, FileTooLarge, FileNotFoundError, ... or TransientError."""
+        scheme, path = self.policy.resolve(uri, base=posixpath.dirname(source_uri))
+        with self._lock:
+            if scheme not in self._fs:
+                self._fs[scheme] = filesystem("s3://" if scheme == "s3" else "/", self.s3)[0]
+            fs = self._fs[scheme]
+        return retry(lambda: read_capped(fs, path, self.max_bytes), f"fetching {uri}", self.deadline_s,
+                     self.backoff_s)

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from pipeline import ConfigError, InputError, load_config, run
-from pipeline.job import IncompleteRun, RunStopped
+from pipeline.errors import IncompleteRun, RunStopped
 
 from .data import good_image, webdataset_shards, write_tar
 from .netfault import FlakyProxy
@@ -305,7 +305,7 @@ def test_folder_images_of_every_kind_get_rows_and_other_files_are_counted(ray_cl
 # --- crashing inputs (finding 9) ------------------------------------------------------------------
 
 def test_an_image_that_kills_its_worker_ends_as_error_rows(ray_cluster, ckpt_v1, tokenizer_v1, tmp_path):
-    from pipeline.crashes import FAULT_ENV
+    from pipeline.faults import FAULT_ENV
 
     expected = webdataset_shards(tmp_path / "in", n_shards=2, per_shard=3)
     cfg_path = tmp_path / "job.yaml"
@@ -461,13 +461,13 @@ def test_unknown_read_errors_are_not_final_and_known_ones_are():
 
 def test_the_input_location_comes_from_the_listing(tmp_path):
     from pipeline.config import InputConfig, S3Config
-    from pipeline.readers import plan_input
+    from pipeline.listing import list_input
 
     table = tmp_path / "table.parquet"  # a Spark-style dataset folder with a file-like name
     table.mkdir()
     pq.write_table(pa.table({"image": [b"x"]}), table / "part-0.parquet")
-    assert plan_input(InputConfig(path=str(table), format="parquet"), S3Config()).root == str(table)
-    one = plan_input(InputConfig(path=str(table / "part-0.parquet"), format="parquet"), S3Config())
+    assert list_input(InputConfig(path=str(table), format="parquet"), S3Config()).root == str(table)
+    one = list_input(InputConfig(path=str(table / "part-0.parquet"), format="parquet"), S3Config())
     assert one.root == str(table)
 
 
@@ -486,7 +486,7 @@ def test_exactly_one_run_takes_over_an_expired_claim(store, tmp_path, request):
     import fsspec
 
     from pipeline.config import S3Config
-    from pipeline.ledger import Claims
+    from pipeline.claims import Claims
     from pipeline.storage import filesystem
 
     if store == "s3":

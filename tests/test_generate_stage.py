@@ -100,7 +100,8 @@ def test_generate_stage_rows_exactly_once_when_an_image_fails(ckpt_v1, tokenizer
     (its own generation_error rows), the others succeed, and its prompt that was too long is
     reported once, not again after the retry."""
     from cogvlm.weights import read_config
-    from pipeline.readers import Shard, read_shard
+    from pipeline.listing import Shard
+    from pipeline.readers import read_shard
     from pipeline.stages import Generate, Preprocess
 
     webdataset_shards(tmp_path / "in", n_shards=1, per_shard=3)

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import ConfigError, InputError, JobError, load_config, run
-from pipeline.job import KILL_AFTER_ENV
+from pipeline.faults import KILL_AFTER_ENV
 
 from .data import bad_images, good_image, webdataset_shards
 
@@ -202,7 +202,8 @@ def test_generate_stage_rows_do_not_depend_on_their_batch(ckpt_v1, tokenizer_v1,
     it comes alone or with others; a sampled row's stream is (seed, key, task), so two images
     with the same pixels but different keys sample differently."""
     from cogvlm.weights import read_config
-    from pipeline.readers import Shard, read_shard
+    from pipeline.listing import Shard
+    from pipeline.readers import read_shard
     from pipeline.stages import Generate, Preprocess
 
     webdataset_shards(tmp_path / "in", n_shards=1, per_shard=4)
@@ -351,7 +352,7 @@ def test_overlapping_enrich_runs_split_the_work(ray_cluster, ckpt_v1, tokenizer_
 def test_claims_respect_live_leases_and_take_over_expired_ones(tmp_path):
     import fsspec
 
-    from pipeline.ledger import Claims
+    from pipeline.claims import Claims
 
     fs = fsspec.filesystem("file")
     a = Claims(fs, str(tmp_path), "run-a", ttl_s=60)
@@ -396,7 +397,7 @@ def test_cli_starts_its_own_ray_on_this_machine(ckpt_v1, tokenizer_v1, tmp_path)
 
 def test_claims_on_s3_use_conditional_puts(s3_bucket):
     from pipeline.config import S3Config
-    from pipeline.ledger import Claims
+    from pipeline.claims import Claims
     from pipeline.storage import filesystem
 
     bucket, endpoint = s3_bucket

@@ -20,7 +20,16 @@ import yaml
 from cogvlm.config import preset
 from cogvlm.tiny import write_shapes_checkpoint
 from pipeline import load_config, run
-from pipeline.plan import calibration_config, calibration_result, describe, make_plan, one_line
+from pipeline.calibration import calibration_config, calibration_result
+from pipeline.plan import make_plan as plan_of_prepared
+from pipeline.plan import one_line
+from pipeline.plan import render as describe
+from pipeline.preflight import prepare
+
+
+def make_plan(cfg, *args, **kwargs):
+    """The cost plan of `cfg`, as `jobs.plan` makes it."""
+    return plan_of_prepared(prepare(cfg, writable=False), *args, **kwargs)
 
 from .data import good_image, webdataset_shards
 from .test_pipeline import job, s3_client, upload_dir

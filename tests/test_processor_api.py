@@ -105,7 +105,7 @@ def test_processor_rows_exactly_once_when_an_image_kills_its_worker(ray_cluster,
     retries the batch, which leaves its rows once; the image ends as worker_died rows."""
     import ray
 
-    from pipeline.crashes import FAULT_ENV
+    from pipeline.faults import FAULT_ENV
 
     monkeypatch.setenv(FAULT_ENV, "generate:k3")
     items = [{"image": good_image(20 + i), "id": f"k{i}"} for i in range(6)]

@@ -22,7 +22,7 @@ from PIL import Image
 from cogvlm import parse_boxes
 from jobs import report
 from pipeline import load_config, run
-from pipeline.ledger import to_table
+from pipeline.rows import to_table
 
 from .data import good_image, webdataset_shards
 

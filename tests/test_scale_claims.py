@@ -20,7 +20,7 @@ import pytest
 
 from pipeline.claims import BUSY, DONE, MINE, ClaimError, ClaimKeeper, Claims
 from pipeline.config import InputConfig, RetryConfig, S3Config
-from pipeline.readers import plan_input
+from pipeline.listing import list_input
 from pipeline.storage import filesystem, join, write_bytes_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,7 +102,7 @@ def backlog(s3_server):
     store = s3_backends[DEFAULT_ACCOUNT_ID]["global"]  # the server runs in this process: fill it directly
     for i in range(N_BACKLOG):
         store.put_object(bucket, f"in/{i:05d}.tar", b"x")
-    shards = plan_input(InputConfig(path=f"s3://{bucket}/in", format="webdataset"),
+    shards = list_input(InputConfig(path=f"s3://{bucket}/in", format="webdataset"),
                         S3Config(endpoint_url=s3_server)).shards
     ids = [s.shard_id for s in shards]
     assert len(ids) == N_BACKLOG

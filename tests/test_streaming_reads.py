@@ -22,8 +22,9 @@ import pytest
 
 from pipeline import ConfigError, load_config
 from pipeline.config import InputConfig, RetryConfig, S3Config
-from pipeline.readers import (ROW_COLUMNS, SHARD_KEY, TOTAL_UNKNOWN, Shard, iter_shard, read_shard, row_bytes,
-                              shard_blocks_fn)
+from pipeline.listing import Shard
+from pipeline.readers import iter_shard, read_shard, row_bytes, shard_blocks_fn
+from pipeline.rows import ROW_COLUMNS, SHARD_KEY, TOTAL_UNKNOWN
 
 from .conftest import _boto_creds
 from .data import webdataset_shards

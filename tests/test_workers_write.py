@@ -15,7 +15,9 @@ import pyarrow.parquet as pq
 
 from pipeline import load_config, run
 from pipeline.config import RetryConfig, S3Config
-from pipeline.sink import RECORD_COLUMNS, WRITE_FAULT_ENV, PartSink, merge_parts
+from pipeline.faults import WRITE_FAULT_ENV
+from pipeline.rows import RECORD_COLUMNS
+from pipeline.sink import PartSink, merge_parts
 
 from .data import webdataset_shards
 from .test_pipeline import job
@@ -61,16 +63,16 @@ def test_transient_rows_are_never_written_as_a_part(tmp_path):
 
 def test_the_driver_receives_part_records_only(ray_cluster, ckpt_v1, tokenizer_v1, tmp_path, monkeypatch):
     """What reaches the driver's loop is one small record per written part, never a result row."""
-    from pipeline import job as job_module
+    from pipeline import commit as commit_module
 
     seen: list[dict] = []
-    add = job_module.PartTracker.add
+    add = commit_module.PartTracker.add
 
     def spy(self, rec):
         seen.append(dict(rec))
         return add(self, rec)
 
-    monkeypatch.setattr(job_module.PartTracker, "add", spy)
+    monkeypatch.setattr(commit_module.PartTracker, "add", spy)
     inp, out = tmp_path / "in", tmp_path / "out"
     expected = webdataset_shards(inp, n_shards=3, per_shard=6)
     tasks = {"caption": {"max_new_tokens": 3}, "vqa": {"questions": ["What is it?"], "max_new_tokens": 2}}

@@ -1,0 +1,103 @@
+"""The run's record beside its outputs: `_runs/<run_id>/summary.json` and the resolved config
+(`config.yaml`, credentials in URLs redacted), written whatever the run's outcome."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import yaml
+
+import cogvlm
+
+from .commit import Commits
+from .config import to_dict
+from .errors import describe, redact, retry
+from .preflight import Prepared
+from .storage import write_bytes_atomic
+
+log = logging.getLogger("pipeline")
+
+
+def base_summary(prepared: Prepared) -> dict[str, Any]:
+    """What every summary holds, whether or not the run had work."""
+    listing = prepared.listing
+    return {"run_id": prepared.run_id, "mode": prepared.cfg.mode, "project_version": cogvlm.__version__,
+            "shards_total": len(listing.shards), "shards_skipped": len(listing.shards) - len(prepared.pending),
+            "files_skipped": listing.skipped_files, "files_skipped_examples": listing.skipped_examples}
+
+
+def nothing_to_do(prepared: Prepared, t0: float) -> dict[str, Any]:
+    return dict(base_summary(prepared), shards_processed=0, shards=[], images=0, rows=0, status_counts={},
+                message="nothing new to process", wall_s=round(time.perf_counter() - t0, 3))
+
+
+def summarize(prepared: Prepared, commits: Commits, crash_stats: dict[str, Any],
+              elsewhere: int) -> dict[str, Any]:
+    """The summary of a run that worked: counts, rates, start-up, what was left. `elsewhere`:
+    shards other runs held at the end (enrich: left to them; batch: committed by them)."""
+    c = commits
+    wall = time.perf_counter() - c.t0
+    first = c.first_commit
+    summary = dict(
+        base_summary(prepared), shards_claimed_elsewhere=elsewhere,
+        shards_processed=len(c.committed), shards=sorted(c.committed),
+        shards_failed=sorted(c.failed), images=c.images, rows=sum(c.counts.values()),
+        status_counts=dict(c.counts), prompt_tokens=c.prompt_tokens, output_tokens=c.output_tokens,
+        batches_retried_after_worker_death=crash_stats.get("retried_batches", 0),
+        engine=engine_summary(crash_stats),
+        wall_s=round(wall, 3), images_per_s=round(c.images / wall, 4) if wall else None,
+        output_tokens_per_s=round(c.output_tokens / wall, 2) if wall else None,
+        # time to the first committed shard (startup: actors, model load), and the rate after it
+        first_commit_s=round(first[0], 3) if first else None,
+        steady_images_per_s=(round((c.images - first[1]) / (wall - first[0]), 4)
+                             if first and wall > first[0] else None),
+    )
+    if prepared.cfg.mode == "enrich" and elsewhere and not c.committed and not c.failed:
+        summary["message"] = "new shards are being processed by other runs"
+    return summary
+
+
+def engine_summary(crash_stats: dict[str, Any]) -> dict[str, Any]:
+    """The replicas' engine counters summed, with the averages a reader wants."""
+    e = dict(crash_stats.get("engine", {}))
+    if not e:
+        return {}
+    e["replicas"] = crash_stats.get("replicas", 0)
+    steps = e.get("decode_steps", 0)
+    e["avg_rows_per_step"] = round(e.get("decode_rows", 0) / steps, 2) if steps else None
+    e["avg_slot_occupancy"] = round(e.get("decode_rows", 0) / e["decode_slots"], 3) if e.get("decode_slots") else None
+    e["shared_step_fraction"] = round(e.get("shared_steps", 0) / steps, 3) if steps else None
+    return e
+
+
+def write_record(prepared: Prepared, summary: dict[str, Any]) -> dict[str, Any]:
+    """Write the run's record (summary + redacted resolved config); a failure is logged, never
+    raised (the shards are committed; only the record is missing). Returns the summary."""
+    cfg, layout, fs = prepared.cfg, prepared.layout, prepared.out_fs
+    summary["output"] = cfg.output.path
+    run_id = summary["run_id"]
+
+    def write() -> None:
+        write_bytes_atomic(fs, layout.summary(run_id), json.dumps(summary, indent=2).encode(), tmp_root=layout.root)
+        write_bytes_atomic(fs, layout.config(run_id), yaml.safe_dump(_redacted(to_dict(cfg)), sort_keys=False).encode(),
+                           tmp_root=layout.root)
+
+    try:
+        retry(write, f"writing the run record {run_id}", cfg.retry.deadline_s, cfg.retry.backoff_s)
+    except Exception as e:  # noqa: BLE001
+        log.error("could not write the run record under %s: %s", redact(cfg.output.path), describe(e))
+    return summary
+
+
+def _redacted(d: Any) -> Any:
+    """Drop user:secret@ from URLs in the saved config (load_config refuses them anyway)."""
+    if isinstance(d, dict):
+        return {k: _redacted(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_redacted(v) for v in d]
+    if isinstance(d, str):
+        return redact(d)
+    return d
