@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml requirements.lock
 install: $(STAMP)
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
