@@ -333,18 +333,39 @@ RUN_COLUMNS = ("run", "mode", "state", "images", "rows", "status counts", "wall"
                "shards processed", "shards failed", "progress")
 
 
-def runs_view(runs: list[RunRecord]) -> dict[str, Any]:
+STALE_S = 600.0  # a live run rewrites progress.json every progress_interval_s (60 s by default)
+
+
+def run_state(run: RunRecord, now: float) -> tuple[str, str | None]:
+    """The run's state as the README names progress.json's: running, done, incomplete or failed;
+    `stopped` for a run without a summary whose progress has not moved for STALE_S (killed, or its
+    driver lost: a rerun redoes its uncommitted shards). With a note where the records say less."""
+    if run.summary is not None:  # the run ended and wrote its record
+        return ("incomplete" if run.summary.get("shards_failed") else "done"), None
+    p = run.progress or {}
+    state = p.get("state")
+    if state == "failed":
+        return "failed", None
+    if state in ("done", "incomplete"):  # ended, and its summary.json is not there (yet)
+        return state, "no summary.json"
+    if state == "running":
+        updated = _epoch(p["updated_at"]) if p.get("updated_at") else None
+        if updated is not None and now - updated > STALE_S:
+            return "stopped", f"no summary, no progress for {_seconds(now - updated)}"
+        return "running", None
+    return "unknown", "no summary.json or progress.json could be read"
+
+
+def runs_view(runs: list[RunRecord], now: float) -> dict[str, Any]:
     """The runs table: one row per run, each cell's text by field name."""
     out = []
     for r in runs:
         s, p = r.summary or {}, r.progress or {}
-        state = p.get("state") or ("finished" if r.summary else "no summary (running, or stopped)")
-        if r.summary and s.get("shards_failed"):
-            state = "incomplete"
+        state, note = run_state(r, now)
         progress = "–"
         if p:
             progress = f"{_num(p.get('images_done'))} / {_num(p.get('images_total'))}"
-            if p.get("eta_s") is not None and state == "running" and not r.summary:
+            if p.get("eta_s") is not None and state == "running":
                 progress += f", ETA {_seconds(float(p['eta_s']))}"
         failed = s.get("shards_failed")
         wall = s.get("wall_s", p.get("elapsed_s"))
@@ -359,7 +380,7 @@ def runs_view(runs: list[RunRecord]) -> dict[str, Any]:
             "shards_failed": str(len(failed)) if isinstance(failed, list) else "–",
             "progress": progress,
         }
-        out.append({"run_id": r.run_id, "cells": list(cells.items()),
+        out.append({"run_id": r.run_id, "state": state, "state_note": note, "cells": list(cells.items()),
                     "failed": [str(f) for f in failed] if isinstance(failed, list) else []})
     return {"head": [{"text": h, "title": None} for h in RUN_COLUMNS], "runs": out}
 
@@ -574,11 +595,11 @@ def build_report(uri: str, s3: S3Config, sample: int = 8, seed: int = 0) -> str:
     out = load_output(uri, s3)
     rows = out.rows
     images = rows.groupby(["source_uri", "key"]).ngroups if not rows.empty else 0
+    now = dt.datetime.now(dt.timezone.utc)
     return templates().get_template("report.html.j2").render(
-        title=f"Job report: {redact(uri)}", uri=redact(uri),
-        generated=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        title=f"Job report: {redact(uri)}", uri=redact(uri), generated=now.strftime("%Y-%m-%d %H:%M UTC"),
         totals={"rows": len(rows), "images": images, "shards": len(out.commits)},
-        uncommitted=out.uncommitted_files, runs=runs_view(out.runs), status=status_view(rows),
+        uncommitted=out.uncommitted_files, runs=runs_view(out.runs, now.timestamp()), status=status_view(rows),
         charts=[{"run_id": run.run_id, "chart": throughput_chart(run, out.commits)} for run in out.runs],
         sample=sample, seed=seed, gallery=gallery_sections(out, sample, seed, s3))
 

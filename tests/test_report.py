@@ -4,6 +4,7 @@ rendered in headless Chromium and checked through the DOM it builds."""
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import io
 import json
 import os
@@ -368,3 +369,45 @@ def test_page_keeps_plain_strings_as_text(chromium, tmp_path):
     dom = browse_inert(chromium, html_path)
     (body,) = dom.all("body")
     assert dom.all("title")[0].text() == EVIL and body.children[0] == EVIL  # then the probe
+
+
+# --- runs: states as the README names them, and image counts that cannot be misread ---------------
+
+def caption_rows(source: str, keys: list[str]) -> list[dict]:
+    return [{"key": k, "source_uri": source, "image_index": i, "task": "caption", "task_index": 0, "prompt": "Describe",
+             "response": "a thing", "status": "ok", "width": 8, "height": 8} for i, k in enumerate(keys)]
+
+
+def report_dom(out: Path, tmp_path: Path) -> Node:
+    html_path = tmp_path / "report.html"
+    assert report.main([str(out), "--out", str(html_path), "--sample", "0"]) == 0
+    return Dom(html_path.read_text()).root
+
+
+def test_run_states_are_the_readmes(tmp_path):
+    now = dt.datetime.now(dt.timezone.utc)
+    progress = {"images_done": 3, "images_total": 9, "shards_done": 1, "shards_total": 3, "eta_s": 30.0}
+    out = tmp_path / "out"
+    write_output(out, {
+        # all shards already committed: the run did nothing, and says so in its summary only
+        "a-nothing": {"summary": {"images": 0, "rows": 0, "shards_processed": 0, "shards_total": 1,
+                                  "message": "nothing new to process"}},
+        "b-done": {"summary": {"images": 3, "shards_failed": []}, "progress": dict(progress, state="done")},
+        "c-incomplete": {"summary": {"images": 3, "shards_failed": ["s2"]},
+                         "progress": dict(progress, state="incomplete")},
+        "d-failed": {"progress": dict(progress, state="failed", updated_at=now.isoformat())},
+        "e-running": {"progress": dict(progress, state="running", updated_at=now.isoformat())},
+        "f-killed": {"progress": dict(progress, state="running",
+                                      updated_at=(now - dt.timedelta(hours=2)).isoformat())},
+    }, [("s1", "b-done", caption_rows("/in/s1.tar", ["k0", "k1", "k2"]))])
+    dom = report_dom(out, tmp_path)
+    runs = {tr.attrs["data-run-id"]: tr for tr in dom.all("tr", "run")}
+    state = {run_id: tr.attrs["data-state"] for run_id, tr in runs.items()}
+    assert state == {"a-nothing": "done", "b-done": "done", "c-incomplete": "incomplete", "d-failed": "failed",
+                     "e-running": "running", "f-killed": "stopped"}
+    cell = {run_id: {td.attrs["data-field"]: td.text() for td in tr.all("td")} for run_id, tr in runs.items()}
+    for run_id, s in state.items():
+        assert cell[run_id]["state"].split(" (")[0] == s
+    assert cell["f-killed"]["state"] == "stopped (no summary, no progress for 2.0 h)"
+    assert cell["e-running"]["progress"] == "3 / 9, ETA 30 s" and cell["f-killed"]["progress"] == "3 / 9"
+    assert "finished" not in dom.text()
