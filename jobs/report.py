@@ -329,8 +329,13 @@ def _seconds(s: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
-RUN_COLUMNS = ("run", "mode", "state", "images", "rows", "status counts", "wall", "images/s",
-               "shards processed", "shards failed", "progress")
+RUN_COLUMNS = (("run", None), ("mode", None), ("state", None),
+               ("images committed", "images in the shards this run committed (its summary; while it runs, its "
+                                    "progress.json): a shard that two runs processed counts in both"),
+               ("in the data now", "distinct images in the committed data whose rows this run wrote: these add "
+                                   "up to the page's count of distinct images"),
+               ("rows", None), ("status counts", None), ("wall", None), ("images/s", None),
+               ("shards processed", None), ("shards failed", None), ("progress", None))
 
 
 STALE_S = 600.0  # a live run rewrites progress.json every progress_interval_s (60 s by default)
@@ -356,9 +361,11 @@ def run_state(run: RunRecord, now: float) -> tuple[str, str | None]:
     return "unknown", "no summary.json or progress.json could be read"
 
 
-def runs_view(runs: list[RunRecord], now: float) -> dict[str, Any]:
-    """The runs table: one row per run, each cell's text by field name."""
-    out = []
+def runs_view(runs: list[RunRecord], now: float, rows: pd.DataFrame) -> dict[str, Any]:
+    """The runs table: one row per run, each cell's text by field name; and the images counted
+    both ways: committed by each run (a shard processed twice counts twice), and in the data now."""
+    in_data = rows.drop_duplicates(["source_uri", "key", "run_id"]).groupby("run_id").size() if len(rows) else {}
+    out, committed = [], 0
     for r in runs:
         s, p = r.summary or {}, r.progress or {}
         state, note = run_state(r, now)
@@ -369,9 +376,11 @@ def runs_view(runs: list[RunRecord], now: float) -> dict[str, Any]:
                 progress += f", ETA {_seconds(float(p['eta_s']))}"
         failed = s.get("shards_failed")
         wall = s.get("wall_s", p.get("elapsed_s"))
+        images = s.get("images", p.get("images_done"))
+        committed += images if isinstance(images, int) else 0
         cells = {
             "run_id": r.run_id, "mode": s.get("mode") or (r.config or {}).get("mode"), "state": state,
-            "images": _num(s.get("images", p.get("images_done"))), "rows": _num(s.get("rows")),
+            "images": _num(images), "images_in_data": str(int(in_data.get(r.run_id, 0))), "rows": _num(s.get("rows")),
             "status_counts": _counts(s.get("status_counts") or p.get("status_counts") or p.get("rows_by_status")),
             "wall_s": _seconds(float(wall)) if isinstance(wall, (int, float)) else "–",
             "images_per_s": _num(s.get("images_per_s", p.get("images_per_s")), 3),
@@ -382,7 +391,10 @@ def runs_view(runs: list[RunRecord], now: float) -> dict[str, Any]:
         }
         out.append({"run_id": r.run_id, "state": state, "state_note": note, "cells": list(cells.items()),
                     "failed": [str(f) for f in failed] if isinstance(failed, list) else []})
-    return {"head": [{"text": h, "title": None} for h in RUN_COLUMNS], "runs": out}
+    distinct = rows.groupby(["source_uri", "key"]).ngroups if len(rows) else 0
+    attributed = sum(int(in_data.get(r.run_id, 0)) for r in runs)
+    return {"head": [{"text": h, "title": t} for h, t in RUN_COLUMNS], "runs": out,
+            "images": distinct, "committed": committed, "attributed": attributed, "unattributed": distinct - attributed}
 
 
 def _task_key(task: str) -> tuple[int, str]:
@@ -594,12 +606,12 @@ def page(title: str, body: str) -> str:
 def build_report(uri: str, s3: S3Config, sample: int = 8, seed: int = 0) -> str:
     out = load_output(uri, s3)
     rows = out.rows
-    images = rows.groupby(["source_uri", "key"]).ngroups if not rows.empty else 0
+    images = rows.groupby(["source_uri", "key"]).ngroups if not rows.empty else 0  # = runs_view's "images"
     now = dt.datetime.now(dt.timezone.utc)
     return templates().get_template("report.html.j2").render(
         title=f"Job report: {redact(uri)}", uri=redact(uri), generated=now.strftime("%Y-%m-%d %H:%M UTC"),
         totals={"rows": len(rows), "images": images, "shards": len(out.commits)},
-        uncommitted=out.uncommitted_files, runs=runs_view(out.runs, now.timestamp()), status=status_view(rows),
+        uncommitted=out.uncommitted_files, runs=runs_view(out.runs, now.timestamp(), rows), status=status_view(rows),
         charts=[{"run_id": run.run_id, "chart": throughput_chart(run, out.commits)} for run in out.runs],
         sample=sample, seed=seed, gallery=gallery_sections(out, sample, seed, s3))
 

@@ -411,3 +411,35 @@ def test_run_states_are_the_readmes(tmp_path):
     assert cell["f-killed"]["state"] == "stopped (no summary, no progress for 2.0 h)"
     assert cell["e-running"]["progress"] == "3 / 9, ETA 30 s" and cell["f-killed"]["progress"] == "3 / 9"
     assert "finished" not in dom.text()
+
+
+def test_image_counts_agree_or_say_why_not(tmp_path):
+    """Run a committed s1 (3 images); run b took s1's claim over and committed it again, then s2
+    and s3: the runs committed 13 images, the data holds 10 distinct ones (issue 20)."""
+    out = tmp_path / "out"
+    shards = [("s1", "b", caption_rows("/in/s1.tar", ["k0", "k1", "k2"])),
+              ("s2", "b", caption_rows("/in/s2.tar", ["k0", "k1", "k2", "k3"])),
+              ("s3", "b", caption_rows("/in/s3.tar", ["k0", "k1", "k2"]))]
+    write_output(out, {"a": {"summary": {"images": 3, "shards_processed": 1}},
+                       "b": {"summary": {"images": 10, "shards_processed": 3}}}, shards)
+    dom = report_dom(out, tmp_path)
+    (totals,) = dom.all("span", id="totals")
+    assert totals.attrs["data-images"] == "10" and "10 distinct images" in totals.text()
+    cell = {tr.attrs["data-run-id"]: {td.attrs["data-field"]: td.text() for td in tr.all("td")}
+            for tr in dom.all("tr", "run")}
+    assert [(cell[r]["images"], cell[r]["images_in_data"]) for r in "ab"] == [("3", "0"), ("10", "10")]
+    heads = [th.text() for th in dom.all("table", "runs")[0].all("th")]
+    assert heads[3:5] == ["images committed", "in the data now"]
+    (note,) = dom.all("p", "count-note")
+    assert (note.attrs["data-images"], note.attrs["data-images-committed"], note.attrs["data-images-in-data"]) == \
+        ("10", "13", "10")  # each run's images in the data add up to the header's
+    assert "10 distinct images" in note.text() and "13 in all" in note.text() and "counts in each" in note.text()
+
+    # a shard written by a run whose record is gone: counted at the top, and said where it is
+    shutil.rmtree(out / "_runs" / "a")
+    write_output(out, {}, [("s4", "a", caption_rows("/in/s4.tar", ["k0", "k1"]))])
+    dom = report_dom(out, tmp_path)
+    (note,) = dom.all("p", "count-note")
+    assert (note.attrs["data-images"], note.attrs["data-images-committed"], note.attrs["data-images-in-data"]) == \
+        ("12", "10", "10")
+    assert "2 more were written by runs without a record" in note.text()
