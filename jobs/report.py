@@ -597,7 +597,7 @@ def gallery_sections(out: Output, n: int, seed: int, s3: S3Config) -> list[dict[
             for task, images in sampled.items()]
 
 
-def page(title: str, body: str) -> str:
+def page(title: str, body: str | Markup) -> str:
     """A whole page around `body`: rendered markup (Markup, as gallery_item returns) is kept,
     a plain string is escaped, as text."""
     return templates().get_template("page.html.j2").render(title=title, body=body)
