@@ -16,7 +16,7 @@ import argparse
 import base64
 import dataclasses
 import datetime as dt
-import html
+import functools
 import io
 import json
 import posixpath
@@ -28,6 +28,8 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 import yaml
+from jinja2 import Environment, PackageLoader, StrictUndefined
+from markupsafe import Markup
 
 from pipeline import errors as st
 from pipeline.config import InputConfig, RetryConfig, S3Config
@@ -293,10 +295,22 @@ def thumbnail(data: bytes, max_pixels: int | None = None, side: int = THUMB_SIDE
     return Thumb(buf.getvalue(), image.size, source)
 
 
-# --- HTML pieces ----------------------------------------------------------------------------------
+# --- the page: plain data for the templates under jobs/templates/ ---------------------------------
+#
+# Everything below builds data (strings and numbers); the templates write the HTML, and their
+# environment escapes every value, so model text, keys, paths and messages are always text.
 
-def esc(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
+@functools.lru_cache(maxsize=None)
+def templates() -> Environment:
+    """The templates shipped with the package (jobs/templates/), autoescaping every value."""
+    env = Environment(loader=PackageLoader("jobs", "templates"), autoescape=True, undefined=StrictUndefined,
+                      trim_blocks=True, lstrip_blocks=True, finalize=lambda v: "" if v is None else v)
+    env.globals["OK"] = st.OK
+    return env
+
+
+def _macros() -> Any:
+    return templates().get_template("macros.html.j2").module
 
 
 def _num(value: Any, digits: int = 2) -> str:
@@ -304,113 +318,134 @@ def _num(value: Any, digits: int = 2) -> str:
         return "–"
     if isinstance(value, float):
         return f"{value:.{digits}f}"
-    return esc(value)
+    return str(value)
 
 
 def _counts(counts: Any) -> str:
     if not isinstance(counts, dict) or not counts:
         return "–"
-    return ", ".join(f"{esc(k)} {esc(v)}" for k, v in sorted(counts.items(), key=lambda kv: (kv[0] != st.OK, kv[0])))
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: (kv[0] != st.OK, kv[0])))
 
 
 def _seconds(s: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
-def render_runs(runs: list[RunRecord]) -> str:
-    if not runs:
-        return '<p class="empty">No run records under _runs/.</p>'
-    head = ("run", "mode", "state", "images", "rows", "status counts", "wall", "images/s",
-            "shards processed", "shards failed", "progress")
-    out = ['<table class="runs"><thead><tr>', *(f"<th>{h}</th>" for h in head), "</tr></thead><tbody>"]
+RUN_COLUMNS = (("run", None), ("mode", None), ("state", None),
+               ("images committed", "images in the shards this run committed (its summary; while it runs, its "
+                                    "progress.json): a shard that two runs processed counts in both"),
+               ("in the data now", "distinct images in the committed data whose rows this run wrote: these add "
+                                   "up to the page's count of distinct images"),
+               ("rows", None), ("status counts", None), ("wall", None), ("images/s", None),
+               ("shards processed", None), ("shards failed", None), ("progress", None))
+
+
+STALE_S = 600.0  # a live run rewrites progress.json every progress_interval_s (60 s by default)
+
+
+def run_state(run: RunRecord, now: float) -> tuple[str, str | None]:
+    """The run's state as the README names progress.json's: running, done, incomplete or failed;
+    `stopped` for a run without a summary whose progress has not moved for STALE_S (killed, or its
+    driver lost: a rerun redoes its uncommitted shards). With a note where the records say less."""
+    if run.summary is not None:  # the run ended and wrote its record
+        return ("incomplete" if run.summary.get("shards_failed") else "done"), None
+    p = run.progress or {}
+    state = p.get("state")
+    if state == "failed":
+        return "failed", None
+    if state in ("done", "incomplete"):  # ended, and its summary.json is not there (yet)
+        return state, "no summary.json"
+    if state == "running":
+        updated = _epoch(p["updated_at"]) if p.get("updated_at") else None
+        if updated is not None and now - updated > STALE_S:
+            return "stopped", f"no summary, no progress for {_seconds(now - updated)}"
+        return "running", None
+    return "unknown", "no summary.json or progress.json could be read"
+
+
+def runs_view(runs: list[RunRecord], now: float, rows: pd.DataFrame) -> dict[str, Any]:
+    """The runs table: one row per run, each cell's text by field name; and the images counted
+    both ways: committed by each run (a shard processed twice counts twice), and in the data now."""
+    in_data = rows.drop_duplicates(["source_uri", "key", "run_id"]).groupby("run_id").size() if len(rows) else {}
+    out, committed = [], 0
     for r in runs:
         s, p = r.summary or {}, r.progress or {}
-        state = p.get("state") or ("finished" if r.summary else "no summary (running, or stopped)")
-        if r.summary and s.get("shards_failed"):
-            state = "incomplete"
+        state, note = run_state(r, now)
         progress = "–"
         if p:
             progress = f"{_num(p.get('images_done'))} / {_num(p.get('images_total'))}"
-            if p.get("eta_s") is not None and state == "running" and not r.summary:
+            if p.get("eta_s") is not None and state == "running":
                 progress += f", ETA {_seconds(float(p['eta_s']))}"
         failed = s.get("shards_failed")
         wall = s.get("wall_s", p.get("elapsed_s"))
+        images = s.get("images", p.get("images_done"))
+        committed += images if isinstance(images, int) else 0
         cells = {
-            "run_id": esc(r.run_id), "mode": esc(s.get("mode") or (r.config or {}).get("mode")), "state": esc(state),
-            "images": _num(s.get("images", p.get("images_done"))), "rows": _num(s.get("rows")),
+            "run_id": r.run_id, "mode": s.get("mode") or (r.config or {}).get("mode"), "state": state,
+            "images": _num(images), "images_in_data": str(int(in_data.get(r.run_id, 0))), "rows": _num(s.get("rows")),
             "status_counts": _counts(s.get("status_counts") or p.get("status_counts") or p.get("rows_by_status")),
             "wall_s": _seconds(float(wall)) if isinstance(wall, (int, float)) else "–",
             "images_per_s": _num(s.get("images_per_s", p.get("images_per_s")), 3),
             "shards_processed": (f"{_num(s.get('shards_processed', p.get('shards_done')))} of "
                                  f"{_num(s.get('shards_total', p.get('shards_total')))}" if s or p else "–"),
-            "shards_failed": esc(len(failed)) if isinstance(failed, list) else "–",
+            "shards_failed": str(len(failed)) if isinstance(failed, list) else "–",
             "progress": progress,
         }
-        if isinstance(failed, list) and failed:
-            cells["shards_failed"] += f' <span class="muted">({esc(", ".join(failed[:5]))})</span>'
-        out.append(f'<tr class="run" data-run-id="{esc(r.run_id)}">')
-        out += [f'<td data-field="{k}">{v}</td>' for k, v in cells.items()]
-        out.append("</tr>")
-    out.append("</tbody></table>")
-    return "".join(out)
+        out.append({"run_id": r.run_id, "state": state, "state_note": note, "cells": list(cells.items()),
+                    "failed": [str(f) for f in failed] if isinstance(failed, list) else []})
+    distinct = rows.groupby(["source_uri", "key"]).ngroups if len(rows) else 0
+    attributed = sum(int(in_data.get(r.run_id, 0)) for r in runs)
+    return {"head": [{"text": h, "title": t} for h, t in RUN_COLUMNS], "runs": out,
+            "images": distinct, "committed": committed, "attributed": attributed, "unattributed": distinct - attributed}
 
 
 def _task_key(task: str) -> tuple[int, str]:
     return TASK_ORDER.get(task, 9), task
 
 
-def render_status(rows: pd.DataFrame) -> str:
+def status_view(rows: pd.DataFrame) -> dict[str, Any] | None:
+    """Row counts by task and status (None without rows), with example messages per error status."""
     if rows.empty:
-        return '<p class="empty">No committed rows.</p>'
+        return None
     counts = rows.groupby(["task", "status"]).size()
     tasks = sorted({t for t, _ in counts.index}, key=_task_key)
     statuses = sorted({s for _, s in counts.index}, key=lambda s: (s != st.OK, s))
-    out = ['<table class="status"><thead><tr><th>task</th>',
-           *(f'<th data-status="{esc(s)}">{esc(s)}</th>' for s in statuses), "<th>all</th></tr></thead><tbody>"]
-    for t in tasks:
-        out.append(f'<tr data-task="{esc(t)}"><th>{esc(t)}</th>')
-        for s in statuses:
-            n = int(counts.get((t, s), 0))
-            out.append(f'<td class="status-count{" zero" if not n else ""}{" bad" if n and s != st.OK else ""}" '
-                       f'data-task="{esc(t)}" data-status-count="{esc(s)}">{n}</td>')
-        out.append(f'<td class="task-total">{int(counts.xs(t, level="task").sum())}</td></tr>')
-    out.append('<tr class="totals"><th>all</th>')
-    for s in statuses:
-        n = int(counts.xs(s, level="status").sum())
-        out.append(f'<td class="status-total" data-status-total="{esc(s)}">{n}</td>')
-    out.append(f'<td class="grand-total">{len(rows)}</td></tr></tbody></table>')
-    out.append(_error_examples(rows))
-    return "".join(out)
+    return {
+        "statuses": statuses,
+        "tasks": [{"task": t, "cells": [{"status": s, "n": int(counts.get((t, s), 0))} for s in statuses],
+                   "total": int(counts.xs(t, level="task").sum())} for t in tasks],
+        "totals": [{"status": s, "n": int(counts.xs(s, level="status").sum())} for s in statuses],
+        "grand": len(rows),
+        "errors": error_examples(rows),
+    }
 
 
-def _error_examples(rows: pd.DataFrame) -> str:
+def error_examples(rows: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per error status: its counts and up to ERROR_EXAMPLES distinct messages (with a key each)."""
+    out = []
     bad = rows[rows.status != st.OK]
-    if bad.empty:
-        return '<p class="no-errors">Every row is ok.</p>'
-    out = ['<div class="errors">']
     for status, group in sorted(bad.groupby("status"), key=lambda kv: kv[0]):
-        out.append(f'<div class="error-status" data-status="{esc(status)}"><h3>{esc(status)} '
-                   f'<span class="muted">{len(group)} rows, {group.key.nunique()} images</span></h3><ul>')
+        examples: list[dict[str, Any]] = []
         seen: set[str] = set()
         for r in group.sort_values(["source_uri", "key", "task_index"]).itertuples():
             msg = str(r.error_message) if isinstance(r.error_message, str) else "(no message)"
             if msg in seen:
                 continue
             seen.add(msg)
-            out.append(f'<li class="error-example" data-status="{esc(status)}" data-key="{esc(r.key)}">'
-                       f'<code>{esc(r.key)}</code> <span class="muted">{esc(r.task)}</span> {esc(msg)}</li>')
+            examples.append({"key": r.key, "task": r.task, "message": msg})
             if len(seen) == ERROR_EXAMPLES:
                 break
-        out.append("</ul></div>")
-    out.append("</div>")
-    return "".join(out)
+        out.append({"status": status, "rows": len(group), "images": group.key.nunique(), "examples": examples})
+    return out
 
 
-def throughput_svg(run: RunRecord, commits: list[Commit], width: int = 560, height: int = 220) -> str:
-    """Images committed over time, one point per committed shard, from the ledger markers."""
+def throughput_chart(run: RunRecord, commits: list[Commit], width: int = 560,
+                     height: int = 220) -> dict[str, Any] | None:
+    """The chart's geometry (numbers only): images committed over time, one point per committed
+    shard, from the ledger markers; None if the run committed none."""
     points = sorted((c.at, c.images) for c in commits if c.run_id == run.run_id and c.at is not None)
     if not points:
-        return f'<p class="no-commits" data-run-id="{esc(run.run_id)}">No shards committed by this run.</p>'
+        return None
     t0 = run.start if run.start is not None else points[0][0]
     series, total = [(0.0, 0)], 0
     for at, n in points:
@@ -424,67 +459,59 @@ def throughput_svg(run: RunRecord, commits: list[Commit], width: int = 560, heig
     def xy(t: float, n: float) -> tuple[float, float]:
         return left + t / x_max * pw, top + ph - n / y_max * ph
 
-    out = [f'<svg class="throughput" data-run-id="{esc(run.run_id)}" data-points="{len(points)}" width="{width}" '
-           f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
-           f'aria-label="images committed over time, run {esc(run.run_id)}">',
-           f'<rect class="plot" x="{left}" y="{top}" width="{pw}" height="{ph}"/>']
+    ticks = []
     for i in range(5):  # ticks: 0, 1/4, ... of each axis
         x, y = left + pw * i / 4, top + ph - ph * i / 4
-        out.append(f'<line class="grid" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + ph}"/>'
-                   f'<line class="grid" x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}"/>'
-                   f'<text class="tick" x="{x:.1f}" y="{top + ph + 14}" text-anchor="middle">{x_max * i / 4:.0f}</text>'
-                   f'<text class="tick" x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{y_max * i / 4:.0f}</text>')
-    out.append(f'<text class="axis-label" x="{left + pw / 2}" y="{height - 6}" text-anchor="middle">'
-               f"seconds since the run started</text>"
-               f'<text class="axis-label" x="14" y="{top + ph / 2}" text-anchor="middle" '
-               f'transform="rotate(-90 14 {top + ph / 2})">images committed</text>')
+        ticks.append({"x": f"{x:.1f}", "y": f"{y:.1f}", "y_text": f"{y + 4:.1f}",
+                      "x_label": f"{x_max * i / 4:.0f}", "y_label": f"{y_max * i / 4:.0f}"})
     steps = [series[0]]  # a staircase: the count rises only when a shard commits
     for (_, before), (t, n) in zip(series, series[1:]):
         steps += [(t, before), (t, n)]
-    path = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(t, n) for t, n in steps))
-    out.append(f'<polyline class="series" points="{path}"/>')
+    commits_xy = []
     for t, n in series[1:]:
         x, y = xy(t, n)
-        out.append(f'<circle class="commit" cx="{x:.1f}" cy="{y:.1f}" r="3"><title>{n} images at {t:.1f} s'
-                   f"</title></circle>")
-    out.append("</svg>")
-    return "".join(out)
+        commits_xy.append({"x": f"{x:.1f}", "y": f"{y:.1f}", "images": n, "t": f"{t:.1f}"})
+    return {"width": width, "height": height, "left": left, "top": top, "pw": pw, "ph": ph,
+            "right": left + pw, "bottom": top + ph, "x_tick_y": top + ph + 14, "y_tick_x": left - 6,
+            "x_axis": {"x": left + pw / 2, "y": height - 6}, "y_axis": {"x": 14, "y": top + ph / 2},
+            "ticks": ticks, "points": commits_xy,
+            "series": " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(t, n) for t, n in steps))}
 
 
-def render_throughput(out: Output) -> str:
-    if not out.runs:
-        return '<p class="empty">No runs.</p>'
-    return "".join(f'<div class="chart"><h3><code>{esc(run.run_id)}</code></h3>{throughput_svg(run, out.commits)}'
-                   f"</div>" for run in out.runs)
+def throughput_svg(run: RunRecord, commits: list[Commit], width: int = 560, height: int = 220) -> Markup:
+    """The run's chart as inline SVG (or a line saying it committed nothing)."""
+    return _macros().throughput_chart(run.run_id, throughput_chart(run, commits, width, height))
 
 
-def box_overlay(boxes: Any, source_size: tuple[int, int], thumb_size: tuple[int, int]) -> str:
-    """An SVG over the thumbnail with one rect per box (the row's pixel coordinates, scaled from
-    the image's size to the thumbnail's; normalized coordinates when a box has no pixels)."""
+def box_geometry(boxes: Any, source_size: tuple[int, int], thumb_size: tuple[int, int]) -> dict[str, Any] | None:
+    """One rect per box over the thumbnail (the row's pixel coordinates, scaled from the image's
+    size to the thumbnail's; normalized coordinates when a box has no pixels); None without boxes."""
     boxes = [] if boxes is None else list(boxes)
     if not boxes:
-        return ""
+        return None
     (sw, sh), (tw, th) = source_size, thumb_size
-    out = [f'<svg class="boxes" width="{tw}" height="{th}" viewBox="0 0 {tw} {th}">']
+    out = []
     for i, b in enumerate(boxes):
         if b.get("x0_px") is not None and sw and sh:
             x0, y0, x1, y1 = (b["x0_px"] * tw / sw, b["y0_px"] * th / sh, b["x1_px"] * tw / sw, b["y1_px"] * th / sh)
         else:
             x0, y0, x1, y1 = b["x0"] * tw, b["y0"] * th, b["x1"] * tw, b["y1"] * th
-        hue = (i * 67) % 360
-        out.append(f'<rect class="box" data-phrase="{esc(b.get("phrase"))}" x="{x0:.1f}" y="{y0:.1f}" '
-                   f'width="{max(x1 - x0, 1):.1f}" height="{max(y1 - y0, 1):.1f}" style="stroke:hsl({hue},90%,55%)"/>')
-        ty = y0 - 3 if y0 > 14 else y0 + 13
-        out.append(f'<text class="box-label" x="{x0 + 2:.1f}" y="{ty:.1f}" style="fill:hsl({hue},90%,70%)">'
-                   f'{esc(b.get("phrase") or "(no phrase)")}</text>')
-    out.append("</svg>")
-    return "".join(out)
+        out.append({"phrase": b.get("phrase"), "label": b.get("phrase") or "(no phrase)", "hue": (i * 67) % 360,
+                    "x": f"{x0:.1f}", "y": f"{y0:.1f}", "w": f"{max(x1 - x0, 1):.1f}", "h": f"{max(y1 - y0, 1):.1f}",
+                    "label_x": f"{x0 + 2:.1f}", "label_y": f"{y0 - 3 if y0 > 14 else y0 + 13:.1f}"})
+    return {"width": tw, "height": th, "boxes": out}
 
 
-def gallery_item(task: str, rows: list[dict[str, Any]], image: bytes | str | None,
-                 max_pixels: int | None = None) -> str:
-    """One image of one task: the thumbnail (with its boxes for grounding) or a placeholder saying
-    why there is none, then each of the image's prompts of this task with its answer."""
+def box_overlay(boxes: Any, source_size: tuple[int, int], thumb_size: tuple[int, int]) -> Markup:
+    """The boxes as an SVG over the thumbnail (empty without boxes)."""
+    geometry = box_geometry(boxes, source_size, thumb_size)
+    return _macros().box_overlay(geometry) if geometry else Markup("")
+
+
+def gallery_view(task: str, rows: list[dict[str, Any]], image: bytes | str | None,
+                 max_pixels: int | None = None) -> dict[str, Any]:
+    """One image of one task: the thumbnail (with its boxes for grounding) or the reason there is
+    none, then each of the image's prompts of this task with its answer."""
     first = rows[0]
     status = first["status"] if all(r["status"] == first["status"] for r in rows) else "mixed"
     thumb, reason = None, image if isinstance(image, str) else None
@@ -493,42 +520,33 @@ def gallery_item(task: str, rows: list[dict[str, Any]], image: bytes | str | Non
             thumb = thumbnail(bytes(image), max_pixels)
         except Exception as e:  # noqa: BLE001 - this image's problem only
             reason = f"cannot decode: {describe(e)}"
+    shown = None
     if thumb is not None:
         tw, th = display_size(thumb.size)
         size = (int(first["width"]), int(first["height"])) if _present(first.get("width")) \
             and _present(first.get("height")) else thumb.source_size
-        boxes = "".join(box_overlay(r.get("boxes"), size, (tw, th)) for r in rows)
-        pixelated = " pixelated" if tw > thumb.size[0] else ""
-        src = "data:image/jpeg;base64," + base64.b64encode(thumb.jpeg).decode()
-        picture = (f'<div class="thumb" style="width:{tw}px;height:{th}px"><img class="thumb-img{pixelated}" '
-                   f'src="{src}" width="{tw}" height="{th}" alt="{esc(first["key"])}">{boxes}</div>')
-    else:
-        picture = (f'<div class="thumb placeholder" data-reason="{esc(reason)}"><span>no thumbnail</span>'
-                   f'<small>{esc(reason or "not read")}</small></div>')
-    out = [f'<figure class="gallery-item" data-task="{esc(task)}" data-key="{esc(first["key"])}" '
-           f'data-status="{esc(status)}">', picture, "<figcaption>",
-           f'<div class="meta"><code>{esc(first["key"])}</code> '
-           f'<span class="badge s-{esc(status)}">{esc(status)}</span>'
-           f'<br><span class="muted">{esc(redact(str(first["source_uri"])).rsplit("/", 1)[-1])}'
-           f"{_size_text(first)}</span></div>"]
+        overlays = [g for g in (box_geometry(r.get("boxes"), size, (tw, th)) for r in rows) if g]
+        shown = {"width": tw, "height": th, "pixelated": tw > thumb.size[0], "overlays": overlays,
+                 "src": "data:image/jpeg;base64," + base64.b64encode(thumb.jpeg).decode()}
+    qa = []
     for r in rows:
-        out.append(f'<div class="qa" data-task-index="{esc(r["task_index"])}">')
-        if task != "caption" or r["status"] != st.OK:
-            out.append(f'<div class="prompt">{esc(r["prompt"])}</div>')
-        if r["status"] == st.OK:
-            out.append(f'<div class="response">{esc(r["response"])}</div>')
-        else:
-            out.append(f'<div class="row-error">{esc(r["error_message"])}</div>')
-        box_errors = [] if r.get("box_errors") is None else list(r["box_errors"])
-        if r.get("boxes") is not None and len(r["boxes"]):
-            out.append('<ul class="box-list">' + "".join(
-                f'<li>{esc(b.get("phrase"))} <span class="muted">[{b["x0"]:.3f}, {b["y0"]:.3f}, {b["x1"]:.3f}, '
-                f'{b["y1"]:.3f}]</span></li>' for b in r["boxes"]) + "</ul>")
-        if box_errors:
-            out.append('<ul class="box-errors">' + "".join(f"<li>{esc(e)}</li>" for e in box_errors) + "</ul>")
-        out.append("</div>")
-    out.append("</figcaption></figure>")
-    return "".join(out)
+        box_list = [] if r.get("boxes") is None else list(r["boxes"])
+        qa.append({"task_index": r["task_index"], "ok": r["status"] == st.OK,
+                   "show_prompt": task != "caption" or r["status"] != st.OK, "prompt": r["prompt"],
+                   "response": r["response"], "error_message": r["error_message"],
+                   "boxes": [{"phrase": b.get("phrase"),
+                              "coords": f'[{b["x0"]:.3f}, {b["y0"]:.3f}, {b["x1"]:.3f}, {b["y1"]:.3f}]'}
+                             for b in box_list],
+                   "box_errors": [] if r.get("box_errors") is None else list(r["box_errors"])})
+    return {"task": task, "key": first["key"], "status": status, "thumb": shown, "reason": reason,
+            "source_name": redact(str(first["source_uri"])).rsplit("/", 1)[-1], "size_text": _size_text(first),
+            "qa": qa}
+
+
+def gallery_item(task: str, rows: list[dict[str, Any]], image: bytes | str | None,
+                 max_pixels: int | None = None) -> Markup:
+    """One image of one task, rendered (see gallery_view)."""
+    return _macros().gallery_item(gallery_view(task, rows, image, max_pixels))
 
 
 def _present(v: Any) -> bool:
@@ -553,10 +571,11 @@ def sample_images(rows: pd.DataFrame, n: int, seed: int) -> dict[str, list[list[
     return out
 
 
-def render_gallery(out: Output, n: int, seed: int, s3: S3Config) -> str:
+def gallery_sections(out: Output, n: int, seed: int, s3: S3Config) -> list[dict[str, Any]]:
+    """Per task, its sampled images (gallery_view each), with their images read back from the input."""
     sampled = sample_images(out.rows, n, seed)
     if not sampled:
-        return '<p class="empty">No rows to show.</p>'
+        return []
     configs = {r.run_id: r.config for r in out.runs if r.config}
     latest = next((r.config for r in reversed(out.runs) if r.config), None)
     wanted: dict[tuple[str | None, str], set[str]] = defaultdict(set)  # (run, source) -> keys
@@ -574,98 +593,29 @@ def render_gallery(out: Output, n: int, seed: int, s3: S3Config) -> str:
         limits[source] = icfg.max_image_pixels
         for key, image in read_images(source, keys, icfg, in_s3).items():
             found[(source, key)] = image
-    parts = []
-    for task, images in sampled.items():
-        parts.append(f'<section class="gallery-task" data-task="{esc(task)}"><h3>{esc(task)} '
-                     f'<span class="muted">{len(images)} of {out.rows[out.rows.task == task].key.nunique()} '
-                     f'images</span></h3><div class="gallery">')
-        for rows in images:
-            src, key = rows[0]["source_uri"], rows[0]["key"]
-            parts.append(gallery_item(task, rows, found.get((src, key)), limits.get(src)))
-        parts.append("</div></section>")
-    return "".join(parts)
+    return [{"task": task, "total": out.rows[out.rows.task == task].key.nunique(),
+             "images": [gallery_view(task, rows, found.get((rows[0]["source_uri"], rows[0]["key"])),
+                                    limits.get(rows[0]["source_uri"])) for rows in images]}
+            for task, images in sampled.items()]
 
 
-CSS = """
-:root { color-scheme: light; --fg: #1d2330; --muted: #6b7385; --line: #d9dde6; --bg: #f6f7fa; --bad: #b3261e; }
-* { box-sizing: border-box; }
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--fg);
-       background: var(--bg); margin: 0; padding: 24px 32px; }
-h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 28px 0 10px; }
-h3 { font-size: 14px; margin: 14px 0 6px; }
-code { font: 12px ui-monospace, SFMono-Regular, Menlo, monospace; }
-.muted { color: var(--muted); font-weight: normal; }
-table { border-collapse: collapse; background: #fff; border: 1px solid var(--line); }
-th, td { padding: 5px 10px; border-bottom: 1px solid var(--line); text-align: left; vertical-align: top; }
-thead th { background: #eef0f5; font-weight: 600; font-size: 12px; }
-td.status-count, td.status-total, td.task-total, td.grand-total { text-align: right;
-  font-variant-numeric: tabular-nums; }
-td.zero { color: #b8bdc9; } td.bad { color: var(--bad); font-weight: 600; }
-tr.totals th, tr.totals td { font-weight: 600; background: #fafbfc; }
-.errors { display: flex; flex-wrap: wrap; gap: 12px; margin-top: 12px; }
-.error-status { background: #fff; border: 1px solid var(--line); border-left: 3px solid var(--bad);
-                padding: 4px 12px; max-width: 560px; }
-.error-status ul { margin: 4px 0 8px; padding-left: 18px; }
-.error-example { word-break: break-word; }
-.charts { display: flex; flex-wrap: wrap; gap: 16px; }
-.chart { background: #fff; border: 1px solid var(--line); padding: 4px 12px 8px; }
-svg.throughput rect.plot { fill: #fbfcfe; stroke: var(--line); }
-svg.throughput line.grid { stroke: #eceef3; }
-svg.throughput text { font: 11px system-ui, sans-serif; fill: var(--muted); }
-svg.throughput text.axis-label { fill: var(--fg); }
-svg.throughput polyline.series { fill: none; stroke: #2f6fde; stroke-width: 2; }
-svg.throughput circle.commit { fill: #2f6fde; }
-.gallery { display: flex; flex-wrap: wrap; gap: 14px; }
-.gallery-item { margin: 0; width: 276px; background: #fff; border: 1px solid var(--line); padding: 10px; }
-.thumb { position: relative; margin: 0 auto 8px; }
-.thumb img { display: block; } .thumb img.pixelated { image-rendering: pixelated; }
-.thumb svg.boxes { position: absolute; left: 0; top: 0; overflow: visible; }
-svg.boxes rect.box { fill: none; stroke-width: 2; }
-svg.boxes text.box-label { font: 600 11px system-ui, sans-serif; paint-order: stroke; stroke: #000; stroke-width: 3px; }
-.placeholder { width: 256px; height: 160px; display: flex; flex-direction: column; align-items: center;
-               justify-content: center; gap: 6px; padding: 12px; text-align: center; color: var(--muted);
-               background: repeating-linear-gradient(45deg, #f1f2f6, #f1f2f6 8px, #e9ebf1 8px, #e9ebf1 16px); }
-.placeholder small { word-break: break-word; }
-figcaption { font-size: 13px; }
-.meta { margin-bottom: 6px; }
-.badge { display: inline-block; padding: 0 6px; border-radius: 8px; font-size: 11px; background: #e2e6ee; }
-.badge.s-ok { background: #dff3e4; color: #1d6b34; }
-.badge:not(.s-ok) { background: #fbe3e1; color: var(--bad); }
-.qa { border-top: 1px dashed var(--line); padding-top: 4px; margin-top: 4px; }
-.prompt { color: var(--muted); font-style: italic; }
-.response { white-space: pre-wrap; word-break: break-word; }
-.row-error { color: var(--bad); word-break: break-word; }
-.box-list, .box-errors { margin: 4px 0; padding-left: 18px; font-size: 12px; }
-.box-errors { color: var(--bad); }
-.empty, .no-commits, .no-errors { color: var(--muted); }
-"""
-
-
-def page(title: str, body: str) -> str:
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
-            f"<style>{CSS}</style></head><body>{body}</body></html>")
+def page(title: str, body: str | Markup) -> str:
+    """A whole page around `body`: rendered markup (Markup, as gallery_item returns) is kept,
+    a plain string is escaped, as text."""
+    return templates().get_template("page.html.j2").render(title=title, body=body)
 
 
 def build_report(uri: str, s3: S3Config, sample: int = 8, seed: int = 0) -> str:
     out = load_output(uri, s3)
     rows = out.rows
-    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    images = rows.groupby(["source_uri", "key"]).ngroups if not rows.empty else 0
-    note = ""
-    if out.uncommitted_files:
-        note = (f'<p class="uncommitted">Left out, without a ledger marker: {len(out.uncommitted_files)} data '
-                f"file(s) (a run stopped between its two writes; a rerun redoes them): "
-                f'{esc(", ".join(out.uncommitted_files[:5]))}</p>')
-    body = (f'<header><h1>Job report</h1><p class="muted"><code id="output-uri">{esc(redact(uri))}</code> · '
-            f'<span id="totals" data-rows="{len(rows)}" data-images="{images}" data-shards="{len(out.commits)}">'
-            f"{len(out.commits)} shards committed, {images} images, {len(rows)} rows</span> · generated {now}</p>"
-            f"{note}</header>"
-            f'<section id="runs"><h2>Runs</h2>{render_runs(out.runs)}</section>'
-            f'<section id="status"><h2>Status by task</h2>{render_status(rows)}</section>'
-            f'<section id="throughput"><h2>Throughput</h2><div class="charts">{render_throughput(out)}</div></section>'
-            f'<section id="gallery"><h2>Gallery <span class="muted">(up to {sample} sampled images per task, '
-            f"seed {seed})</span></h2>{render_gallery(out, sample, seed, s3)}</section>")
-    return page(f"Job report: {redact(uri)}", body)
+    images = rows.groupby(["source_uri", "key"]).ngroups if not rows.empty else 0  # = runs_view's "images"
+    now = dt.datetime.now(dt.timezone.utc)
+    return templates().get_template("report.html.j2").render(
+        title=f"Job report: {redact(uri)}", uri=redact(uri), generated=now.strftime("%Y-%m-%d %H:%M UTC"),
+        totals={"rows": len(rows), "images": images, "shards": len(out.commits)},
+        uncommitted=out.uncommitted_files, runs=runs_view(out.runs, now.timestamp(), rows), status=status_view(rows),
+        charts=[{"run_id": run.run_id, "chart": throughput_chart(run, out.commits)} for run in out.runs],
+        sample=sample, seed=seed, gallery=gallery_sections(out, sample, seed, s3))
 
 
 def default_out(uri: str) -> str:

@@ -4,6 +4,7 @@ rendered in headless Chromium and checked through the DOM it builds."""
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import io
 import json
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import boto3
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -252,3 +254,192 @@ def test_grounding_boxes_are_drawn_on_the_thumbnail(chromium, tmp_path):
         got = [float(rect.attrs[k]) for k in ("x", "y", "width", "height")]
         assert got == pytest.approx([x0 * tw, y0 * th, (x1 - x0) * tw, (y1 - y0) * th], abs=1.0)
     assert [t.text() for t in svg.all("text", "box-label")] == ["a dog", "and a cat"]
+
+
+# --- model text, keys and names are text, never markup ----------------------------------------------
+
+# what a model (or a dataset's keys and paths) may say; names that become paths hold no '/'
+EVIL = ('<script>window.__pwned=1</script><img src=x onerror="window.__pwned=1">"><b class="injected">b</b>'
+        "'><svg onload=\"window.__pwned=1\"><iframe srcdoc='<script>parent.__pwned=1</script>'></iframe>")
+EVIL_NAME = 'x"><img src=x onerror="window.__pwned=1"><b class="injected">'
+PROBE = ("<script>window.addEventListener('load', () => {document.body.setAttribute('data-probe', 'ran');"
+         "document.body.setAttribute('data-pwned', String(window.__pwned));});</script>")
+
+
+def write_output(out: Path, runs: dict[str, dict], shards: list[tuple[str, str, list[dict]]]) -> None:
+    """A job output by hand: runs (run id -> summary/progress/config), and committed shards
+    (shard id, run id, rows): data file and ledger marker, as the job writes them."""
+    for d in ("data", "_ledger", "_runs"):
+        (out / d).mkdir(parents=True, exist_ok=True)
+    for run_id, record in runs.items():
+        (out / "_runs" / run_id).mkdir()
+        for name in ("summary", "progress"):
+            if name in record:
+                (out / "_runs" / run_id / f"{name}.json").write_text(json.dumps(record[name]))
+        if "config" in record:
+            (out / "_runs" / run_id / "config.yaml").write_text(json.dumps(record["config"]))  # JSON is YAML
+    for i, (shard_id, run_id, rows) in enumerate(shards):
+        pq.write_table(to_table(rows, {"run_id": run_id, "shard_id": shard_id}), out / "data" / f"{shard_id}.parquet")
+        (out / "_ledger" / f"{shard_id}.json").write_text(json.dumps(
+            {"shard_id": shard_id, "run_id": run_id, "images": len({r["image_index"] for r in rows}),
+             "rows": len(rows), "committed_at": f"2026-01-01T00:0{i}:00+00:00"}))
+
+
+def evil_rows(inp: Path) -> list[dict]:
+    """Rows of one image whose every text field is markup and script, and one failed row."""
+    key = EVIL_NAME
+    (inp / f"{key}.png").write_bytes(good_image(3, (64, 48), "PNG"))
+    grounding = {"boxes": [{"phrase": EVIL, "box": [0.1, 0.1, 0.6, 0.7], "box_pixels": None}], "errors": [EVIL]}
+    base = {"key": key, "source_uri": str(inp), "image_index": 0, "width": 64, "height": 48}
+    return [dict(base, task="caption", task_index=0, prompt=EVIL, response=EVIL, status="ok"),
+            dict(base, task="vqa", task_index=0, prompt=EVIL, response=EVIL, status="ok"),
+            dict(base, task="vqa", task_index=1, prompt=EVIL, status="generation_error", error_message=EVIL),
+            dict(base, task="grounding", task_index=0, prompt=EVIL, response=EVIL, status="ok",
+                 boxes_json=json.dumps(grounding)),
+            dict(base, task=EVIL_NAME, task_index=0, prompt=EVIL, status=EVIL_NAME, error_message=EVIL),
+            dict(base, key=EVIL, image_index=1, task="caption", task_index=0, prompt=EVIL, status="decode_error",
+                 error_message=EVIL)]
+
+
+def browse_inert(chromium: str, html_path: Path) -> Node:
+    """The page with a probe appended, in Chromium: the DOM after load, asserting no injected
+    script ran and no injected element exists."""
+    text = html_path.read_text()
+    assert_self_contained(text)
+    probed = html_path.with_name("probed-" + html_path.name)
+    probed.write_text(text.replace("</body>", PROBE + "</body>"))
+    dom = Dom(browse(chromium, probed, "--virtual-time-budget=3000", "--dump-dom")).root
+    (body,) = dom.all("body")
+    assert body.attrs.get("data-probe") == "ran"  # scripts run in this browser: the probe below means something
+    assert body.attrs.get("data-pwned") == "undefined"
+    assert len(dom.all("script")) == 1  # the probe's own
+    assert not dom.all(cls="injected") and not dom.all("iframe")
+    assert all(i.attrs.get("class", "").startswith("thumb-img") for i in dom.all("img"))
+    assert not [n.tag for n in dom.all() if any(a.startswith("on") for a in n.attrs)]
+    return dom
+
+
+def test_model_text_is_text_never_markup(chromium, tmp_path):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    rows = evil_rows(inp)
+    write_output(out, {EVIL_NAME: {"summary": {"run_id": EVIL_NAME, "mode": EVIL, "images": 2, "rows": len(rows),
+                                                 "status_counts": {EVIL: 1, "ok": 3}, "shards_failed": [EVIL_NAME],
+                                                 "shards_processed": 1, "shards_total": 2},
+                                     "config": {"input": {"path": str(inp), "format": "folder"}}}},
+                 [(EVIL_NAME, EVIL_NAME, rows)])
+    (out / "data" / f"{EVIL_NAME}2.parquet").write_bytes(b"")  # a data file without a marker: its name is shown
+    html_path = tmp_path / "evil.html"
+    assert report.main([str(out), "--out", str(html_path)]) == 0
+    dom = browse_inert(chromium, html_path)
+
+    # every piece of it is on the page, as the text it was
+    (run,) = dom.all("tr", "run")
+    assert run.attrs["data-run-id"] == EVIL_NAME
+    field = {td.attrs["data-field"]: td.text() for td in run.all("td")}
+    assert field["run_id"] == EVIL_NAME and field["mode"] == EVIL and EVIL in field["status_counts"]
+    assert EVIL_NAME in field["shards_failed"]
+    assert EVIL_NAME in dom.all("p", "uncommitted")[0].text()
+    assert {td.attrs["data-status-count"] for td in dom.all("td", "status-count")} >= {EVIL_NAME, "ok"}
+    assert {tr.attrs["data-task"] for tr in dom.all("tr") if "data-task" in tr.attrs} >= {EVIL_NAME, "vqa"}
+    examples = dom.all("li", "error-example")
+    assert {e.attrs["data-key"] for e in examples} == {EVIL_NAME, EVIL}
+    assert all(e.text().endswith(EVIL) for e in examples)
+
+    vqa = dom.all("figure", "gallery-item", data_task="vqa", data_key=EVIL_NAME)[0]
+    assert [p.text() for p in vqa.all("div", "prompt")] == [EVIL, EVIL]
+    assert [r.text() for r in vqa.all("div", "response")] == [EVIL]
+    assert [r.text() for r in vqa.all("div", "row-error")] == [EVIL]
+    (img,) = vqa.all("img", "thumb-img")
+    assert img.attrs["alt"] == EVIL_NAME
+    ground = dom.all("figure", "gallery-item", data_task="grounding")[0]
+    assert [r.attrs["data-phrase"] for r in ground.all("rect", "box")] == [EVIL]
+    assert [t.text() for t in ground.all("text", "box-label")] == [EVIL]
+    assert EVIL in ground.all("ul", "box-list")[0].text() and ground.all("ul", "box-errors")[0].text() == EVIL
+    odd = dom.all("figure", "gallery-item", data_task=EVIL_NAME)[0]
+    assert odd.attrs["data-status"] == EVIL_NAME and odd.all("span", "badge")[0].text() == EVIL_NAME
+    broken = dom.all("figure", "gallery-item", data_key=EVIL)[0]
+    assert broken.all("div", "placeholder") and broken.all("code")[0].text() == EVIL
+
+
+def test_page_keeps_plain_strings_as_text(chromium, tmp_path):
+    """page() keeps rendered markup (gallery_item's) and escapes anything else it is given."""
+    html_path = tmp_path / "plain.html"
+    html_path.write_text(report.page(EVIL, EVIL))
+    dom = browse_inert(chromium, html_path)
+    (body,) = dom.all("body")
+    assert dom.all("title")[0].text() == EVIL and body.children[0] == EVIL  # then the probe
+
+
+# --- runs: states as the README names them, and image counts that cannot be misread ---------------
+
+def caption_rows(source: str, keys: list[str]) -> list[dict]:
+    return [{"key": k, "source_uri": source, "image_index": i, "task": "caption", "task_index": 0, "prompt": "Describe",
+             "response": "a thing", "status": "ok", "width": 8, "height": 8} for i, k in enumerate(keys)]
+
+
+def report_dom(out: Path, tmp_path: Path) -> Node:
+    html_path = tmp_path / "report.html"
+    assert report.main([str(out), "--out", str(html_path), "--sample", "0"]) == 0
+    return Dom(html_path.read_text()).root
+
+
+def test_run_states_are_the_readmes(tmp_path):
+    now = dt.datetime.now(dt.timezone.utc)
+    progress = {"images_done": 3, "images_total": 9, "shards_done": 1, "shards_total": 3, "eta_s": 30.0}
+    out = tmp_path / "out"
+    write_output(out, {
+        # all shards already committed: the run did nothing, and says so in its summary only
+        "a-nothing": {"summary": {"images": 0, "rows": 0, "shards_processed": 0, "shards_total": 1,
+                                  "message": "nothing new to process"}},
+        "b-done": {"summary": {"images": 3, "shards_failed": []}, "progress": dict(progress, state="done")},
+        "c-incomplete": {"summary": {"images": 3, "shards_failed": ["s2"]},
+                         "progress": dict(progress, state="incomplete")},
+        "d-failed": {"progress": dict(progress, state="failed", updated_at=now.isoformat())},
+        "e-running": {"progress": dict(progress, state="running", updated_at=now.isoformat())},
+        "f-killed": {"progress": dict(progress, state="running",
+                                      updated_at=(now - dt.timedelta(hours=2)).isoformat())},
+    }, [("s1", "b-done", caption_rows("/in/s1.tar", ["k0", "k1", "k2"]))])
+    dom = report_dom(out, tmp_path)
+    runs = {tr.attrs["data-run-id"]: tr for tr in dom.all("tr", "run")}
+    state = {run_id: tr.attrs["data-state"] for run_id, tr in runs.items()}
+    assert state == {"a-nothing": "done", "b-done": "done", "c-incomplete": "incomplete", "d-failed": "failed",
+                     "e-running": "running", "f-killed": "stopped"}
+    cell = {run_id: {td.attrs["data-field"]: td.text() for td in tr.all("td")} for run_id, tr in runs.items()}
+    for run_id, s in state.items():
+        assert cell[run_id]["state"].split(" (")[0] == s
+    assert cell["f-killed"]["state"] == "stopped (no summary, no progress for 2.0 h)"
+    assert cell["e-running"]["progress"] == "3 / 9, ETA 30 s" and cell["f-killed"]["progress"] == "3 / 9"
+    assert "finished" not in dom.text()
+
+
+def test_image_counts_agree_or_say_why_not(tmp_path):
+    """Run a committed s1 (3 images); run b took s1's claim over and committed it again, then s2
+    and s3: the runs committed 13 images, the data holds 10 distinct ones (issue 20)."""
+    out = tmp_path / "out"
+    shards = [("s1", "b", caption_rows("/in/s1.tar", ["k0", "k1", "k2"])),
+              ("s2", "b", caption_rows("/in/s2.tar", ["k0", "k1", "k2", "k3"])),
+              ("s3", "b", caption_rows("/in/s3.tar", ["k0", "k1", "k2"]))]
+    write_output(out, {"a": {"summary": {"images": 3, "shards_processed": 1}},
+                       "b": {"summary": {"images": 10, "shards_processed": 3}}}, shards)
+    dom = report_dom(out, tmp_path)
+    (totals,) = dom.all("span", id="totals")
+    assert totals.attrs["data-images"] == "10" and "10 distinct images" in totals.text()
+    cell = {tr.attrs["data-run-id"]: {td.attrs["data-field"]: td.text() for td in tr.all("td")}
+            for tr in dom.all("tr", "run")}
+    assert [(cell[r]["images"], cell[r]["images_in_data"]) for r in "ab"] == [("3", "0"), ("10", "10")]
+    heads = [th.text() for th in dom.all("table", "runs")[0].all("th")]
+    assert heads[3:5] == ["images committed", "in the data now"]
+    (note,) = dom.all("p", "count-note")
+    assert (note.attrs["data-images"], note.attrs["data-images-committed"], note.attrs["data-images-in-data"]) == \
+        ("10", "13", "10")  # each run's images in the data add up to the header's
+    assert "10 distinct images" in note.text() and "13 in all" in note.text() and "counts in each" in note.text()
+
+    # a shard written by a run whose record is gone: counted at the top, and said where it is
+    shutil.rmtree(out / "_runs" / "a")
+    write_output(out, {}, [("s4", "a", caption_rows("/in/s4.tar", ["k0", "k1"]))])
+    dom = report_dom(out, tmp_path)
+    (note,) = dom.all("p", "count-note")
+    assert (note.attrs["data-images"], note.attrs["data-images-committed"], note.attrs["data-images-in-data"]) == \
+        ("12", "10", "10")
+    assert "2 more were written by runs without a record" in note.text()
