@@ -14,285 +14,29 @@ from __future__ import annotations
 
 import argparse
 import base64
-import dataclasses
 import datetime as dt
 import functools
-import io
-import json
-import posixpath
 import random
 import sys
 from collections import defaultdict
 from typing import Any
 
 import pandas as pd
-import pyarrow.parquet as pq
-import yaml
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
 from pipeline import errors as st
-from pipeline.config import InputConfig, RetryConfig, S3Config
+from pipeline.config import S3Config
 from pipeline.errors import describe, redact
-from pipeline.listing import Shard, is_image_name
-from pipeline.readers import read_shard
-from pipeline.rows import SHARD_KEY
-from pipeline.storage import UriPolicy, filesystem, is_s3, join, read_capped
+from pipeline.progress import duration
+from pipeline.rows import none_if_missing
+from pipeline.storage import is_s3
 
-THUMB_SIDE = 256
+from .report_data import (Commit, NotAnOutput, Output, RunRecord, display_size, epoch, input_of, load_output,
+                          read_images, thumbnail)
+
 ERROR_EXAMPLES = 3
-COLUMNS = ["key", "source_uri", "shard_id", "image_index", "task", "task_index", "prompt", "response",
-           "boxes", "box_errors", "status", "error_message", "width", "height", "run_id"]
 TASK_ORDER = {"caption": 0, "vqa": 1, "grounding": 2}
-READ_POLICY = RetryConfig(deadline_s=30.0, backoff_s=0.5)
-
-
-class NotAnOutput(ValueError):
-    """OUT holds neither runs nor data."""
-
-
-# --- reading the output ---------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class RunRecord:
-    run_id: str
-    summary: dict[str, Any] | None  # None while the run is going (or if it died before its record)
-    config: dict[str, Any] | None  # the resolved config the run saved
-    progress: dict[str, Any] | None  # progress.json, when the pipeline writes one
-    start: float | None  # epoch seconds, when it can be told
-
-
-@dataclasses.dataclass
-class Commit:
-    shard_id: str
-    run_id: str | None
-    images: int
-    at: float | None  # epoch seconds
-
-
-@dataclasses.dataclass
-class Output:
-    uri: str
-    runs: list[RunRecord]
-    commits: list[Commit]
-    rows: pd.DataFrame  # the committed shards' rows (COLUMNS)
-    uncommitted_files: list[str]  # data files without a ledger marker (a crash between the writes)
-
-
-def _read(fs: Any, path: str) -> bytes | None:
-    """The file's bytes; None if it is missing or cannot be read (the page says what it lacks)."""
-    try:
-        return fs.cat_file(path)
-    except FileNotFoundError:
-        return None
-    except Exception as e:  # noqa: BLE001 - one unreadable record never stops the report
-        print(f"jobs.report: cannot read {redact(path)}: {describe(e)}", file=sys.stderr)
-        return None
-
-
-def _json(fs: Any, path: str) -> dict[str, Any] | None:
-    data = _read(fs, path)
-    try:
-        value = json.loads(data) if data is not None else None
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _mtime(fs: Any, path: str) -> float | None:
-    try:
-        info = fs.info(path)
-    except (FileNotFoundError, OSError):
-        return None
-    t = info.get("mtime", info.get("LastModified"))
-    if isinstance(t, dt.datetime):
-        return t.timestamp()
-    return float(t) if isinstance(t, (int, float)) else None
-
-
-def _epoch(iso: Any) -> float | None:
-    try:
-        return dt.datetime.fromisoformat(str(iso)).timestamp()
-    except ValueError:
-        return None
-
-
-def _names(fs: Any, folder: str) -> list[str]:
-    if not fs.exists(folder):
-        return []
-    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False))
-
-
-def _runs(fs: Any, root: str, commits: list[Commit]) -> list[RunRecord]:
-    out = []
-    for run_id in _names(fs, join(root, "_runs")):
-        d = join(root, "_runs", run_id)
-        if run_id.startswith(".") or not fs.isdir(d):  # the job's write probes
-            continue
-        summary = _json(fs, join(d, "summary.json"))
-        progress = _json(fs, join(d, "progress.json"))
-        raw = _read(fs, join(d, "config.yaml"))
-        try:
-            config = yaml.safe_load(raw) if raw is not None else None
-        except yaml.YAMLError:
-            config = None
-        out.append(RunRecord(run_id, summary, config if isinstance(config, dict) else None, progress,
-                             _run_start(fs, d, summary, [c for c in commits if c.run_id == run_id])))
-    return sorted(out, key=lambda r: (r.start or 0.0, r.run_id))
-
-
-def _run_start(fs: Any, run_dir: str, summary: dict[str, Any] | None, commits: list[Commit]) -> float | None:
-    """The first commit less the summary's time to it; else the summary's write time less the run's
-    wall time; else the first commit."""
-    first = min((c.at for c in commits if c.at is not None), default=None)
-    if summary and first is not None and isinstance(summary.get("first_commit_s"), (int, float)):
-        return first - summary["first_commit_s"]
-    written = _mtime(fs, join(run_dir, "summary.json"))
-    if summary and written is not None and isinstance(summary.get("wall_s"), (int, float)):
-        return written - summary["wall_s"]
-    return first
-
-
-def _commits(fs: Any, root: str) -> list[Commit]:
-    out = []
-    for name in _names(fs, join(root, "_ledger")):
-        if not name.endswith(".json"):
-            continue
-        path = join(root, "_ledger", name)
-        marker = _json(fs, path) or {}
-        at = _epoch(marker["committed_at"]) if marker.get("committed_at") else _mtime(fs, path)
-        out.append(Commit(name[: -len(".json")], marker.get("run_id"), int(marker.get("images") or 0), at))
-    return out
-
-
-def _rows(fs: Any, root: str, committed: set[str]) -> tuple[pd.DataFrame, list[str]]:
-    frames, uncommitted = [], []
-    for name in _names(fs, join(root, "data")):
-        if not name.endswith(".parquet"):
-            continue
-        if name[: -len(".parquet")] not in committed:
-            uncommitted.append(name)
-            continue
-        with fs.open(join(root, "data", name), "rb") as f:
-            pf = pq.ParquetFile(f)
-            cols = [c for c in COLUMNS if c in pf.schema_arrow.names]
-            frames.append(pf.read(columns=cols).to_pandas())
-    if not frames:
-        return pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS}), uncommitted
-    return pd.concat(frames, ignore_index=True).reindex(columns=COLUMNS), uncommitted
-
-
-def load_output(uri: str, s3: S3Config) -> Output:
-    fs, root = filesystem(uri, s3)
-    commits = _commits(fs, root)
-    rows, uncommitted = _rows(fs, root, {c.shard_id for c in commits})
-    runs = _runs(fs, root, commits)
-    if not runs and not commits and not uncommitted:
-        raise NotAnOutput(f"{redact(uri)} holds no job output (no _runs/, _ledger/ or data/)")
-    return Output(uri, runs, commits, rows, uncommitted)
-
-
-# --- reading images back from the input -----------------------------------------------------------
-
-def _fields(cls: type, data: Any) -> dict[str, Any]:
-    """The keys of a saved config section that `cls` knows (a newer or older config still reads)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in (data or {}).items() if k in names}
-
-
-def input_of(config: dict[str, Any], s3: S3Config) -> tuple[InputConfig, S3Config]:
-    """The run's input settings, and its S3 settings with the command line's endpoint on top."""
-    icfg = InputConfig(**_fields(InputConfig, config.get("input")))
-    saved = S3Config(**_fields(S3Config, config.get("s3")))
-    return icfg, dataclasses.replace(saved, endpoint_url=s3.endpoint_url or saved.endpoint_url)
-
-
-def _input_root(icfg: InputConfig, s3: S3Config) -> str:
-    """The input's location as the job planned it: the prefix, or the folder of a single file."""
-    fs, path = filesystem(icfg.path, s3)
-    if fs.isfile(path):
-        return icfg.path.rsplit("/", 1)[0]
-    return icfg.path
-
-
-def _fetch_uri(uri: str, source_uri: str, icfg: InputConfig, s3: S3Config) -> bytes:
-    """As the Preprocess stage does: confined to the input and the allowed prefixes, size-capped."""
-    policy = UriPolicy(_input_root(icfg, s3), icfg.allowed_uri_prefixes)
-    scheme, path = policy.resolve(uri, base=posixpath.dirname(source_uri))
-    fs = filesystem("s3://" if scheme == "s3" else "/", s3)[0]
-    return read_capped(fs, path, icfg.max_image_bytes)
-
-
-def _folder_file(root_uri: str, key: str, s3: S3Config) -> str:
-    """Folder input: the image file whose path under the input is `key` plus an extension."""
-    fs, root = filesystem(root_uri, s3)
-    folder, stem = posixpath.split(join(root, key))
-    for path in fs.ls(folder, detail=False):
-        name = path.rsplit("/", 1)[-1]
-        if is_image_name(name) and name.rsplit(".", 1)[0] == stem:
-            return path
-    raise FileNotFoundError(f"no image file {key}.* under {root_uri}")
-
-
-def read_images(source_uri: str, keys: set[str], icfg: InputConfig, s3: S3Config) -> dict[str, bytes | str]:
-    """key -> image bytes, or the reason they could not be read. Never raises."""
-    out: dict[str, bytes | str] = {}
-    try:
-        if icfg.format == "folder":
-            for key in keys:
-                try:
-                    fs, _ = filesystem(source_uri, s3)
-                    out[key] = read_capped(fs, _folder_file(source_uri, key, s3), icfg.max_image_bytes)
-                except Exception as e:  # noqa: BLE001 - one image's problem
-                    out[key] = describe(e)
-            return out
-        rows = {r["key"]: r for r in read_shard(Shard("report", source_uri), icfg, s3, READ_POLICY)}
-    except Exception as e:  # noqa: BLE001 - the shard is gone or unreadable: every image says why
-        return {k: f"cannot read {redact(source_uri)}: {describe(e)}" for k in keys}
-    broken = rows.get(SHARD_KEY, {}).get("read_error")
-    for key in keys:
-        r = rows.get(key)
-        if r is None:
-            out[key] = broken or f"no sample {key} in {redact(source_uri)}"
-        elif r.get("read_error"):
-            out[key] = str(r["read_error"])
-        elif r.get("image") is not None:
-            out[key] = bytes(r["image"])
-        else:
-            try:
-                out[key] = _fetch_uri(str(r["image_uri"]), source_uri, icfg, s3)
-            except Exception as e:  # noqa: BLE001
-                out[key] = describe(e)
-    return out
-
-
-@dataclasses.dataclass
-class Thumb:
-    jpeg: bytes
-    size: tuple[int, int]  # the thumbnail's (width, height)
-    source_size: tuple[int, int]  # the decoded image's (width, height), EXIF-rotated as the job saw it
-
-
-def display_size(size: tuple[int, int], side: int = THUMB_SIDE) -> tuple[int, int]:
-    """The size a thumbnail is shown at: fitted to `side` (small images are scaled up too)."""
-    w, h = size
-    scale = side / max(w, h, 1)
-    return max(1, round(w * scale)), max(1, round(h * scale))
-
-
-def thumbnail(data: bytes, max_pixels: int | None = None, side: int = THUMB_SIDE) -> Thumb:
-    """A JPEG no larger than `side` on either side; raises what decoding raises."""
-    from cogvlm.processor import open_image, to_rgb  # the job's own decoding: same orientation and modes
-
-    if not data:
-        raise ValueError("empty image file (0 bytes)")
-    image = open_image(data, max_pixels=max_pixels)
-    source = image.size
-    image = to_rgb(image)
-    image.thumbnail((side, side))
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=80)
-    return Thumb(buf.getvalue(), image.size, source)
 
 
 # --- the page: plain data for the templates under jobs/templates/ ---------------------------------
@@ -327,10 +71,6 @@ def _counts(counts: Any) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: (kv[0] != st.OK, kv[0])))
 
 
-def _seconds(s: float) -> str:
-    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
-
-
 RUN_COLUMNS = (("run", None), ("mode", None), ("state", None),
                ("images committed", "images in the shards this run committed (its summary; while it runs, its "
                                     "progress.json): a shard that two runs processed counts in both"),
@@ -356,9 +96,9 @@ def run_state(run: RunRecord, now: float) -> tuple[str, str | None]:
     if state in ("done", "incomplete"):  # ended, and its summary.json is not there (yet)
         return state, "no summary.json"
     if state == "running":
-        updated = _epoch(p["updated_at"]) if p.get("updated_at") else None
+        updated = epoch(p["updated_at"]) if p.get("updated_at") else None
         if updated is not None and now - updated > STALE_S:
-            return "stopped", f"no summary, no progress for {_seconds(now - updated)}"
+            return "stopped", f"no summary, no progress for {duration(now - updated)}"
         return "running", None
     return "unknown", "no summary.json or progress.json could be read"
 
@@ -375,7 +115,7 @@ def runs_view(runs: list[RunRecord], now: float, rows: pd.DataFrame) -> dict[str
         if p:
             progress = f"{_num(p.get('images_done'))} / {_num(p.get('images_total'))}"
             if p.get("eta_s") is not None and state == "running":
-                progress += f", ETA {_seconds(float(p['eta_s']))}"
+                progress += f", ETA {duration(float(p['eta_s']))}"
         failed = s.get("shards_failed")
         wall = s.get("wall_s", p.get("elapsed_s"))
         images = s.get("images", p.get("images_done"))
@@ -384,7 +124,7 @@ def runs_view(runs: list[RunRecord], now: float, rows: pd.DataFrame) -> dict[str
             "run_id": r.run_id, "mode": s.get("mode") or (r.config or {}).get("mode"), "state": state,
             "images": _num(images), "images_in_data": str(int(in_data.get(r.run_id, 0))), "rows": _num(s.get("rows")),
             "status_counts": _counts(s.get("status_counts") or p.get("status_counts") or p.get("rows_by_status")),
-            "wall_s": _seconds(float(wall)) if isinstance(wall, (int, float)) else "–",
+            "wall_s": duration(float(wall)) if isinstance(wall, (int, float)) else "–",
             "images_per_s": _num(s.get("images_per_s", p.get("images_per_s")), 3),
             "shards_processed": (f"{_num(s.get('shards_processed', p.get('shards_done')))} of "
                                  f"{_num(s.get('shards_total', p.get('shards_total')))}" if s or p else "–"),
@@ -523,8 +263,8 @@ def gallery_view(task: str, rows: list[dict[str, Any]], image: bytes | str | Non
     shown = None
     if thumb is not None:
         tw, th = display_size(thumb.size)
-        size = (int(first["width"]), int(first["height"])) if _present(first.get("width")) \
-            and _present(first.get("height")) else thumb.source_size
+        size = (int(first["width"]), int(first["height"])) if _is_set(first.get("width")) \
+            and _is_set(first.get("height")) else thumb.source_size
         overlays = [g for g in (box_geometry(r.get("boxes"), size, (tw, th)) for r in rows) if g]
         shown = {"width": tw, "height": th, "pixelated": tw > thumb.size[0], "overlays": overlays,
                  "src": "data:image/jpeg;base64," + base64.b64encode(thumb.jpeg).decode()}
@@ -549,12 +289,12 @@ def gallery_item(task: str, rows: list[dict[str, Any]], image: bytes | str | Non
     return _macros().gallery_item(gallery_view(task, rows, image, max_pixels))
 
 
-def _present(v: Any) -> bool:
-    return v is not None and v == v  # not None, not NaN
+def _is_set(v: Any) -> bool:
+    return none_if_missing(v) is not None
 
 
 def _size_text(row: dict[str, Any]) -> str:
-    if _present(row.get("width")) and _present(row.get("height")):
+    if _is_set(row.get("width")) and _is_set(row.get("height")):
         return f' · {int(row["width"])}×{int(row["height"])}'
     return ""
 
