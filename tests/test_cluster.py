@@ -40,7 +40,7 @@ def ray_head(tmp_path_factory):
     try:
         from ray.job_submission import JobSubmissionClient
 
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # a loaded 2-core machine took over 120 s
         while True:  # ready when a (trivial) job can be submitted: the job agent is up too
             try:
                 client = JobSubmissionClient(address)
