@@ -541,10 +541,13 @@ def run(cfg: JobConfig) -> dict[str, Any]:
     pending = [s for s in shards if s.shard_id not in done]
     base = {"run_id": run_id, "mode": cfg.mode, "project_version": cogvlm.__version__,
             "shards_total": len(shards), "shards_skipped": len(shards) - len(pending),
-            "files_skipped": plan.skipped_files, "files_skipped_examples": plan.skipped_examples}
+            "files_skipped": plan.skipped_files, "files_skipped_examples": plan.skipped_examples,
+            "files_skipped_reasons": plan.skipped_reasons}
     if plan.skipped_files:
         log.info("%d files under the input are not %s and were skipped (e.g. %s)", plan.skipped_files,
                  "images" if cfg.input.format == "folder" else "shards", ", ".join(plan.skipped_examples))
+        for why, n in plan.skipped_reasons.items():
+            log.info("  skipped: %d files: %s", n, why)
     if not pending:
         log.info("run %s: all %d shards are already committed; nothing new to process", run_id, len(shards))
         return _finish(cfg, out_fs, out_root, dict(base, shards_processed=0, shards=[], images=0, rows=0,

@@ -31,7 +31,7 @@ from .config import JobConfig
 from .errors import describe as describe_error
 from .errors import retry
 from .ledger import Ledger
-from .readers import IMAGE_EXTENSIONS, Shard, plan_input
+from .readers import IMAGE_EXTENSIONS, Shard, plan_input, tar_kind, unsupported_tar
 from .storage import filesystem, to_uri
 from .tasks import expand
 
@@ -113,7 +113,7 @@ def _tar_images(fs: Any, path: str) -> int:
             base = posixpath.basename(member.name)
             if not member.isfile() or "." not in base or base.startswith("."):
                 continue
-            if base.split(".", 1)[1].lower() in IMAGE_EXTENSIONS:
+            if base.split(".", 1)[1].lower().rsplit(".", 1)[-1] in IMAGE_EXTENSIONS:  # "a.b.c.jpg": a jpg
                 keys.add(posixpath.join(posixpath.dirname(member.name), base.split(".", 1)[0]))
     return len(keys)
 
@@ -140,7 +140,9 @@ def _count_one(cfg: JobConfig, shard: Shard, files: set[str]) -> tuple[int | Non
         if cfg.input.format == "parquet":
             n = retry(lambda: _parquet_rows(fs, path), f"reading the footer of {shard.uri}", 30.0)
             return n, "parquet footer", None
-        sidecar = path[: -len(".tar")] + "_stats.json"
+        if unsupported_tar(shard.uri):
+            return None, "unreadable", unsupported_tar(shard.uri)
+        sidecar = path[: -len(tar_kind(path) or ".tar")] + "_stats.json"  # a.tar.gz -> a_stats.json
         if sidecar in files:
             n = retry(lambda: _sidecar_successes(fs, sidecar), f"reading {sidecar}", 30.0)
             if n is not None:
@@ -552,7 +554,7 @@ def _copy_tar_samples(cfg: JobConfig, shards: list[Shard], images: int, per_part
                     break  # samples are consecutive in a WebDataset tar: the first `images` are whole
                 data = tar.extractfile(m)
                 samples.setdefault(key, []).append((m, data.read() if data is not None else b""))
-                if base.split(".", 1)[1].lower() in IMAGE_EXTENSIONS and key not in with_image:
+                if base.split(".", 1)[1].lower().rsplit(".", 1)[-1] in IMAGE_EXTENSIONS and key not in with_image:
                     with_image.append(key)
         if len(with_image) >= images:
             break

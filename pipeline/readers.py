@@ -24,6 +24,15 @@ ROW_COLUMNS = ["shard_id", "source_uri", "shard_total", "image_index", "key", "i
                "questions", "read_error", "read_status"]
 SHARD_KEY = "__shard__"  # the key of the row that reports a shard which broke mid-way
 
+# webdataset shards: tars as webdataset's TarWriter/ShardWriter writes them (plain, gzip, bz2, xz)
+# and its reader reads them (tarfile's "r|*"). A plain tar's shard id drops ".tar"; the others keep
+# their whole name, so `a.tar` and `a.tar.gz` never share an id.
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+# tars compressed in a way neither webdataset nor this reader reads: each is a shard whose one row
+# is a read_error naming the kind, never silently passed over
+OTHER_TAR_SUFFIXES = (".tar.zst", ".tar.zstd", ".tzst", ".tar.lz4", ".tar.lzma", ".tar.lz", ".tar.lzo",
+                      ".tar.br", ".tar.sz", ".tar.z", ".tar.7z")
+
 
 class InputError(ValueError):
     """The input cannot be read at all (missing prefix, no shards, wrong columns)."""
@@ -45,6 +54,7 @@ class InputPlan:
     root: str  # the input's location: the prefix, or the folder of a single input file
     skipped_files: int = 0  # files under the input that are neither shards nor images
     skipped_examples: list[str] = field(default_factory=list)
+    skipped_reasons: dict[str, int] = field(default_factory=dict)  # why -> files (see skip_reason)
 
 
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-_")
@@ -100,7 +110,7 @@ def plan_input(cfg: InputConfig, s3: S3Config) -> InputPlan:
     base = root if not is_file else posixpath.dirname(root)
     if cfg.format in ("webdataset", "parquet"):
         suffix = ".tar" if cfg.format == "webdataset" else ".parquet"
-        chosen = [f for f in files if f.endswith(suffix)]
+        chosen = [f for f in files if (is_tar_shard(f) if cfg.format == "webdataset" else f.endswith(suffix))]
         shards = [Shard(shard_id(_relative(base, f, suffix)), to_uri(fs, f)) for f in chosen]
     else:
         chosen = [f for f in files if is_image_name(f)]
@@ -117,11 +127,63 @@ def plan_input(cfg: InputConfig, s3: S3Config) -> InputPlan:
         seen[s.shard_id] = s.uri
     taken = set(chosen)
     skipped = [posixpath.relpath(f, base) for f in files if f not in taken]
-    return InputPlan(shards, to_uri(fs, base), len(skipped), skipped[:5])
+    return InputPlan(shards, to_uri(fs, base), len(skipped), skipped[:5], skip_reasons(cfg, skipped, taken, base))
 
 
 def plan_shards(cfg: InputConfig, s3: S3Config) -> list[Shard]:
     return plan_input(cfg, s3).shards
+
+
+def tar_kind(name: str) -> str | None:
+    """The webdataset shard suffix of a file name (TAR_SUFFIXES or OTHER_TAR_SUFFIXES, matched
+    without regard to case), or None: not a tar shard."""
+    low = posixpath.basename(name).lower()
+    return next((s for s in TAR_SUFFIXES + OTHER_TAR_SUFFIXES if low.endswith(s)), None)
+
+
+def is_tar_shard(name: str) -> bool:
+    """A plain `.tar` (as before) or any compressed tar kind: each is a shard, read or reported."""
+    return name.endswith(".tar") or tar_kind(name) is not None
+
+
+def unsupported_tar(uri: str) -> str | None:
+    """Why a webdataset shard cannot be read at all (its compression), or None."""
+    kind = tar_kind(uri)
+    if kind in OTHER_TAR_SUFFIXES:
+        return (f"unsupported shard kind {kind}: webdataset shards are read as .tar, .tar.gz/.tgz, "
+                f".tar.bz2/.tbz2 or .tar.xz/.txz; recompress it as one of those")
+    return None
+
+
+SKIP_NOT_SHARD = {"webdataset": "not a tar shard (.tar, .tar.gz, .tgz, .tar.bz2, .tar.xz)",
+                  "parquet": "not a .parquet file", "folder": "not an image (by its extension)"}
+SKIP_SIDECAR = "img2dataset metadata (a shard's .parquet or _stats.json, an image's .txt or .json)"
+
+
+def skip_reason(fmt: str, rel: str, taken: set[str], base: str) -> str:
+    """Why the job does not read the file `rel` (relative to the input's location): img2dataset's
+    own metadata (a shard's `_stats.json` or `.parquet` listing beside a webdataset or files
+    shard, an image's `.txt`/`.json` in files output), or not being the input's kind."""
+    stem, ext = posixpath.splitext(rel)
+    if stem.endswith("_stats") and ext == ".json":
+        return SKIP_SIDECAR
+    if fmt == "webdataset" and ext == ".parquet" and any(
+            posixpath.join(base, stem + s) in taken for s in TAR_SUFFIXES):
+        return SKIP_SIDECAR
+    if fmt == "folder" and ext in (".txt", ".json", ".parquet"):
+        return SKIP_SIDECAR if ext == ".parquet" or any(
+            posixpath.join(base, f"{stem}.{e}") in taken for e in ("jpg", "png", "webp", "jpeg")
+        ) else SKIP_NOT_SHARD[fmt]
+    return SKIP_NOT_SHARD[fmt]
+
+
+def skip_reasons(cfg: InputConfig, skipped: list[str], taken: set[str], base: str) -> dict[str, int]:
+    """Skipped files counted by reason (`skip_reason`)."""
+    out: dict[str, int] = {}
+    for rel in skipped:
+        why = skip_reason(cfg.format, rel, taken, base)
+        out[why] = out.get(why, 0) + 1
+    return out
 
 
 def check_parquet_columns(cfg: InputConfig, s3: S3Config, shards: list[Shard], tries: int = 3) -> None:
@@ -211,7 +273,9 @@ def iter_shard(shard: Shard, cfg: InputConfig, s3: S3Config, policy: RetryConfig
     """
     policy = policy or RetryConfig()
     budget = max(1, int(block_bytes)) if block_bytes is not None else read_block_bytes(cfg)
-    if cfg.format == "webdataset":
+    if cfg.format == "webdataset" and unsupported_tar(shard.uri):
+        rows = iter([_row(SHARD_KEY, error=unsupported_tar(shard.uri))])
+    elif cfg.format == "webdataset":
         rows = _resumable(shard, lambda skip: _tar_samples(shard, cfg, s3, skip, budget), policy, _tar_broken)
     elif cfg.format == "parquet":
         rows = _resumable(shard, lambda skip: _parquet_rows(shard, cfg, s3, skip, budget), policy,
@@ -356,7 +420,8 @@ def _tar_samples(shard: Shard, cfg: InputConfig, s3: S3Config, skip: int, budget
 
 def _add_member(tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str, sample: dict[str, Any],
                 cfg: InputConfig) -> None:
-    if ext in IMAGE_EXTENSIONS and "image" not in sample:
+    kind = ext.rsplit(".", 1)[-1]  # webdataset decodes a field by its last extension: "b.c.jpg" is a jpg
+    if kind in IMAGE_EXTENSIONS and "image" not in sample:
         if member.size > cfg.max_image_bytes:
             sample["error"] = (f"image file is {member.size} bytes, over max_image_bytes "
                                f"({cfg.max_image_bytes})", IMAGE_TOO_LARGE)
@@ -364,7 +429,7 @@ def _add_member(tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str, sample:
         else:
             data = tar.extractfile(member)
             sample["image"] = data.read() if data is not None else None
-    elif ext == "json" and cfg.questions_column:
+    elif kind == "json" and cfg.questions_column:
         data = tar.extractfile(member)
         try:
             meta = json.loads(data.read()) if data is not None else {}
@@ -381,6 +446,8 @@ def _sample_row(key: str, s: dict[str, Any]) -> Row:
 
 
 def _tar_broken(e: BaseException, done: int) -> str | None:
+    if done == 0 and isinstance(e, tarfile.ReadError):  # e.g. a file named .tar that is not one
+        return f"not a tar archive (or not compressed as its name says): {describe(e)}"
     if _is_corrupt_tar(e):  # a truncated/corrupt tar keeps what was read
         return f"shard read failed after {done} samples: {describe(e)}"
     if isinstance(e, _GONE):

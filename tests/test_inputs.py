@@ -1,0 +1,106 @@
+"""Inputs as their tools write them (issue 21, items 5 and 6): shards that webdataset's own writer
+makes (plain and compressed, keys with dots), compared with webdataset's own reader, every input
+file accounted for, and img2dataset's three output formats as img2dataset itself wrote them
+(tests/assets/img2dataset, made by make.py there from a URL list with dead links)."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import ConfigError, load_config, run
+from pipeline.config import InputConfig, S3Config
+from pipeline.plan import count_images
+from pipeline.readers import SHARD_KEY, plan_input, read_shard
+
+from .data import good_image
+from .test_pipeline import job
+
+I2D = Path(__file__).resolve().parent / "assets" / "img2dataset"
+SIDECAR = "img2dataset metadata"
+
+
+def write_webdataset_shards(root: Path) -> None:
+    """Shards written by webdataset itself: ShardWriter (plain, 2 shards), TarWriter gzipped under
+    the same stem as a plain one, a .tgz, keys with dots (webdataset's key is the name up to the
+    first dot of the basename) and in a directory."""
+    import webdataset as wds
+
+    def sample(key: str, i: int) -> dict:
+        return {"__key__": key, "jpg": good_image(i), "txt": f"caption {key}", "json": {"n": i}}
+
+    root.mkdir(parents=True)
+    with wds.ShardWriter(str(root / "plain-%06d.tar"), maxcount=3, verbose=0) as sink:
+        for i in range(5):
+            sink.write(sample(f"p{i}", i))
+    with wds.TarWriter(str(root / "plain-000000.tar.gz")) as sink:  # same stem as a plain shard
+        for i, key in enumerate(["a.b.c", "d.e.f", "sub/g.h"]):
+            sink.write(sample(key, 10 + i))
+    with wds.TarWriter(str(root / "more.tgz")) as sink:
+        for i in range(2):
+            sink.write(sample(f"t{i}.x", 20 + i))
+
+
+def webdataset_keys(path: Path) -> list[str]:
+    """The sample keys webdataset's own reader yields for one shard."""
+    import webdataset as wds
+
+    return [s["__key__"] for s in wds.WebDataset(str(path), shardshuffle=False)]
+
+
+def test_compressed_shards_are_listed_with_distinct_ids_and_every_other_file_is_accounted_for(tmp_path):
+    inp = tmp_path / "in"
+    write_webdataset_shards(inp)
+    (inp / "old.tar.zst").write_bytes(b"(zstd bytes)")  # a tar kind nobody here reads
+    (inp / "fake.tar").write_bytes(b"this is not a tar archive at all" * 40)  # claims .tar, is not
+    (inp / "plain-000000_stats.json").write_text("{}")
+    (inp / "README.md").write_text("notes")
+    plan = plan_input(InputConfig(path=str(inp)), S3Config())
+    ids = {s.shard_id: Path(s.uri).name for s in plan.shards}
+    assert ids == {"plain-000000": "plain-000000.tar", "plain-000001": "plain-000001.tar",
+                   "plain-000000.tar.gz": "plain-000000.tar.gz", "more.tgz": "more.tgz",
+                   "old.tar.zst": "old.tar.zst", "fake": "fake.tar"}
+    assert plan.skipped_files == 2
+    assert {why.split(" (")[0]: n for why, n in plan.skipped_reasons.items()} == {SIDECAR: 1, "not a tar shard": 1}
+    by_id = {s.shard_id: s for s in plan.shards}
+    cfg = InputConfig(path=str(inp))
+    # a shard of an unknown kind, or not a tar at all: one read_error row naming why, never silence
+    (zst,) = read_shard(by_id["old.tar.zst"], cfg, S3Config())
+    assert zst["key"] == SHARD_KEY and zst["read_status"] == "read_error" and ".tar.zst" in zst["read_error"]
+    (fake,) = read_shard(by_id["fake"], cfg, S3Config())
+    assert fake["key"] == SHARD_KEY and "not a tar archive" in fake["read_error"]
+    # keys as webdataset's reader has them, images found by their last extension ("b.c.jpg")
+    gz = read_shard(by_id["plain-000000.tar.gz"], cfg, S3Config())
+    assert [r["key"] for r in gz] == webdataset_keys(inp / "plain-000000.tar.gz") == ["a", "d", "sub/g"]
+    assert all(r["image"] and r["read_error"] is None for r in gz)
+    # the plan counts compressed shards from their headers too
+    counted = count_images(load_config(data={"input": {"path": str(inp)}, "output": {"path": str(tmp_path)},
+                                             "model": {"source": "x"}}), plan.shards)
+    assert {k: counted["per_shard"].get(k) for k in ("plain-000000.tar.gz", "more.tgz")} == {
+        "plain-000000.tar.gz": 3, "more.tgz": 2}
+
+
+def test_the_job_reads_webdatasets_own_shards_as_webdataset_reads_them(ray_cluster, ckpt_v1, tokenizer_v1,
+                                                                        tmp_path):
+    inp = tmp_path / "in"
+    write_webdataset_shards(inp)
+    (inp / "old.tar.zst").write_bytes(b"(zstd bytes)")
+    (inp / "notes.txt").write_text("not a shard")
+    summary = run(load_config(data=job(ckpt_v1, tokenizer_v1, inp, tmp_path / "out")))
+    df = pd.read_parquet(tmp_path / "out" / "data")
+    expected = {(name, key) for name in ("plain-000000.tar", "plain-000001.tar", "plain-000000.tar.gz",
+                                         "more.tgz") for key in webdataset_keys(inp / name)}
+    ok = df[df.status == "ok"]
+    assert {(Path(u).name, k) for u, k in zip(ok.source_uri, ok.key)} == expected and len(ok) == len(expected) == 10
+    bad = df[df.status != "ok"]
+    assert list(bad.key) == [SHARD_KEY] and ".tar.zst" in bad.error_message.iloc[0]
+    assert summary["shards_processed"] == 5
+    assert summary["files_skipped"] == 1 and summary["files_skipped_examples"] == ["notes.txt"]
+    assert list(summary["files_skipped_reasons"].values()) == [1]
+    assert next(iter(summary["files_skipped_reasons"])).startswith("not a tar shard")
