@@ -37,7 +37,8 @@ from . import plan as plan_job
 from .config import JobConfig, to_dict
 from .crashes import CrashLedger
 from .claims import ClaimKeeper
-from .errors import describe, redact, retry
+from .carry import carry_schema
+from .errors import DOWNLOAD_ERROR, describe, redact, retry
 from .ledger import Ledger
 from .processor import stages
 from .progress import Progress
@@ -314,9 +315,13 @@ class ErrorGuard:
         self.example: dict[tuple[str, str], str] = {}
 
     def add(self, images: int, failures: list[tuple[str, str]]) -> None:
-        """`images` more images, of which `failures` (status, message) failed."""
+        """`images` more images, of which `failures` (status, message) failed. img2dataset's
+        failed downloads are not images: they count neither way."""
         self.seen += images
         for status, msg in failures:
+            if status == DOWNLOAD_ERROR:
+                self.seen -= 1
+                continue
             kind = (status, msg.split(":", 1)[0][:80])
             self.kinds[kind] += 1
             self.example.setdefault(kind, msg)
@@ -349,6 +354,7 @@ class RunState:
     committed: list[str] = dataclasses.field(default_factory=list)
     failed: dict[str, str] = dataclasses.field(default_factory=dict)  # shard -> why it was left
     first_commit: list[float] = dataclasses.field(default_factory=list)  # (seconds, images so far)
+    failed_downloads_skipped: int = 0  # img2dataset's failed downloads left out (input.failed_downloads: skip)
 
 
 COMMIT_THREADS = 8  # shards merged and marked at once (each waits on a Ray task and two writes)
@@ -360,12 +366,13 @@ class Committer:
     left uncommitted; commits wait until the error guard has judged the first images."""
 
     def __init__(self, cfg: JobConfig, ledger: Ledger, keeper: Any, state: RunState, run_id: str,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, merge_options: dict[str, Any] | None = None) -> None:
         import ray
 
         from .sink import merge_parts
 
         self.progress = progress
+        self.merge_options = merge_options or {}  # merge_parts' carry / skip_failed_downloads
         self.cfg, self.ledger, self.keeper, self.state, self.run_id = cfg, ledger, keeper, state, run_id
         self.merge = ray.remote(num_cpus=0, max_retries=3)(merge_parts)
         self.guard = ErrorGuard(cfg.errors.guard_images, cfg.errors.guard_share)
@@ -428,7 +435,8 @@ class Committer:
 
         s, sid, out = self.state, sp.shard_id, self.cfg.output.path
         try:
-            rec = ray.get(self.merge.remote(out, self.cfg.s3, self.cfg.retry, sid, source, sp.parts, self.run_id))
+            rec = ray.get(self.merge.remote(out, self.cfg.s3, self.cfg.retry, sid, source, sp.parts, self.run_id,
+                                            **self.merge_options))
             retry(lambda: self.ledger.mark(rec), f"committing shard {sid}", self.cfg.retry.deadline_s,
                   self.cfg.retry.backoff_s)
         except Exception as e:  # noqa: BLE001 - the store is down or full: stop with one line
@@ -447,6 +455,7 @@ class Committer:
             s.images += rec["images"]
             s.prompt_tokens += rec["prompt_tokens"]
             s.output_tokens += rec["output_tokens"]
+            s.failed_downloads_skipped += rec.get("failed_downloads_skipped", 0)
             s.committed.append(sid)
             if not s.first_commit:
                 s.first_commit.extend([time.perf_counter() - s.t0, s.images])
@@ -571,11 +580,13 @@ def run(cfg: JobConfig) -> dict[str, Any]:
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     keeper = ray.remote(num_cpus=0, max_concurrency=32)(ClaimKeeper).options(scheduling_strategy=here).remote(
         cfg.output.path, cfg.s3, run_id, cfg.claim_ttl_s, cfg.retry)
-    sink = PartSink(cfg.output.path, cfg.s3, cfg.retry, run_id, cogvlm.__version__)
+    carried = carry_schema(cfg.input, cfg.s3, shards)
+    sink = PartSink(cfg.output.path, cfg.s3, cfg.retry, run_id, cogvlm.__version__, carry=carried)
     sweep_parts(out_fs, out_root, done, cfg.retry)
     crash_ledger = ray.remote(num_cpus=0)(CrashLedger).remote()
     progress = Progress(out_fs, out_root, run_id, shards=len(pending))
-    committer = Committer(cfg, ledger, keeper, state, run_id, progress)
+    committer = Committer(cfg, ledger, keeper, state, run_id, progress, merge_options={
+        "carry": carried, "skip_failed_downloads": cfg.input.failed_downloads == "skip"})
     stop_progress = threading.Event()
 
     def ticker() -> None:
@@ -630,7 +641,8 @@ def run(cfg: JobConfig) -> dict[str, Any]:
         base, shards_claimed_elsewhere=len(busy),
         shards_processed=len(state.committed), shards=sorted(state.committed),
         shards_failed=sorted(state.failed), images=state.images, rows=sum(state.counts.values()),
-        status_counts=dict(state.counts), prompt_tokens=state.prompt_tokens, output_tokens=state.output_tokens,
+        status_counts=dict(state.counts), failed_downloads_skipped=state.failed_downloads_skipped,
+        prompt_tokens=state.prompt_tokens, output_tokens=state.output_tokens,
         batches_retried_after_worker_death=crash_stats.get("retried_batches", 0),
         engine=_engine_summary(crash_stats),
         wall_s=round(wall, 3), images_per_s=round(state.images / wall, 4) if wall else None,

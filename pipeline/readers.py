@@ -9,6 +9,7 @@ import tarfile
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
+from . import carry, img2dataset
 from .config import InputConfig, RetryConfig, S3Config
 from .errors import IMAGE_TOO_LARGE, READ_ERROR, TRANSIENT, TransientError, describe, is_transient, retry
 from .storage import filesystem, list_files, to_uri
@@ -210,6 +211,10 @@ def _parquet_columns(fs: Any, path: str) -> list[str]:
 
 
 def _missing_columns(cfg: InputConfig, cols: list[str]) -> str | None:
+    cfg = img2dataset.resolve(cfg, cols)
+    for col in cfg.carry_columns if cfg.format == "parquet" else ():
+        if col not in cols:
+            return f"no column {col!r} (input.carry_columns); columns: {cols}"
     for name, col in (("input.uri_column", cfg.uri_column), ("input.key_column", cfg.key_column),
                       ("input.questions_column", cfg.questions_column)):
         if col and col not in cols:
@@ -282,6 +287,8 @@ def iter_shard(shard: Shard, cfg: InputConfig, s3: S3Config, policy: RetryConfig
                           _parquet_broken)
     else:
         rows = _folder_rows(shard)
+    if cfg.carry_columns:
+        rows = carry.with_passthrough(rows)
     return _blocks(shard, rows, budget)
 
 
@@ -429,20 +436,28 @@ def _add_member(tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str, sample:
         else:
             data = tar.extractfile(member)
             sample["image"] = data.read() if data is not None else None
-    elif kind == "json" and cfg.questions_column:
+    elif kind == "json" and (cfg.questions_column or cfg.carry_columns):
         data = tar.extractfile(member)
         try:
             meta = json.loads(data.read()) if data is not None else {}
-            sample["questions"] = _questions(meta.get(cfg.questions_column))
+            carry.add_sidecar(sample, "json", meta, cfg)
+            if cfg.questions_column:
+                sample["questions"] = _questions(meta.get(cfg.questions_column))
         except (ValueError, AttributeError) as e:
             sample["error"] = (f"bad json sidecar: {describe(e)}", READ_ERROR)
+    elif kind == carry.TXT and carry.TXT in cfg.carry_columns:
+        data = tar.extractfile(member)
+        carry.add_sidecar(sample, carry.TXT, data.read().decode("utf-8", "replace") if data is not None else None, cfg)
 
 
 def _sample_row(key: str, s: dict[str, Any]) -> Row:
     err, status = s.get("error", (None, None))
     if "image" not in s and err is None:
         err = "sample has no image file"
-    return _row(key, s.get("image"), questions=s.get("questions"), error=err, status=status)
+    row = _row(key, s.get("image"), questions=s.get("questions"), error=err, status=status)
+    if s.get("carry"):
+        row["carry"] = s["carry"]
+    return row
 
 
 def _tar_broken(e: BaseException, done: int) -> str | None:
@@ -476,10 +491,13 @@ def _parquet_rows(shard: Shard, cfg: InputConfig, s3: S3Config, skip: int, budge
     fs, path = filesystem(shard.uri, s3)
     with _open(fs, path, budget) as f:
         pf = pq.ParquetFile(f, buffer_size=min(budget, 4 * MB), pre_buffer=False)
-        problem = _missing_columns(cfg, list(pf.schema_arrow.names))
+        names = list(pf.schema_arrow.names)
+        problem = _missing_columns(cfg, names)
         if problem is not None:
             yield _row(SHARD_KEY, error=problem)
             return
+        cfg = img2dataset.resolve(cfg, names)  # input.image_column auto: this file's image column
+        extra = img2dataset.status_columns(names) + carry.parquet_columns(cfg, names)
         meta = pf.metadata
         groups, first = list(range(meta.num_row_groups)), 0
         while groups and first + meta.row_group(groups[0]).num_rows <= skip:
@@ -490,12 +508,21 @@ def _parquet_rows(shard: Shard, cfg: InputConfig, s3: S3Config, skip: int, budge
         stem = posixpath.basename(shard.uri).rsplit(".", 1)[0]
         i = first
         for batch in pf.iter_batches(batch_size=max(1, int(budget // (4 * max(avg, 1.0)))), row_groups=groups,
-                                     columns=list(dict.fromkeys(columns))):
+                                     columns=list(dict.fromkeys(columns + extra))):
             data = batch.to_pydict()
             for j in range(batch.num_rows):
                 if i >= skip:
-                    yield _parquet_row(cfg, data, j, f"{stem}-{i:06d}")
+                    yield _parquet_extras(cfg, data, j, _parquet_row(cfg, data, j, f"{stem}-{i:06d}"))
                 i += 1
+
+
+def _parquet_extras(cfg: InputConfig, data: dict[str, list[Any]], j: int, row: Row) -> Row:
+    """The row with img2dataset's download status (`img2dataset.download_row`) and the carried
+    columns (`input.carry_columns`) of record `j`."""
+    row = img2dataset.download_row(row, data, j)
+    if cfg.carry_columns:
+        row["carry"] = carry.from_record(data, j, [c for c in cfg.carry_columns if c in data])
+    return row
 
 
 def _parquet_row(cfg: InputConfig, data: dict[str, list[Any]], j: int, default_key: str) -> Row:

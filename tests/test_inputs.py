@@ -104,3 +104,93 @@ def test_the_job_reads_webdatasets_own_shards_as_webdataset_reads_them(ray_clust
     assert summary["files_skipped"] == 1 and summary["files_skipped_examples"] == ["notes.txt"]
     assert list(summary["files_skipped_reasons"].values()) == [1]
     assert next(iter(summary["files_skipped_reasons"])).startswith("not a tar shard")
+
+
+def test_img2dataset_parquet_as_it_is(ray_cluster, ckpt_v1, tokenizer_v1, tmp_path):
+    """img2dataset's Parquet: 4 images, 8 HTTP 404s, 1 undecodable download. Default settings find
+    its `jpg` column and `key`; its failures are no error-guard matter; they are skipped and
+    counted, or written as download_error rows with img2dataset's reason; chosen source columns
+    are carried into the output with their types."""
+    carry = ["caption", "url", "original_width", "sha256"]
+    source = pq.read_table(I2D / "parquet" / "00000.parquet").to_pandas().set_index("key")
+    ok_keys = sorted(source.index[source.status == "success"])
+    assert len(ok_keys) == 4 and len(source) == 13
+
+    summary = run(load_config(data=job(ckpt_v1, tokenizer_v1, I2D / "parquet", tmp_path / "skip",
+                                       input={"format": "parquet", "carry_columns": carry})))
+    table = pq.read_table(tmp_path / "skip" / "data" / "00000.parquet")
+    assert table.schema.names[-4:] == carry
+    assert [table.schema.field(c).type for c in carry] == [pa.string(), pa.string(), pa.int32(), pa.string()]
+    df = table.to_pandas()
+    assert sorted(df.key) == ok_keys and set(df.status) == {"ok"}
+    for c in carry:
+        assert list(df[c]) == [source.loc[k, c] for k in df.key], c
+    assert summary["failed_downloads_skipped"] == 9 and summary["status_counts"] == {"ok": 4}
+    assert summary["files_skipped"] == 1 and next(iter(summary["files_skipped_reasons"])).startswith(SIDECAR)
+
+    run(load_config(data=job(ckpt_v1, tokenizer_v1, I2D / "parquet", tmp_path / "rows",
+                             input={"format": "parquet", "failed_downloads": "rows", "carry_columns": ["url"]},
+                             errors={"guard_images": 10})))
+    df = pd.read_parquet(tmp_path / "rows" / "data").set_index("key")
+    assert len(df) == 13 and Counter(df.status) == {"ok": 4, "download_error": 9}
+    failed = df[df.status == "download_error"]
+    assert set(failed.error_message) == {"failed_to_download: HTTP Error 404: File not found",
+                                         "failed_to_resize: Image decoding error"}
+    assert (failed.url == source.loc[failed.index, "url"]).all()
+
+
+def test_img2dataset_webdataset_and_files_outputs(ray_cluster, ckpt_v1, tokenizer_v1, tmp_path):
+    """The same downloads as img2dataset's tars (sidecar txt and json carried) and as its files
+    output (read as a folder, its .txt/.json/.parquet/_stats.json named as skipped, with why)."""
+    source = pq.read_table(I2D / "parquet" / "00000.parquet").to_pandas().set_index("key")
+    ok_keys = sorted(source.index[source.status == "success"])
+    carry = ["txt", "url", "original_width", "sha256", "absent"]
+    summary = run(load_config(data=job(ckpt_v1, tokenizer_v1, I2D / "webdataset", tmp_path / "wds",
+                                       input={"carry_columns": carry})))
+    table = pq.read_table(tmp_path / "wds" / "data" / "00000.parquet")
+    assert [table.schema.field(c).type for c in carry] == [pa.string(), pa.string(), pa.int64(), pa.string(),
+                                                           pa.string()]
+    df = table.to_pandas()
+    assert sorted(df.key) == ok_keys and set(df.status) == {"ok"}
+    assert list(df.txt) == [source.loc[k, "caption"] for k in df.key]
+    assert list(df.original_width) == [source.loc[k, "original_width"] for k in df.key]
+    assert list(df.url) == [source.loc[k, "url"] for k in df.key] and df.absent.isna().all()
+    assert summary["files_skipped"] == 2 and list(summary["files_skipped_reasons"].values()) == [2]
+
+    files = tmp_path / "files"
+    shutil.copytree(I2D / "files", files)
+    summary = run(load_config(data=job(ckpt_v1, tokenizer_v1, files, tmp_path / "files-out",
+                                       input={"format": "folder"})))
+    df = pd.read_parquet(tmp_path / "files-out" / "data")
+    assert sorted(k.split("/")[-1] for k in df.key) == ok_keys and set(df.status) == {"ok"}
+    assert summary["files_skipped"] == 10
+    assert [w.startswith(SIDECAR) for w in summary["files_skipped_reasons"]] == [True]
+
+
+def test_carry_and_download_settings_are_checked(tmp_path):
+    base = {"input": {"path": str(tmp_path)}, "output": {"path": str(tmp_path)}, "model": {"source": "x"}}
+
+    def cfg(**inp):
+        return load_config(data=dict(base, input=dict(base["input"], **inp)))
+
+    with pytest.raises(ConfigError, match="'width'.*output column"):
+        cfg(carry_columns=["url", "width"])
+    with pytest.raises(ConfigError, match="carry_columns needs input.format parquet or webdataset"):
+        cfg(format="folder", carry_columns=["txt"])
+    with pytest.raises(ConfigError, match="failed_downloads must be skip or rows"):
+        cfg(failed_downloads="drop")
+    assert cfg().input.image_column == "auto" and cfg().input.failed_downloads == "skip"
+
+
+def test_failed_downloads_never_count_toward_the_error_guard():
+    """The issue's numbers: 12 images and 18 dead URLs in the first 30 rows. Dead URLs are not
+    images: the guard judges the 12 (and still stops when those fail)."""
+    from pipeline.job import ErrorGuard
+
+    dead = [("download_error", "failed_to_download: HTTP Error 404: File not found")] * 18
+    guard = ErrorGuard(30, 0.5)
+    guard.add(30, dead)
+    assert guard.verdict() is None
+    guard = ErrorGuard(30, 0.5)
+    guard.add(30, dead + [("decode_error", "cannot identify image file")] * 7)
+    assert "7 of the first 12 images failed with decode_error" in guard.verdict()
