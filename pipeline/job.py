@@ -555,8 +555,8 @@ def run(cfg: JobConfig) -> dict[str, Any]:
     if plan.skipped_files:
         log.info("%d files under the input are not %s and were skipped (e.g. %s)", plan.skipped_files,
                  "images" if cfg.input.format == "folder" else "shards", ", ".join(plan.skipped_examples))
-        for why, n in plan.skipped_reasons.items():
-            log.info("  skipped: %d files: %s", n, why)
+        for why, skipped in plan.skipped_reasons.items():
+            log.info("  skipped %d files: %s (e.g. %s)", skipped["files"], why, ", ".join(skipped["examples"]))
     if not pending:
         log.info("run %s: all %d shards are already committed; nothing new to process", run_id, len(shards))
         return _finish(cfg, out_fs, out_root, dict(base, shards_processed=0, shards=[], images=0, rows=0,

@@ -6,7 +6,8 @@
 
 Counting never decodes an image: a WebDataset shard is counted from its img2dataset
 `<shard>_stats.json` sidecar ("successes") or else from its tar headers, a Parquet file from its
-footer, a folder from its listing. Inputs with more shards than `count_shards` are counted on an
+footer (img2dataset's Parquet, whose failed downloads are skipped: from its sidecar), a folder
+from its listing. Inputs with more shards than `count_shards` are counted on an
 evenly spaced sample of shards and extrapolated by file size, and say so.
 
 Throughput comes from a calibration run (`jobs.plan --calibrate K`) or from MEASURED, the table of
@@ -138,6 +139,11 @@ def _count_one(cfg: JobConfig, shard: Shard, files: set[str]) -> tuple[int | Non
     fs, path = filesystem(shard.uri, cfg.s3)
     try:
         if cfg.input.format == "parquet":
+            sidecar = path[: -len(".parquet")] + "_stats.json"  # img2dataset's: its failed downloads are
+            if cfg.input.failed_downloads == "skip" and sidecar in files:  # rows, but not images to do
+                n = retry(lambda: _sidecar_successes(fs, sidecar), f"reading {sidecar}", 30.0)
+                if n is not None:
+                    return n, "img2dataset sidecar", None
             n = retry(lambda: _parquet_rows(fs, path), f"reading the footer of {shard.uri}", 30.0)
             return n, "parquet footer", None
         if unsupported_tar(shard.uri):

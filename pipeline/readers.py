@@ -55,7 +55,8 @@ class InputPlan:
     root: str  # the input's location: the prefix, or the folder of a single input file
     skipped_files: int = 0  # files under the input that are neither shards nor images
     skipped_examples: list[str] = field(default_factory=list)
-    skipped_reasons: dict[str, int] = field(default_factory=dict)  # why -> files (see skip_reason)
+    # why -> {"files": count, "examples": the first few} (see skip_reason)
+    skipped_reasons: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-_")
@@ -178,12 +179,14 @@ def skip_reason(fmt: str, rel: str, taken: set[str], base: str) -> str:
     return SKIP_NOT_SHARD[fmt]
 
 
-def skip_reasons(cfg: InputConfig, skipped: list[str], taken: set[str], base: str) -> dict[str, int]:
-    """Skipped files counted by reason (`skip_reason`)."""
-    out: dict[str, int] = {}
+def skip_reasons(cfg: InputConfig, skipped: list[str], taken: set[str], base: str) -> dict[str, dict[str, Any]]:
+    """Skipped files by reason (`skip_reason`): how many, and the first 3 names."""
+    out: dict[str, dict[str, Any]] = {}
     for rel in skipped:
-        why = skip_reason(cfg.format, rel, taken, base)
-        out[why] = out.get(why, 0) + 1
+        entry = out.setdefault(skip_reason(cfg.format, rel, taken, base), {"files": 0, "examples": []})
+        entry["files"] += 1
+        if len(entry["examples"]) < 3:
+            entry["examples"].append(rel)
     return out
 
 

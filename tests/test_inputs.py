@@ -67,7 +67,9 @@ def test_compressed_shards_are_listed_with_distinct_ids_and_every_other_file_is_
                    "plain-000000.tar.gz": "plain-000000.tar.gz", "more.tgz": "more.tgz",
                    "old.tar.zst": "old.tar.zst", "fake": "fake.tar"}
     assert plan.skipped_files == 2
-    assert {why.split(" (")[0]: n for why, n in plan.skipped_reasons.items()} == {SIDECAR: 1, "not a tar shard": 1}
+    assert {why.split(" (")[0]: n for why, n in plan.skipped_reasons.items()} == {
+        SIDECAR: {"files": 1, "examples": ["plain-000000_stats.json"]},
+        "not a tar shard": {"files": 1, "examples": ["README.md"]}}
     by_id = {s.shard_id: s for s in plan.shards}
     cfg = InputConfig(path=str(inp))
     # a shard of an unknown kind, or not a tar at all: one read_error row naming why, never silence
@@ -92,18 +94,24 @@ def test_the_job_reads_webdatasets_own_shards_as_webdataset_reads_them(ray_clust
     write_webdataset_shards(inp)
     (inp / "old.tar.zst").write_bytes(b"(zstd bytes)")
     (inp / "notes.txt").write_text("not a shard")
-    summary = run(load_config(data=job(ckpt_v1, tokenizer_v1, inp, tmp_path / "out")))
+    summary = run(load_config(data=job(ckpt_v1, tokenizer_v1, inp, tmp_path / "out",
+                                       input={"carry_columns": ["txt", "n"]})))
     df = pd.read_parquet(tmp_path / "out" / "data")
     expected = {(name, key) for name in ("plain-000000.tar", "plain-000001.tar", "plain-000000.tar.gz",
                                          "more.tgz") for key in webdataset_keys(inp / name)}
     ok = df[df.status == "ok"]
     assert {(Path(u).name, k) for u, k in zip(ok.source_uri, ok.key)} == expected and len(ok) == len(expected) == 10
+    # the sidecars came along: the .txt as written (under the writer's dotted key), the .json's "n"
+    assert all(t.startswith(f"caption {k}") for t, k in zip(ok.txt, ok.key))
+    assert sorted(ok.n) == [0, 1, 2, 3, 4, 10, 11, 12, 20, 21]
+    for f in (tmp_path / "out" / "data").iterdir():  # one type in every shard's file, nulls in the zst's
+        assert pq.read_schema(f).field("n").type == pa.int64() and pq.read_schema(f).field("txt").type == pa.string()
     bad = df[df.status != "ok"]
-    assert list(bad.key) == [SHARD_KEY] and ".tar.zst" in bad.error_message.iloc[0]
+    assert list(bad.key) == [SHARD_KEY] and ".tar.zst" in bad.error_message.iloc[0] and bad.txt.isna().all()
     assert summary["shards_processed"] == 5
     assert summary["files_skipped"] == 1 and summary["files_skipped_examples"] == ["notes.txt"]
-    assert list(summary["files_skipped_reasons"].values()) == [1]
-    assert next(iter(summary["files_skipped_reasons"])).startswith("not a tar shard")
+    ((why, skipped),) = summary["files_skipped_reasons"].items()
+    assert why.startswith("not a tar shard") and skipped == {"files": 1, "examples": ["notes.txt"]}
 
 
 def test_img2dataset_parquet_as_it_is(ray_cluster, ckpt_v1, tokenizer_v1, tmp_path):
@@ -127,6 +135,10 @@ def test_img2dataset_parquet_as_it_is(ray_cluster, ckpt_v1, tokenizer_v1, tmp_pa
         assert list(df[c]) == [source.loc[k, c] for k in df.key], c
     assert summary["failed_downloads_skipped"] == 9 and summary["status_counts"] == {"ok": 4}
     assert summary["files_skipped"] == 1 and next(iter(summary["files_skipped_reasons"])).startswith(SIDECAR)
+    # the plan counts the images to do from img2dataset's sidecar: 4, not its 13 rows
+    cfg = load_config(data=job(ckpt_v1, tokenizer_v1, I2D / "parquet", tmp_path / "x", input={"format": "parquet"}))
+    shards = plan_input(cfg.input, cfg.s3).shards
+    assert count_images(cfg, shards)["images"] == 4
 
     run(load_config(data=job(ckpt_v1, tokenizer_v1, I2D / "parquet", tmp_path / "rows",
                              input={"format": "parquet", "failed_downloads": "rows", "carry_columns": ["url"]},
@@ -155,7 +167,7 @@ def test_img2dataset_webdataset_and_files_outputs(ray_cluster, ckpt_v1, tokenize
     assert list(df.txt) == [source.loc[k, "caption"] for k in df.key]
     assert list(df.original_width) == [source.loc[k, "original_width"] for k in df.key]
     assert list(df.url) == [source.loc[k, "url"] for k in df.key] and df.absent.isna().all()
-    assert summary["files_skipped"] == 2 and list(summary["files_skipped_reasons"].values()) == [2]
+    assert summary["files_skipped"] == 2 and [r["files"] for r in summary["files_skipped_reasons"].values()] == [2]
 
     files = tmp_path / "files"
     shutil.copytree(I2D / "files", files)
