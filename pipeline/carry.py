@@ -5,7 +5,7 @@ Parquet input carries the named source columns; webdataset input carries `txt` (
 `original_width`, `sha256`, ...). Each becomes a column of data/<shard>.parquet, after the
 standard ones, with one type for every shard of the run, fixed on the driver before any work:
 a Parquet column keeps its type in the first readable file; a webdataset field takes the type of
-its first non-null value in the first shard's first samples (string for `txt`, text, null and
+its first non-null value in the first shard's first samples (or the next shards', up to 3) (string for `txt`, text, null and
 nested values, which are written as JSON; int64, float64 or bool for JSON numbers and booleans).
 A value that does not fit its column's type in a later shard is null there. A field a sample
 lacks is null. Error rows (a broken shard's `__shard__` row) carry nothing.
@@ -100,8 +100,11 @@ def carry_schema(cfg: InputConfig, s3: S3Config, shards: list[Any]) -> Any:
                               for c in cfg.carry_columns])
         return pa.schema([pa.field(c, pa.string()) for c in cfg.carry_columns])
     first: dict[str, Any] = {}
-    if shards:
-        first = _peek_tar(cfg, s3, shards[0])
+    for shard in shards[:3]:  # the first shard, or the next ones if it leaves fields untyped
+        for k, v in _peek_tar(cfg, s3, shard).items():
+            first.setdefault(k, v)
+        if len(first) == len(cfg.carry_columns):
+            break
     return pa.schema([pa.field(c, _json_type(first.get(c))) for c in cfg.carry_columns])
 
 
