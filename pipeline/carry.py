@@ -29,11 +29,11 @@ PEEK_SAMPLES = 50  # webdataset: the first shard's samples that type the carried
 
 def carry_problem(inp: InputConfig) -> str | None:
     """A one-line config error for `input.carry_columns`, or None."""
-    from .ledger import SCHEMA
-
     cols = inp.carry_columns
     if not cols:
         return None
+    from .ledger import SCHEMA  # pyarrow: only when there is something to check
+
     if inp.format == "folder":
         return "input.carry_columns needs input.format parquet or webdataset (folder input has no source columns)"
     clash = [c for c in cols if c in SCHEMA.names]
