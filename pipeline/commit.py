@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from .claims import Claiming
 from .config import JobConfig
-from .errors import RunStopped, describe, redact, root_cause
+from .errors import DOWNLOAD_ERROR, RunStopped, describe, redact, root_cause
 from .faults import kill_after_commits, kill_driver
 from .ledger import Ledger
 from .progress import Progress
@@ -93,9 +93,13 @@ class ErrorGuard:
         self.example: dict[tuple[str, str], str] = {}
 
     def add(self, images: int, failures: list[tuple[str, str]]) -> None:
-        """`images` more images, of which `failures` (status, message) failed."""
+        """`images` more images, of which `failures` (status, message) failed. img2dataset's
+        failed downloads are not images: they count neither way."""
         self.seen += images
         for status, msg in failures:
+            if status == DOWNLOAD_ERROR:
+                self.seen -= 1
+                continue
             kind = (status, msg.split(":", 1)[0][:80])
             self.kinds[kind] += 1
             self.example.setdefault(kind, msg)
@@ -128,6 +132,7 @@ class Commits:
     committed: list[str] = dataclasses.field(default_factory=list)
     failed: dict[str, str] = dataclasses.field(default_factory=dict)  # shard -> why it was left
     first_commit: tuple[float, int] | None = None  # (seconds after t0, images committed by then)
+    failed_downloads_skipped: int = 0  # img2dataset's failed downloads left out (input.failed_downloads: skip)
 
 
 class Committer:
@@ -137,11 +142,13 @@ class Committer:
     failures are left uncommitted; commits wait until the error guard has judged the first images."""
 
     def __init__(self, cfg: JobConfig, ledger: Ledger, claiming: Claiming, run_id: str, t0: float,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, carry: Any = None) -> None:
+        """`carry`: the carried columns' schema (`readers.carried_schema`), for the merge."""
         import ray
 
         from .sink import merge_parts
 
+        self.merge_options = {"carry": carry, "skip_failed_downloads": cfg.input.failed_downloads == "skip"}
         self.cfg, self.ledger, self.claiming, self.run_id, self.progress = cfg, ledger, claiming, run_id, progress
         self.commits = Commits(t0)
         self.merge = ray.remote(num_cpus=0, max_retries=3)(merge_parts)
@@ -208,7 +215,8 @@ class Committer:
 
         c, sid, out = self.commits, sp.shard_id, self.cfg.output.path
         try:
-            rec = ray.get(self.merge.remote(out, self.cfg.s3, self.cfg.retry, sid, source, sp.parts, self.run_id))
+            rec = ray.get(self.merge.remote(out, self.cfg.s3, self.cfg.retry, sid, source, sp.parts, self.run_id,
+                                            **self.merge_options))
             self.ledger.mark(rec)
         except Exception as e:  # noqa: BLE001 - the store is down or full: stop with one line
             e = root_cause(e)  # a Ray task's error: the exception it raised
@@ -225,6 +233,7 @@ class Committer:
             c.images += rec["images"]
             c.prompt_tokens += rec["prompt_tokens"]
             c.output_tokens += rec["output_tokens"]
+            c.failed_downloads_skipped += rec.get("failed_downloads_skipped", 0)
             c.committed.append(sid)
             if c.first_commit is None:
                 c.first_commit = (time.perf_counter() - c.t0, c.images)

@@ -37,7 +37,8 @@ class S3Config:
 class InputConfig:
     path: str = ""  # a prefix (folder) or one file; local or s3://
     format: str = "webdataset"  # webdataset | parquet | folder
-    image_column: str | None = "image"  # parquet: image bytes column
+    # parquet: image bytes column; auto: `image`, or img2dataset's (jpg/png/webp) in its Parquet
+    image_column: str | None = "auto"
     uri_column: str | None = None  # parquet: image path/URI column (used when set)
     key_column: str | None = None  # parquet: row key column (default: file stem + row number)
     questions_column: str | None = None  # parquet/webdataset json: per-row VQA question(s)
@@ -50,6 +51,12 @@ class InputConfig:
     # uri_column values must lie under the input's own location or one of these prefixes
     # (local folders or s3://bucket/prefix); anything else is refused with a read_error row
     allowed_uri_prefixes: list[str] = field(default_factory=list)
+    # img2dataset Parquet rows whose status is not `success` (dead URLs): skip (counted in the
+    # summary) or rows (status download_error with img2dataset's error_message)
+    failed_downloads: str = "skip"
+    # source columns (parquet) or sidecar fields (webdataset: txt, keys of the .json) copied into
+    # every output row as extra columns (pipeline.carry)
+    carry_columns: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -178,6 +185,9 @@ class JobConfig:
             raise ConfigError("input.path is required")
         if self.input.format not in ("webdataset", "parquet", "folder"):
             raise ConfigError(f"input.format must be webdataset, parquet or folder, got {self.input.format!r}")
+        if self.input.failed_downloads not in ("skip", "rows"):
+            raise ConfigError(f"input.failed_downloads must be skip or rows, got {self.input.failed_downloads!r}")
+        _check_carry_columns(self.input)
         if self.mode not in ("batch", "enrich"):
             raise ConfigError(f"mode must be batch or enrich, got {self.mode!r}")
         if self.mode == "enrich" and self.input.format == "folder":
@@ -257,6 +267,24 @@ class JobConfig:
 
 DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16",
                "float16": "fp16"}
+def _check_carry_columns(inp: InputConfig) -> None:
+    """`input.carry_columns`: only where the input has source columns, never an output column's name."""
+    cols = inp.carry_columns
+    if not cols:
+        return
+    from .rows import SCHEMA  # pyarrow: only when there is something to check
+
+    if inp.format == "folder":
+        raise ConfigError("input.carry_columns needs input.format parquet or webdataset (folder input has no "
+                          "source columns)")
+    clash = [c for c in cols if c in SCHEMA.names]
+    if clash:
+        raise ConfigError(f"input.carry_columns: {', '.join(map(repr, clash))} would replace the output column(s) "
+                          f"of that name; carry other columns (e.g. original_width, not width)")
+    if len(set(cols)) != len(cols):
+        raise ConfigError("input.carry_columns names a column twice")
+
+
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 

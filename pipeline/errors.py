@@ -31,9 +31,10 @@ GENERATION_ERROR = "generation_error"
 NO_QUESTIONS = "no_questions"
 WORKER_DIED = "worker_died"  # the image killed its worker process again and again
 TRANSIENT = "transient_error"  # internal: retries ran out; the shard is not committed
+DOWNLOAD_ERROR = "download_error"  # img2dataset could not download the URL (its error_message says why)
 
 FINAL_STATUSES = (OK, DECODE_ERROR, IMAGE_TOO_LARGE, READ_ERROR, PROMPT_TOO_LONG, GENERATION_ERROR,
-                  NO_QUESTIONS, WORKER_DIED)
+                  NO_QUESTIONS, WORKER_DIED, DOWNLOAD_ERROR)
 
 # --- classification -----------------------------------------------------------------------------
 _TRANSIENT_CODES = {

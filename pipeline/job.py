@@ -29,7 +29,7 @@ from .fit import check_fit
 from .listing import Shard
 from .preflight import Prepared, actor_wait_s, prepare, start_ray
 from .progress import Progress
-from .readers import read_block_bytes, shard_blocks_fn
+from .readers import carried_schema, read_block_bytes, shard_blocks_fn
 from .record import nothing_to_do, summarize, write_record
 from .rows import TOTAL_UNKNOWN
 from .sink import PartSink, delete_late_parts, delete_parts, sweep_parts
@@ -54,17 +54,20 @@ def run(cfg: JobConfig) -> dict[str, Any]:
     if listing.skipped_files:
         log.info("%d files under the input are not %s and were skipped (e.g. %s)", listing.skipped_files,
                  "images" if cfg.input.format == "folder" else "shards", ", ".join(listing.skipped_examples))
+        for why, skipped in listing.skipped_reasons.items():
+            log.info("  skipped %d files: %s (e.g. %s)", skipped["files"], why, ", ".join(skipped["examples"]))
     if cfg.model.gpu_memory_gb is not None:  # before Ray: the GPU's size is configured
         check_fit(cfg, prepared.mcfg)
     plan.log_one_line(prepared)
     start_ray(prepared)
 
     claiming = Claiming(cfg, prepared.run_id)
-    sink = PartSink(cfg.output.path, cfg.s3, cfg.retry, prepared.run_id, cogvlm.__version__)
+    carried = carried_schema(cfg.input, cfg.s3, pending)
+    sink = PartSink(cfg.output.path, cfg.s3, cfg.retry, prepared.run_id, cogvlm.__version__, carry=carried)
     sweep_parts(prepared.out_fs, prepared.layout.root, prepared.done, cfg.retry)
     crash_ledger = on_driver_node(CrashLedger)
     progress = Progress(prepared.out_fs, prepared.layout.root, prepared.run_id, shards=len(pending))
-    committer = Committer(cfg, prepared.ledger(), claiming, prepared.run_id, t0, progress)
+    committer = Committer(cfg, prepared.ledger(), claiming, prepared.run_id, t0, progress, carried)
     final = "failed"
     try:
         with _ticking(progress, cfg.progress_interval_s):

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from . import img2dataset
 from .config import InputConfig, JobConfig, S3Config
 from .errors import METADATA_DEADLINE_S, InputError, describe, retry
 from .storage import filesystem, list_files, to_uri
@@ -27,6 +28,18 @@ IMAGE_EXTENSIONS = frozenset(
     "jpg jpeg jpe jfif png apng webp bmp dib gif tif tiff ico cur icns tga pcx ppm pgm pbm pnm pfm "
     "qoi psd jp2 j2k jpx jpf j2c jpc avif avifs sgi rgb rgba bw dds xbm xpm mpo blp ras im msp "
     "svg svgz heic heif jxl dng cr2 cr3 nef arw orf rw2 raf".split())
+
+# webdataset shards: tars as webdataset's TarWriter/ShardWriter writes them (plain, gzip, bz2, xz)
+# and its reader reads them (tarfile's "r|*"). A plain tar's shard id drops ".tar"; the others keep
+# their whole name, so `a.tar` and `a.tar.gz` never share an id.
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+# tars compressed in a way neither webdataset nor this reader reads: each is a shard whose one row
+# is a read_error naming the kind, never silently passed over
+OTHER_TAR_SUFFIXES = (".tar.zst", ".tar.zstd", ".tzst", ".tar.lz4", ".tar.lzma", ".tar.lz", ".tar.lzo",
+                      ".tar.br", ".tar.sz", ".tar.z", ".tar.7z")
+SKIP_NOT_SHARD = {"webdataset": "not a tar shard (.tar, .tar.gz, .tgz, .tar.bz2, .tar.xz)",
+                  "parquet": "not a .parquet file", "folder": "not an image (by its extension)"}
+SKIP_SIDECAR = "img2dataset metadata (a shard's .parquet or _stats.json, an image's .txt or .json)"
 
 EXACT, ESTIMATED = "exact", "estimated"
 COUNT_SHARDS = 200  # most shards opened to count images; the rest are extrapolated by size
@@ -48,6 +61,8 @@ class InputListing:
     root: str  # the input's location: the prefix, or the folder of a single input file
     skipped_files: int = 0  # files under the input that are neither shards nor images
     skipped_examples: list[str] = field(default_factory=list)
+    # why -> {"files": count, "examples": the first few} (see skip_reason)
+    skipped_reasons: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-_")
@@ -86,14 +101,64 @@ def is_image_name(name: str) -> bool:
 
 
 def sample_key(member_name: str) -> tuple[str, str] | None:
-    """A webdataset tar member's (sample key, extension), or None for a member that belongs to no
-    sample (no extension, or a hidden file): the key is the path up to the first dot of the file
-    name, so `dir/a.b.jpg` is sample `dir/a` with extension `b.jpg`."""
+    """A webdataset tar member's (sample key, kind), or None for a member that belongs to no sample
+    (no extension, or a hidden file). As webdataset's `base_plus_ext`: the key is the path up to the
+    first dot of the file name, and the field's kind is its last extension, so `dir/a.b.jpg` is a
+    jpg of sample `dir/a`."""
     base = posixpath.basename(member_name)
     if "." not in base or base.startswith("."):
         return None
     stem, ext = base.split(".", 1)
-    return posixpath.join(posixpath.dirname(member_name), stem), ext.lower()
+    return posixpath.join(posixpath.dirname(member_name), stem), ext.rsplit(".", 1)[-1].lower()
+
+
+def tar_kind(name: str) -> str | None:
+    """The webdataset shard suffix of a file name (TAR_SUFFIXES or OTHER_TAR_SUFFIXES, matched
+    without regard to case), or None: not a tar shard."""
+    low = posixpath.basename(name).lower()
+    return next((s for s in TAR_SUFFIXES + OTHER_TAR_SUFFIXES if low.endswith(s)), None)
+
+
+def is_tar_shard(name: str) -> bool:
+    """A plain `.tar` (as before) or any compressed tar kind: each is a shard, read or reported."""
+    return name.endswith(".tar") or tar_kind(name) is not None
+
+
+def unsupported_tar(uri: str) -> str | None:
+    """Why a webdataset shard cannot be read at all (its compression), or None."""
+    kind = tar_kind(uri)
+    if kind in OTHER_TAR_SUFFIXES:
+        return (f"unsupported shard kind {kind}: webdataset shards are read as .tar, .tar.gz/.tgz, "
+                f".tar.bz2/.tbz2 or .tar.xz/.txz; recompress it as one of those")
+    return None
+
+
+def skip_reason(fmt: str, rel: str, taken: set[str], base: str) -> str:
+    """Why the job does not read the file `rel` (relative to the input's location): img2dataset's
+    own metadata (a shard's `_stats.json` or `.parquet` listing beside a webdataset or files
+    shard, an image's `.txt`/`.json` in files output), or not being the input's kind."""
+    stem, ext = posixpath.splitext(rel)
+    if stem.endswith("_stats") and ext == ".json":
+        return SKIP_SIDECAR
+    if fmt == "webdataset" and ext == ".parquet" and any(
+            posixpath.join(base, stem + s) in taken for s in TAR_SUFFIXES):
+        return SKIP_SIDECAR
+    if fmt == "folder" and ext in (".txt", ".json", ".parquet"):
+        return SKIP_SIDECAR if ext == ".parquet" or any(
+            posixpath.join(base, f"{stem}.{e}") in taken for e in ("jpg", "png", "webp", "jpeg")
+        ) else SKIP_NOT_SHARD[fmt]
+    return SKIP_NOT_SHARD[fmt]
+
+
+def skip_reasons(cfg: InputConfig, skipped: list[str], taken: set[str], base: str) -> dict[str, dict[str, Any]]:
+    """Skipped files by reason (`skip_reason`): how many, and the first 3 names."""
+    out: dict[str, dict[str, Any]] = {}
+    for rel in skipped:
+        entry = out.setdefault(skip_reason(cfg.format, rel, taken, base), {"files": 0, "examples": []})
+        entry["files"] += 1
+        if len(entry["examples"]) < 3:
+            entry["examples"].append(rel)
+    return out
 
 
 def input_root(path: str, s3: S3Config) -> str:
@@ -125,7 +190,8 @@ def list_input(cfg: InputConfig, s3: S3Config) -> InputListing:
     base = _location(root, is_file)
     if cfg.format in ("webdataset", "parquet"):
         suffix = ".tar" if cfg.format == "webdataset" else ".parquet"
-        chosen = [f for f in files if f.endswith(suffix)]
+        shard_file = is_tar_shard if cfg.format == "webdataset" else (lambda f: f.endswith(suffix))
+        chosen = [f for f in files if shard_file(f)]
         shards = [Shard(shard_id(_relative(base, f, suffix)), to_uri(fs, f)) for f in chosen]
     else:
         chosen = [f for f in files if is_image_name(f)]
@@ -142,7 +208,8 @@ def list_input(cfg: InputConfig, s3: S3Config) -> InputListing:
         seen[s.shard_id] = s.uri
     taken = set(chosen)
     skipped = [posixpath.relpath(f, base) for f in files if f not in taken]
-    return InputListing(shards, to_uri(fs, base), len(skipped), skipped[:5])
+    return InputListing(shards, to_uri(fs, base), len(skipped), skipped[:5],
+                        skip_reasons(cfg, skipped, taken, base))
 
 
 def check_parquet_columns(cfg: InputConfig, s3: S3Config, shards: list[Shard], tries: int = 3) -> None:
@@ -171,6 +238,10 @@ def _parquet_columns(fs: Any, path: str) -> list[str]:
 
 def missing_columns(cfg: InputConfig, cols: list[str]) -> str | None:
     """What the configured columns lack in a Parquet file with columns `cols`, or None."""
+    cfg = img2dataset.resolve(cfg, cols)
+    for col in cfg.carry_columns if cfg.format == "parquet" else ():
+        if col not in cols:
+            return f"no column {col!r} (input.carry_columns); columns: {cols}"
     for name, col in (("input.uri_column", cfg.uri_column), ("input.key_column", cfg.key_column),
                       ("input.questions_column", cfg.questions_column)):
         if col and col not in cols:
@@ -214,10 +285,17 @@ def _count_one(cfg: JobConfig, shard: Shard, files: set[str]) -> tuple[int | Non
     fs, path = filesystem(shard.uri, cfg.s3)
     try:
         if cfg.input.format == "parquet":
+            sidecar = path[: -len(".parquet")] + "_stats.json"  # img2dataset's: its failed downloads are
+            if cfg.input.failed_downloads == "skip" and sidecar in files:  # rows, but not images to do
+                n = retry(lambda: _sidecar_successes(fs, sidecar), f"reading {sidecar}", METADATA_DEADLINE_S)
+                if n is not None:
+                    return n, "img2dataset sidecar", None
             n = retry(lambda: _parquet_num_rows(fs, path), f"reading the footer of {shard.uri}",
                       METADATA_DEADLINE_S)
             return n, "parquet footer", None
-        sidecar = path[: -len(".tar")] + "_stats.json"
+        if unsupported_tar(shard.uri):
+            return None, "unreadable", unsupported_tar(shard.uri)
+        sidecar = path[: -len(tar_kind(path) or ".tar")] + "_stats.json"  # a.tar.gz -> a_stats.json
         if sidecar in files:
             n = retry(lambda: _sidecar_successes(fs, sidecar), f"reading {sidecar}", METADATA_DEADLINE_S)
             if n is not None:

@@ -1,13 +1,14 @@
 """A job's plan before it runs: how much work is left, what a replica needs, what it will cost.
 
-    make_plan(cfg) -> dict     counts, ledger, prompts and tokens, memory and fit, throughput, estimate
-    render(plan) -> str        the same as text, each number with its basis
-    one_line(plan) -> str      one line for the job's start-up log
+    make_plan(prepared) -> dict  counts, ledger, prompts and tokens, memory and fit, throughput, estimate
+    render(plan) -> str          the same as text, each number with its basis
+    one_line(plan) -> str        one line for the job's start-up log
 
 Counting never decodes an image: a WebDataset shard is counted from its img2dataset
 `<shard>_stats.json` sidecar ("successes") or else from its tar headers, a Parquet file from its
-footer, a folder from its listing. Inputs with more shards than `count_shards` are counted on an
-evenly spaced sample of shards and extrapolated by file size, and say so.
+footer (img2dataset's Parquet, whose failed downloads are skipped: from its sidecar), a folder
+from its listing (`pipeline.listing.count_images`). Inputs with more shards than `count_shards`
+are counted on an evenly spaced sample of shards and extrapolated by file size, and say so.
 
 Throughput comes from a calibration run (`jobs.plan --calibrate K`) or from MEASURED, the table of
 rates measured in docs/performance.md; where neither applies the GPU-hours, wall time and cost are

@@ -10,9 +10,10 @@ import posixpath
 import tarfile
 from typing import Any, Callable, Iterator
 
+from . import carry, img2dataset
 from .config import InputConfig, RetryConfig, S3Config
 from .errors import IMAGE_TOO_LARGE, READ_ERROR, TRANSIENT, TransientError, describe, is_transient, retry
-from .listing import IMAGE_EXTENSIONS, Shard, missing_columns, sample_key
+from .listing import IMAGE_EXTENSIONS, Shard, missing_columns, sample_key, unsupported_tar
 from .rows import SHARD_KEY, TOTAL_UNKNOWN, questions_json
 from .storage import filesystem
 
@@ -62,13 +63,17 @@ def iter_shard(shard: Shard, cfg: InputConfig, s3: S3Config, policy: RetryConfig
     """
     policy = policy or RetryConfig()
     budget = max(1, int(block_bytes)) if block_bytes is not None else read_block_bytes(cfg)
-    if cfg.format == "webdataset":
+    if cfg.format == "webdataset" and unsupported_tar(shard.uri):
+        rows = iter([_row(SHARD_KEY, error=unsupported_tar(shard.uri))])
+    elif cfg.format == "webdataset":
         rows = _resumable(shard, lambda skip: _tar_samples(shard, cfg, s3, skip, budget), policy, _tar_broken)
     elif cfg.format == "parquet":
         rows = _resumable(shard, lambda skip: _parquet_rows(shard, cfg, s3, skip, budget), policy,
                           _parquet_broken)
     else:
         rows = _folder_rows(shard)
+    if cfg.carry_columns:
+        rows = carry.with_passthrough(rows)
     return _blocks(shard, rows, budget)
 
 
@@ -213,23 +218,34 @@ def _add_member(tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str, sample:
         else:
             data = tar.extractfile(member)
             sample["image"] = data.read() if data is not None else None
-    elif ext == "json" and cfg.questions_column:
+    elif ext == "json" and (cfg.questions_column or cfg.carry_columns):
         data = tar.extractfile(member)
         try:
             meta = json.loads(data.read()) if data is not None else {}
-            sample["questions"] = questions_json(meta.get(cfg.questions_column))
+            carry.add_sidecar(sample, "json", meta, cfg)
+            if cfg.questions_column:
+                sample["questions"] = questions_json(meta.get(cfg.questions_column))
         except (ValueError, AttributeError) as e:
             sample["error"] = (f"bad json sidecar: {describe(e)}", READ_ERROR)
+    elif ext == carry.TXT and carry.TXT in cfg.carry_columns:
+        data = tar.extractfile(member)
+        text = data.read().decode("utf-8", "replace") if data is not None else None
+        carry.add_sidecar(sample, carry.TXT, text, cfg)
 
 
 def _sample_row(key: str, s: dict[str, Any]) -> Row:
     err, status = s.get("error", (None, None))
     if "image" not in s and err is None:
         err = "sample has no image file"
-    return _row(key, s.get("image"), questions=s.get("questions"), error=err, status=status)
+    row = _row(key, s.get("image"), questions=s.get("questions"), error=err, status=status)
+    if s.get("carry"):
+        row["carry"] = s["carry"]
+    return row
 
 
 def _tar_broken(e: BaseException, done: int) -> str | None:
+    if done == 0 and isinstance(e, tarfile.ReadError):  # e.g. a file named .tar that is not one
+        return f"not a tar archive (or not compressed as its name says): {describe(e)}"
     if _is_corrupt_tar(e):  # a truncated/corrupt tar keeps what was read
         return f"shard read failed after {done} samples: {describe(e)}"
     if isinstance(e, _GONE):
@@ -258,10 +274,13 @@ def _parquet_rows(shard: Shard, cfg: InputConfig, s3: S3Config, skip: int, budge
     fs, path = filesystem(shard.uri, s3)
     with _open(fs, path, budget) as f:
         pf = pq.ParquetFile(f, buffer_size=min(budget, 4 * MB), pre_buffer=False)
-        problem = missing_columns(cfg, list(pf.schema_arrow.names))
+        names = list(pf.schema_arrow.names)
+        problem = missing_columns(cfg, names)
         if problem is not None:
             yield _row(SHARD_KEY, error=problem)
             return
+        cfg = img2dataset.resolve(cfg, names)  # input.image_column auto: this file's image column
+        extra = img2dataset.status_columns(names) + carry.parquet_columns(cfg, names)
         meta = pf.metadata
         groups, first = list(range(meta.num_row_groups)), 0
         while groups and first + meta.row_group(groups[0]).num_rows <= skip:
@@ -272,12 +291,21 @@ def _parquet_rows(shard: Shard, cfg: InputConfig, s3: S3Config, skip: int, budge
         stem = posixpath.basename(shard.uri).rsplit(".", 1)[0]
         i = first
         for batch in pf.iter_batches(batch_size=max(1, int(budget // (4 * max(avg, 1.0)))), row_groups=groups,
-                                     columns=list(dict.fromkeys(columns))):
+                                     columns=list(dict.fromkeys(columns + extra))):
             data = batch.to_pydict()
             for j in range(batch.num_rows):
                 if i >= skip:
-                    yield _parquet_row(cfg, data, j, f"{stem}-{i:06d}")
+                    yield _parquet_extras(cfg, data, j, _parquet_row(cfg, data, j, f"{stem}-{i:06d}"))
                 i += 1
+
+
+def _parquet_extras(cfg: InputConfig, data: dict[str, list[Any]], j: int, row: Row) -> Row:
+    """The row with img2dataset's download status (`img2dataset.download_row`) and the carried
+    columns (`input.carry_columns`) of record `j`."""
+    row = img2dataset.download_row(row, data, j)
+    if cfg.carry_columns:
+        row["carry"] = carry.from_record(data, j, [c for c in cfg.carry_columns if c in data])
+    return row
 
 
 def _parquet_row(cfg: InputConfig, data: dict[str, list[Any]], j: int, default_key: str) -> Row:
@@ -314,3 +342,55 @@ def _folder_rows(shard: Shard) -> Iterator[Row]:
     for uri in shard.files:
         rel = uri[len(root) + 1:] if uri.startswith(root + "/") else posixpath.basename(uri)
         yield _row(rel.rsplit(".", 1)[0], uri=uri)
+
+
+PEEK_SAMPLES = 50  # webdataset: the first shard's samples that type the carried fields
+
+
+# --- the carried columns' types, read on the driver (pipeline.carry) ---------------------------------
+
+def carried_schema(cfg: InputConfig, s3: S3Config, shards: list[Shard]) -> Any:
+    """The carried columns' `pa.Schema` (`input.carry_columns`, pipeline.carry; None without
+    them), read on the driver from the first shard(s), so that every shard's file has one type
+    per column."""
+    import pyarrow as pa
+
+    if not cfg.carry_columns:
+        return None
+    if cfg.format == "parquet":
+        import pyarrow.parquet as pq
+
+        for shard in shards[:3]:
+            fs, path = filesystem(shard.uri, s3)
+            try:
+                with fs.open(path, "rb") as f:
+                    schema = pq.ParquetFile(f).schema_arrow
+            except Exception:  # noqa: BLE001 - unreadable: the reader reports it as an error row
+                continue
+            return pa.schema([schema.field(c) if c in schema.names else pa.field(c, pa.string())
+                              for c in cfg.carry_columns])
+        return pa.schema([pa.field(c, pa.string()) for c in cfg.carry_columns])
+    first: dict[str, Any] = {}
+    for shard in shards[:3]:  # the first shard, or the next ones if it leaves fields untyped
+        for k, v in _peek_tar(cfg, s3, shard).items():
+            first.setdefault(k, v)
+        if len(first) == len(cfg.carry_columns):
+            break
+    return pa.schema([pa.field(c, carry.json_type(first.get(c))) for c in cfg.carry_columns])
+
+
+def _peek_tar(cfg: InputConfig, s3: S3Config, shard: Any) -> dict[str, Any]:
+    """Each carried field's first non-null value among the shard's first PEEK_SAMPLES samples."""
+    found: dict[str, Any] = {}
+    if unsupported_tar(shard.uri):
+        return found
+    try:
+        for n, row in enumerate(_tar_samples(shard, cfg, s3, 0, 1 << 20)):
+            for k, v in (row.get("carry") or {}).items():
+                if v is not None:
+                    found.setdefault(k, v)
+            if n + 1 >= PEEK_SAMPLES or len(found) == len(cfg.carry_columns):
+                break
+    except Exception:  # noqa: BLE001 - an unreadable first shard: its fields are typed string
+        pass
+    return found

@@ -26,7 +26,8 @@ def base_summary(prepared: Prepared) -> dict[str, Any]:
     listing = prepared.listing
     return {"run_id": prepared.run_id, "mode": prepared.cfg.mode, "project_version": cogvlm.__version__,
             "shards_total": len(listing.shards), "shards_skipped": len(listing.shards) - len(prepared.pending),
-            "files_skipped": listing.skipped_files, "files_skipped_examples": listing.skipped_examples}
+            "files_skipped": listing.skipped_files, "files_skipped_examples": listing.skipped_examples,
+            "files_skipped_reasons": listing.skipped_reasons}
 
 
 def nothing_to_do(prepared: Prepared, t0: float) -> dict[str, Any]:
@@ -45,7 +46,8 @@ def summarize(prepared: Prepared, commits: Commits, crash_stats: dict[str, Any],
         base_summary(prepared), shards_claimed_elsewhere=elsewhere,
         shards_processed=len(c.committed), shards=sorted(c.committed),
         shards_failed=sorted(c.failed), images=c.images, rows=sum(c.counts.values()),
-        status_counts=dict(c.counts), prompt_tokens=c.prompt_tokens, output_tokens=c.output_tokens,
+        status_counts=dict(c.counts), failed_downloads_skipped=c.failed_downloads_skipped,
+        prompt_tokens=c.prompt_tokens, output_tokens=c.output_tokens,
         batches_retried_after_worker_death=crash_stats.get("retried_batches", 0),
         engine=engine_summary(crash_stats),
         wall_s=round(wall, 3), images_per_s=round(c.images / wall, 4) if wall else None,

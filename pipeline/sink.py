@@ -27,11 +27,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import errors as st
+from .carry import add_columns, output_schema
 from .config import RetryConfig, S3Config
 from .errors import describe, retry
 from .faults import maybe_die_after_write
 from .layout import OutputLayout
-from .rows import SCHEMA, to_table
+from .rows import to_table
 from .storage import filesystem, join, write_bytes_atomic
 
 log = logging.getLogger("pipeline")
@@ -46,6 +47,7 @@ class PartSink:
     retry: RetryConfig
     run_id: str
     project_version: str
+    carry: Any = None  # the pa.Schema of input.carry_columns (pipeline.carry), appended to each row
 
     def write(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """One part per shard among `rows` (Generate's output rows of one batch): their records."""
@@ -73,6 +75,7 @@ class PartSink:
             return rec
         table = to_table(rows, {"run_id": self.run_id, "project_version": self.project_version,
                                 "timestamp": dt.datetime.now(dt.timezone.utc)})
+        table = add_columns(table, rows, self.carry)
         buf = pa.BufferOutputStream()
         pq.write_table(table, buf, compression="zstd")
         data = buf.getvalue().to_pybytes()
@@ -90,19 +93,24 @@ class PartSink:
 
 
 def merge_parts(output_path: str, s3: S3Config, policy: RetryConfig, shard_id: str, source_uri: str,
-                parts: list[str], run_id: str) -> dict[str, Any]:
+                parts: list[str], run_id: str, carry: Any = None, skip_failed_downloads: bool = False
+                ) -> dict[str, Any]:
     """Write data/<shard_id>.parquet from the shard's parts (one row per (image, task), sorted);
-    returns the ledger record. Runs as a Ray task, so that no row passes through the driver."""
+    returns the ledger record. Runs as a Ray task, so that no row passes through the driver.
+    `carry`: the carried columns' schema (PartSink.carry); `skip_failed_downloads`: leave out the
+    download_error rows (img2dataset's dead URLs), counted as `failed_downloads_skipped` images."""
     fs, root = filesystem(output_path, s3)
+    schema = output_schema(carry)
 
     def read(rel: str) -> pa.Table:
         with fs.open(join(root, rel), "rb") as f:
-            return pq.read_table(f, schema=SCHEMA)
+            return pq.read_table(f, schema=schema)
 
     tables = [retry(lambda: read(p), f"reading a part of shard {shard_id}", policy.deadline_s, policy.backoff_s)
               for p in parts]
-    table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
     table = _one_row_per_task(table)
+    table, skipped = _without_failed_downloads(table) if skip_failed_downloads else (table, 0)
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf, compression="zstd")
     data = buf.getvalue().to_pybytes()
@@ -115,7 +123,17 @@ def merge_parts(output_path: str, s3: S3Config, policy: RetryConfig, shard_id: s
               for name in ("prompt_tokens", "output_tokens")}
     return {"shard_id": shard_id, "source_uri": source_uri, "file": rel, "rows": table.num_rows,
             "images": len(set(table.column("image_index").to_pylist())), "status": dict(status),
-            "run_id": run_id, "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(), **tokens}
+            "run_id": run_id, "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(), **tokens,
+            **({"failed_downloads_skipped": skipped} if skipped else {})}
+
+
+def _without_failed_downloads(table: pa.Table) -> tuple[pa.Table, int]:
+    """The table less its download_error rows, and how many images those were."""
+    failed = pa.compute.equal(table.column("status"), st.DOWNLOAD_ERROR)
+    if not pa.compute.any(failed).as_py():
+        return table, 0
+    images = len(set(table.filter(failed).column("image_index").to_pylist()))
+    return table.filter(pa.compute.invert(failed)), images
 
 
 def _one_row_per_task(table: pa.Table) -> pa.Table:
