@@ -38,34 +38,34 @@ class DoesNotFit(RuntimeError):
     """A replica cannot fit its GPU: not transient (retrying or restarting the actor cannot help)."""
 
 
-def prompts_per_image(job: JobConfig, template: str) -> int:
+def prompts_per_image(cfg: JobConfig, template: str) -> int:
     """Prompts each image gets (a row's own questions counted as 2: a guess for sizing only)."""
-    column = job.tasks.vqa is not None and job.tasks.vqa.use_column and bool(job.input.questions_column)
-    return len(expand(job.tasks, template, None)) + 2 * column
+    column = cfg.tasks.vqa is not None and cfg.tasks.vqa.use_column and bool(cfg.input.questions_column)
+    return len(expand(cfg.tasks, template, None)) + 2 * column
 
 
-def engine_settings(job: JobConfig, mcfg: CogVLMConfig) -> dict[str, Any]:
+def engine_settings(cfg: JobConfig, mcfg: CogVLMConfig) -> dict[str, Any]:
     """The job's engine settings, as `cogvlm.engine.Engine` takes them (less the device share)."""
-    m = job.model
+    m = cfg.model
     return dict(max_prompt_tokens=m.max_prompt_tokens,
-                max_new_tokens=max(t.max_new_tokens for t in job.tasks.enabled().values()),
+                max_new_tokens=max(t.max_new_tokens for t in cfg.tasks.enabled().values()),
                 max_slots=m.max_slots, kv_cache_gb=m.kv_cache_gb, margin_gb=m.memory_margin_gb,
                 admission_images=m.admission_images,
-                prompts_per_image=prompts_per_image(job, mcfg.template_version), sync_every=m.sync_every,
+                prompts_per_image=prompts_per_image(cfg, mcfg.template_version), sync_every=m.sync_every,
                 compile=m.compile, compile_vision=m.compile_vision)
 
 
-def replica_kwargs(job: JobConfig, mcfg: CogVLMConfig, device_type: str = "cuda") -> dict[str, Any]:
+def replica_kwargs(cfg: JobConfig, mcfg: CogVLMConfig, device_type: str = "cuda") -> dict[str, Any]:
     """`engine_settings` as `cogvlm.memory.estimate_replica` / `fit_error` take them."""
-    settings = engine_settings(job, mcfg)
+    settings = engine_settings(cfg, mcfg)
     return dict({k: settings[k] for k in _ESTIMATED}, device_type=device_type,
-                quantize_vision=job.model.quantize_vision)
+                quantize_vision=cfg.model.quantize_vision)
 
 
-def replica_fit_error(job: JobConfig, mcfg: CogVLMConfig, device_bytes: int, where: str) -> str | None:
+def replica_fit_error(cfg: JobConfig, mcfg: CogVLMConfig, device_bytes: int, where: str) -> str | None:
     """None if one replica of this job fits `device_bytes` of GPU memory, else what would."""
-    m = job.model
-    return fit_error(mcfg, DTYPES[m.dtype], m.quantization, device_bytes, where, **replica_kwargs(job, mcfg))
+    m = cfg.model
+    return fit_error(mcfg, DTYPES[m.dtype], m.quantization, device_bytes, where, **replica_kwargs(cfg, mcfg))
 
 
 def cluster_gpu_bytes() -> tuple[int | None, str]:
@@ -88,17 +88,17 @@ def cluster_gpu_bytes() -> tuple[int | None, str]:
     return GPU_MEMORY_MIB[smallest] * 2**20, f"the cluster's {smallest} GPUs have"
 
 
-def gpu_bytes_per_replica(job: JobConfig, gpu_bytes: int) -> int:
+def gpu_bytes_per_replica(cfg: JobConfig, gpu_bytes: int) -> int:
     """A replica's part of a GPU (replicas may share one with gpus_per_replica < 1)."""
-    return int(gpu_bytes * min(1.0, job.model.gpus_per_replica))
+    return int(gpu_bytes * min(1.0, cfg.model.gpus_per_replica))
 
 
-def replica_gpu_budget(job: JobConfig) -> tuple[int | None, int | None, str]:
+def replica_gpu_budget(cfg: JobConfig) -> tuple[int | None, int | None, str]:
     """(the GPU's bytes, a replica's share of them, where that number comes from): from
     `model.gpu_memory_gb`, else the connected cluster's accelerator type; (None, None, why) when
     neither tells (no Ray connection, no GPU node yet, an unknown type)."""
-    if job.model.gpu_memory_gb is not None:
-        gpu, where = int(job.model.gpu_memory_gb * 1e9), "model.gpu_memory_gb is"
+    if cfg.model.gpu_memory_gb is not None:
+        gpu, where = int(cfg.model.gpu_memory_gb * 1e9), "model.gpu_memory_gb is"
     else:
         import ray
 
@@ -107,23 +107,23 @@ def replica_gpu_budget(job: JobConfig) -> tuple[int | None, int | None, str]:
         gpu, where = cluster_gpu_bytes()
         if gpu is None:
             return None, None, where
-    share = gpu_bytes_per_replica(job, gpu)
+    share = gpu_bytes_per_replica(cfg, gpu)
     if share < gpu:
         where = f"{where} {gpu / 1e9:.0f} GB, of which a replica gets (model.gpus_per_replica)"
     return gpu, share, where
 
 
-def check_fit(job: JobConfig, mcfg: CogVLMConfig) -> None:
+def check_fit(cfg: JobConfig, mcfg: CogVLMConfig) -> None:
     """Refuse (JobError), before any actor starts, a GPU that cannot hold one replica; CPU
     replicas, and GPUs whose size is not known yet, pass (each replica checks its own device)."""
-    if job.model.gpus_per_replica <= 0:
+    if cfg.model.gpus_per_replica <= 0:
         return
-    _, share, where = replica_gpu_budget(job)
+    _, share, where = replica_gpu_budget(cfg)
     if share is None:
         log.info("GPU memory not checked before the start (%s; set model.gpu_memory_gb to check it); "
                  "each replica checks its GPU when it starts", where)
         return
-    err = replica_fit_error(job, mcfg, share, where)
+    err = replica_fit_error(cfg, mcfg, share, where)
     if err:
         raise JobError(err)
     log.info("a replica fits its GPU (%s %.0f GB)", where, share / 1e9)
