@@ -4,6 +4,7 @@
                                   columns checked, the ledger read; the model's config on demand
     start_ray(prepared)           join or start Ray, check the cluster's resources and the GPU fit
     for_dataset(cfg, input_root)  the same model checks for the library API (no input, no output)
+    check_cluster(cfg)            the stages' smallest actor pools fit the connected cluster
 
 The CLI job, the cost plan and the processor all take a `Prepared`.
 """
@@ -22,7 +23,7 @@ from cogvlm.weights import CheckpointError, check_checkpoint, read_config, resol
 
 from .config import JobConfig
 from .errors import METADATA_DEADLINE_S, JobError, describe, redact, retry
-from .fit import check_fit
+from .fit import PREPROCESS_CPUS, PREPROCESS_MIN_ACTORS, check_fit, pools_minimum
 from .layout import OutputLayout
 from .ledger import Ledger
 from .listing import InputListing, Shard, check_parquet_columns, list_input
@@ -99,7 +100,7 @@ def prepare(cfg: JobConfig, *, writable: bool = True) -> Prepared:
 def for_dataset(cfg: JobConfig, input_root: str) -> Prepared:
     """The library API's checks (a user's dataset, no output): the checkpoint reads, a replica fits."""
     prepared = Prepared(cfg, new_run_id(), input_root)
-    if cfg.model.gpu_memory_gb is not None:
+    if cfg.model.gpu_memory_gb is not None or cfg.model.accelerator_type is not None:
         check_fit(cfg, prepared.mcfg)
     else:
         prepared.mcfg  # noqa: B018 - read (and checked) now, before any work
@@ -189,18 +190,61 @@ def _init_ray(cfg: JobConfig) -> None:
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)))
 
 
+def check_cluster(cfg: JobConfig, task_cpus: float = 0, replicas: str = "model.min_replicas") -> None:
+    """Refuse (JobError) model stages the connected cluster can never schedule: the smallest actor
+    pools (`fit.pools_minimum`) plus `task_cpus` for the dataset's own tasks (reads, maps) against
+    the cluster's total CPUs and GPUs, and a `model.accelerator_type` no node has. Ray Data would
+    otherwise wait for them forever, saying only that it is backpressured. An autoscaling cluster
+    (`model.wait_for_gpus_s` > 0) may still grow: there the shortfall is logged, not refused.
+    `replicas`: the setting that holds `model.min_replicas`, as the caller's users know it."""
+    import ray
+
+    m = cfg.model
+    cpus, gpus = pools_minimum(cfg)
+    cpus += task_cpus
+    total = ray.cluster_resources()
+    have_cpus, have_gpus = total.get("CPU", 0), total.get("GPU", 0)
+    problems = []
+    if gpus > 0 and have_gpus < gpus:
+        problems.append(f"{replicas} x model.gpus_per_replica = {gpus:g} GPUs, but the cluster "
+                        f"has {have_gpus:g}. Lower them, use gpus_per_replica=0 for CPU, or set "
+                        f"model.wait_for_gpus_s for an autoscaling cluster.")
+    if gpus > 0 and m.accelerator_type:
+        kinds: dict[str, float] = {}
+        for node in ray.nodes():
+            res = node.get("Resources", {}) if node.get("Alive") else {}
+            for k in res:
+                if k.startswith("accelerator_type:") and res.get("GPU", 0) > 0:
+                    kinds[k.split(":", 1)[1]] = kinds.get(k.split(":", 1)[1], 0) + res["GPU"]
+        if kinds.get(m.accelerator_type, 0) < gpus:
+            problems.append(f"model.accelerator_type {m.accelerator_type}: the replicas need {gpus:g} such GPUs "
+                            f"and the cluster has {kinds.get(m.accelerator_type, 0):g} (its GPU types: "
+                            f"{', '.join(f'{k} x {v:g}' for k, v in sorted(kinds.items())) or 'none'}). Set "
+                            f"the type the cluster has, null for any GPU, or model.wait_for_gpus_s for an "
+                            f"autoscaling cluster.")
+    if have_cpus < cpus:
+        room = (have_cpus - task_cpus - PREPROCESS_MIN_ACTORS * PREPROCESS_CPUS) / m.min_replicas
+        lower = (f"model.cpus_per_replica to {room:g} or less" if 0 <= room < m.cpus_per_replica
+                 else replicas)
+        problems.append(f"the model stages need {cpus:g} CPUs at once and the cluster has {have_cpus:g}: "
+                        f"Preprocess {PREPROCESS_MIN_ACTORS} x {PREPROCESS_CPUS} CPU, Generate "
+                        f"{replicas} {m.min_replicas} x model.cpus_per_replica {m.cpus_per_replica:g}"
+                        + (f", {task_cpus:g} for the dataset's own tasks" if task_cpus else "") +
+                        f". Lower {lower}, or start Ray with more logical CPUs (ray.init(num_cpus=...) or "
+                        f"ray start --num-cpus; they may exceed the cores)")
+    if problems and m.wait_for_gpus_s <= 0:
+        raise JobError(problems[0])
+    for p in problems:
+        log.warning("%s (waiting up to model.wait_for_gpus_s = %g s for the cluster to grow)", p, m.wait_for_gpus_s)
+
+
 def _check_resources(cfg: JobConfig) -> None:
     import ray
 
-    need = cfg.model.min_replicas * cfg.model.gpus_per_replica
-    have = ray.cluster_resources().get("GPU", 0)
-    if need > 0 and have < need and cfg.model.wait_for_gpus_s <= 0:
-        raise JobError(f"model.min_replicas x model.gpus_per_replica = {need:g} GPUs, but the cluster "
-                       f"has {have:g}. Lower them, use gpus_per_replica=0 for CPU, or set "
-                       f"model.wait_for_gpus_s for an autoscaling cluster.")
+    check_cluster(cfg)
     # Other jobs on the cluster may hold what this one's minimal actor pools need: say so, since
     # Ray Data then waits silently (read tasks reserve no CPU, so whoever has actors progresses)
-    cpus = 1 + cfg.model.min_replicas * cfg.model.cpus_per_replica
+    cpus, need = pools_minimum(cfg)
     free = ray.available_resources()
     if free.get("CPU", 0) < cpus or free.get("GPU", 0) < need:
         log.warning("waiting for the cluster: this job's smallest actor pools need %g CPUs and %g GPUs; "
