@@ -40,7 +40,7 @@ from .errors import TransientError, describe, is_transient
 from .faults import maybe_inject_fault, worker_env
 from .fit import (PREPROCESS_CPUS, PREPROCESS_MIN_ACTORS, DoesNotFit, engine_settings, gpu_bytes_per_replica,
                   replica_fit_error)
-from .preflight import Prepared
+from .preflight import Prepared, load_tokenizer
 from .rows import OUTPUT_COLUMNS, PASSTHROUGH, PREPROCESSED_COLUMNS, RECORD_COLUMNS
 from .sink import PartSink
 from .storage import ConfinedFetcher, FileTooLarge, UriRefused, s3_options
@@ -48,20 +48,6 @@ from .tasks import Prompt, expand, to_json
 from .transport import UndecodableImage, pack, unpack
 
 log = logging.getLogger(__name__)
-
-TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "*.model", "vocab*", "merges.txt",
-                   "added_tokens.json", "config.json"]
-
-
-def load_tokenizer(job: JobConfig) -> Any:
-    from transformers import AutoTokenizer
-
-    source = job.model.tokenizer or job.model.source
-    local = resolve_source(source, job.model.cache_dir, storage_options=s3_options(job.s3),
-                           patterns=TOKENIZER_FILES)
-    # never run code shipped with a checkpoint (and never ask about it on stdin: workers have none)
-    return AutoTokenizer.from_pretrained(str(local), trust_remote_code=False)
-
 
 # Images fetched at once per Preprocess worker (URI inputs: a HEAD and a GET each, bound by latency,
 # not CPU). A constant, not a config key: it also caps the undecoded images a worker holds.

@@ -169,8 +169,10 @@ def test_readme_example_runs_on_read_images(ray_cluster, ckpt_v1, tokenizer_v1, 
     # wide RGB, RGBA and grayscale images pass the filter; a narrow one does not
     _write_images(photos, [((300, 40), "RGB"), ((260, 50), "RGBA"), ((256, 30), "L"), ((100, 80), "RGB")])
     code = _readme_example()
-    for old, new in [('"THUDM/cogvlm-chat-hf"', repr(str(ckpt_v1))), ('"lmsys/vicuna-7b-v1.5"', repr(str(tokenizer_v1))),
-                     ('concurrency=4, batch_size=8, accelerator_type="A10G"', "concurrency=1, batch_size=4, gpus_per_replica=0"),
+    for old, new in [('"THUDM/cogvlm-chat-hf"', repr(str(ckpt_v1))),
+                     ('"lmsys/vicuna-7b-v1.5"', repr(str(tokenizer_v1))),
+                     ('concurrency=4, batch_size=8, accelerator_type="A10G"',
+                      "concurrency=1, batch_size=4, gpus_per_replica=0"),
                      ('{"quantization": "int4"}', '{"dtype": "fp32", "preprocess_workers": 1}'),
                      ('"max_new_tokens": 64', '"max_new_tokens": 3'),
                      ('"s3://my-bucket/photos/"', repr(str(photos))), ('"s3://my-bucket/captions/"', repr(str(out)))]:
@@ -200,7 +202,8 @@ def test_processor_takes_ray_data_llm_names_and_numpy_and_pil_images(ray_cluster
     assert (p.config.model.min_replicas, p.config.model.max_replicas, p.config.model.batch_size) == (1, 2, 2)
     kw = build_processor(model={"source": str(ckpt_v1), "tokenizer": str(tokenizer_v1), "concurrency": 3,
                                 "gpus_per_replica": 1, "accelerator_type": "L4"})
-    assert (kw.config.model.min_replicas, kw.config.model.max_replicas, kw.config.model.accelerator_type) == (3, 3, "L4")
+    m = kw.config.model
+    assert (m.min_replicas, m.max_replicas, m.accelerator_type) == (3, 3, "L4")
     with pytest.raises(ConfigError, match="concurrency"):
         build_processor(dict(conf, concurrency=(2, 1)))
     with pytest.raises(ConfigError, match="unknown config key engine_kwargs"):
