@@ -544,8 +544,17 @@ def _broken_models(ckpt: Path, tok: Path, tmp_path: Path) -> dict[str, tuple[dic
         cfg.update(architectures=["LlamaForCausalLM"], model_type="llama")
         del cfg["vision_config"]
 
+    from transformers import AutoTokenizer
+
+    bigger = AutoTokenizer.from_pretrained(str(tok))  # another model's: more tokens than the vocabulary
+    bigger.add_tokens([f"<extra{i}>" for i in range(8)])
+    bigger.save_pretrained(str(tmp_path / "bigger-tokenizer"))
+
     base = {"source": str(ckpt), "tokenizer": str(tok)}
     return {
+        "bigger tokenizer": (dict(base, tokenizer=str(tmp_path / "bigger-tokenizer")),
+                             r"model.tokenizer \S*bigger-tokenizer: the tokenizer has 1032 tokens, more than the "
+                             r"model's vocabulary \(1024\)"),
         "tokenizer": (dict(base, tokenizer=str(tmp_path / "empty-tokenizer")),
                       r"model.tokenizer \S*empty-tokenizer: no tokenizer loads from it"),
         "truncated": (dict(base, source=str(truncated)), rf"model.source \S*truncated: .*{shard.name} is truncated"),
