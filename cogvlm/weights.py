@@ -273,30 +273,70 @@ def _download_hub(repo_id: str, cache_dir: str | os.PathLike | None,
 
 # --- reading ----------------------------------------------------------------------------------
 
+def read_header(path: Path) -> dict[str, Any]:
+    """A safetensors file's header (tensor name -> dtype, shape, data_offsets), checked against the
+    file's size, so that a truncated or corrupt file fails here with its name, not in a worker."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < n <= size - 8:
+                raise CheckpointError(f"{path.name} is not a whole safetensors file: {size} bytes, header length "
+                                      f"{n if n >= 0 else 'missing'} (truncated or corrupt; download it again)")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.name} is missing from {path.parent}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path.name} is not a safetensors file: its header is not JSON (corrupt?)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path.name} is not a safetensors file: its header is not a mapping")
+    header.pop("__metadata__", None)
+    try:
+        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise CheckpointError(f"{path.name} is not a safetensors file: malformed tensor entries") from None
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path.name} is truncated: its tensors need {8 + n + end} bytes, the file has "
+                              f"{size} (download it again)")
+    return header
+
+
+def check_weight_files(files: dict[str, Path]) -> None:
+    """Every weight file of a checkpoint is there and whole (headers only: no tensor is read)."""
+    for path in sorted(set(files.values())):
+        read_header(path)
+
+
 def weight_files(ckpt_dir: Path) -> dict[str, Path]:
     """Map every checkpoint key to its safetensors file (sharded via the index, or single file)."""
     index = ckpt_dir / INDEX_FILE
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{INDEX_FILE} in {ckpt_dir} is not a weight index (corrupt?)") from None
         return {k: ckpt_dir / f for k, f in weight_map.items()}
     single = ckpt_dir / SINGLE_FILE
     if not single.exists():
         raise CheckpointError(f"{ckpt_dir} has neither {INDEX_FILE} nor {SINGLE_FILE}")
-    with safe_open(single, framework="pt") as f:
-        return {k: single for k in f.keys()}
+    return {k: single for k in read_header(single)}
 
 
 def _shapes(files: dict[str, Path], keys: set[str] | None = None) -> dict[str, tuple[int, ...]]:
-    """Shapes from the safetensors headers, opening each file once."""
+    """Shapes from the safetensors headers, reading each file's header once."""
     keys = set(files) if keys is None else keys
     by_file: dict[Path, list[str]] = {}
     for k in keys:
         by_file.setdefault(files[k], []).append(k)
     out = {}
     for path, ks in by_file.items():
-        with safe_open(path, framework="pt") as f:
-            for k in ks:
-                out[k] = tuple(f.get_slice(k).get_shape())
+        header = read_header(path)
+        for k in ks:
+            if k not in header:
+                raise CheckpointError(f"{path.name} has no tensor {k} (the weight index names it there)")
+            out[k] = tuple(header[k]["shape"])
     return out
 
 
@@ -305,17 +345,31 @@ def read_config(ckpt_dir: Path, files: dict[str, Path] | None = None) -> CogVLMC
     path = ckpt_dir / "config.json"
     if not path.exists():
         raise CheckpointError(f"{ckpt_dir} has no config.json")
-    raw = json.loads(path.read_text())
+    try:
+        raw = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"config.json in {ckpt_dir} is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"config.json in {ckpt_dir} is not a mapping")
+    archs = raw.get("architectures") or []
+    if not isinstance(raw.get("vision_config"), dict) or (archs and not any("cogvlm" in str(a).lower() for a in archs)):
+        what = ", ".join(map(str, archs)) or raw.get("model_type") or "no vision_config"
+        raise CheckpointError(f"config.json in {ckpt_dir} is not a CogVLM model's ({what}); model.source must be a "
+                              f"CogVLM release checkpoint (e.g. THUDM/cogvlm-chat-hf)")
     files = files if files is not None else weight_files(ckpt_dir)
     version = 2 if any(k.startswith("model.vision.conv.") for k in files) else 1
     kv_heads = None
     qkv_key = "model.layers.0.self_attn.language_expert_query_key_value.weight"
-    if raw.get("num_multi_query_heads") is None and qkv_key in files and files[qkv_key].exists():
-        rows = _shapes(files, {qkv_key})[qkv_key][0]
-        hidden = raw["hidden_size"]
-        head_dim = hidden // raw["num_attention_heads"]
-        kv_heads = (rows - hidden) // (2 * head_dim)
-    return CogVLMConfig.from_hf_dict(raw, version=version, num_kv_heads=kv_heads)
+    try:
+        if raw.get("num_multi_query_heads") is None and qkv_key in files and files[qkv_key].exists():
+            rows = _shapes(files, {qkv_key})[qkv_key][0]
+            hidden = raw["hidden_size"]
+            head_dim = hidden // raw["num_attention_heads"]
+            kv_heads = (rows - hidden) // (2 * head_dim)
+        return CogVLMConfig.from_hf_dict(raw, version=version, num_kv_heads=kv_heads)
+    except (KeyError, TypeError, ZeroDivisionError) as e:
+        raise CheckpointError(f"config.json in {ckpt_dir} does not describe a CogVLM model: "
+                              f"{type(e).__name__} {e}") from None
 
 
 def weights_fingerprint(ckpt_dir: str | os.PathLike) -> str:
@@ -371,6 +425,7 @@ def check_checkpoint(ckpt_dir: str | os.PathLike) -> CogVLMConfig:
     """Validate a local checkpoint's keys and shapes from the headers alone; return its config."""
     ckpt_dir = Path(ckpt_dir)
     files = weight_files(ckpt_dir)
+    check_weight_files(files)
     config = read_config(ckpt_dir, files)
     with torch.device("meta"):
         model = CogVLMForCausalLM(config)
@@ -428,6 +483,7 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | str = torch.bfloa
     device = torch.device(device)
     ckpt_dir = resolve_source(source, cache_dir, storage_options)
     files = weight_files(ckpt_dir)
+    check_weight_files(files)
     config = read_config(ckpt_dir, files)
     with torch.device("meta"):
         model = CogVLMForCausalLM(config)

@@ -12,6 +12,7 @@ _EXPORTS = {
     "ConfigError": "pipeline.config", "JobConfig": "pipeline.config", "load_config": "pipeline.config",
     "InputError": "pipeline.errors", "JobError": "pipeline.errors", "run": "pipeline.job",
     "Processor": "pipeline.processor", "build_processor": "pipeline.processor",
+    "CogVLMProcessorConfig": "pipeline.processor",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -128,6 +128,9 @@ class ModelConfig:
     min_replicas: int = 1
     max_replicas: int = 1
     gpus_per_replica: float = 1  # 0 runs on CPU (tests, demo)
+    # the Ray accelerator type the replicas must run on (e.g. A10G, L4, H100: Ray's
+    # `accelerator_type:<name>` node resource); null: any GPU. Also tells the fit check the GPU's size.
+    accelerator_type: str | None = None
     cpus_per_replica: float = 1
     preprocess_workers: int = 2  # CPU actors decoding and tokenizing
     wait_for_gpus_s: float = 0  # 0: fail at once when the cluster lacks the GPUs; >0 for autoscalers
@@ -221,6 +224,8 @@ class JobConfig:
         for key in ("kv_cache_gb", "memory_margin_gb"):
             if getattr(self.model, key) is not None and getattr(self.model, key) < 0:
                 raise ConfigError(f"model.{key} must be >= 0 or null, got {getattr(self.model, key):g}")
+        if self.model.accelerator_type is not None and self.model.gpus_per_replica <= 0:
+            raise ConfigError("model.accelerator_type needs model.gpus_per_replica > 0 (it picks a GPU type)")
         if not 1 <= self.model.min_replicas <= self.model.max_replicas:
             raise ConfigError("model.min_replicas must be >= 1 and <= model.max_replicas")
         t = self.tasks

@@ -34,6 +34,21 @@ GPU_MEMORY_MIB = {"T4": 15360, "A10G": 23028, "A10": 23028, "L4": 23034, "L40S":
 _ESTIMATED = ("max_prompt_tokens", "max_new_tokens", "admission_images", "prompts_per_image", "max_slots")
 
 
+# The model stages' actor pools (`stages.model_stages`): Preprocess has at least this many actors
+# of this many CPUs each; Generate has model.min_replicas of model.cpus_per_replica CPUs and
+# model.gpus_per_replica GPUs each.
+PREPROCESS_MIN_ACTORS = 1
+PREPROCESS_CPUS = 1
+
+
+def pools_minimum(cfg: JobConfig) -> tuple[float, float]:
+    """(CPUs, GPUs) the model stages' smallest actor pools hold at once: less than this, and Ray
+    Data waits for resources that never come."""
+    m = cfg.model
+    return (PREPROCESS_MIN_ACTORS * PREPROCESS_CPUS + m.min_replicas * m.cpus_per_replica,
+            m.min_replicas * m.gpus_per_replica)
+
+
 class DoesNotFit(RuntimeError):
     """A replica cannot fit its GPU: not transient (retrying or restarting the actor cannot help)."""
 
@@ -95,10 +110,13 @@ def gpu_bytes_per_replica(cfg: JobConfig, gpu_bytes: int) -> int:
 
 def replica_gpu_budget(cfg: JobConfig) -> tuple[int | None, int | None, str]:
     """(the GPU's bytes, a replica's share of them, where that number comes from): from
-    `model.gpu_memory_gb`, else the connected cluster's accelerator type; (None, None, why) when
-    neither tells (no Ray connection, no GPU node yet, an unknown type)."""
+    `model.gpu_memory_gb`, else `model.accelerator_type`, else the connected cluster's accelerator
+    type; (None, None, why) when none tells (no Ray connection, no GPU node yet, an unknown type)."""
     if cfg.model.gpu_memory_gb is not None:
         gpu, where = int(cfg.model.gpu_memory_gb * 1e9), "model.gpu_memory_gb is"
+    elif cfg.model.accelerator_type in GPU_MEMORY_MIB:
+        gpu = GPU_MEMORY_MIB[cfg.model.accelerator_type] * 2**20
+        where = f"model.accelerator_type's {cfg.model.accelerator_type} GPUs have"
     else:
         import ray
 

@@ -1,19 +1,24 @@
 """Everything checked before any work, so that a run that cannot work fails in one line first.
 
-    prepare(cfg) -> Prepared      paths made absolute, output writable, input listed, Parquet
-                                  columns checked, the ledger read; the model's config on demand
+    prepare(cfg) -> Prepared      the checkpoint and tokenizer load (check_model), paths made
+                                  absolute, output writable, input listed, Parquet columns
+                                  checked, the ledger read
     start_ray(prepared)           join or start Ray, check the cluster's resources and the GPU fit
     for_dataset(cfg, input_root)  the same model checks for the library API (no input, no output)
+    check_cluster(cfg)            the stages' smallest actor pools fit the connected cluster
 
 The CLI job, the cost plan and the processor all take a `Prepared`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import fnmatch
 import logging
 import os
+import posixpath
 import socket
 from typing import Any
 
@@ -22,11 +27,11 @@ from cogvlm.weights import CheckpointError, check_checkpoint, read_config, resol
 
 from .config import JobConfig
 from .errors import METADATA_DEADLINE_S, JobError, describe, redact, retry
-from .fit import check_fit
+from .fit import PREPROCESS_CPUS, PREPROCESS_MIN_ACTORS, check_fit, pools_minimum
 from .layout import OutputLayout
 from .ledger import Ledger
 from .listing import InputListing, Shard, check_parquet_columns, list_input
-from .storage import filesystem, s3_options, write_bytes_atomic
+from .storage import filesystem, is_s3, s3_options, to_uri, write_bytes_atomic
 
 log = logging.getLogger("pipeline")
 
@@ -76,9 +81,11 @@ def absolute_paths(cfg: JobConfig) -> JobConfig:
 
 
 def prepare(cfg: JobConfig, *, writable: bool = True) -> Prepared:
-    """The checks of a CLI run (`writable`: the output must take a write; the cost plan, which
-    writes nothing, passes False and notes a ledger it cannot read instead of failing)."""
+    """The checks of a CLI run (`writable`: a run that will work: the checkpoint and tokenizer must
+    load, the output must take a write; the cost plan, which writes nothing, passes False, reads
+    the model's config on demand and notes a ledger it cannot read instead of failing)."""
     cfg = absolute_paths(cfg)
+    mcfg = check_model(cfg) if writable else None  # first: a run that cannot load writes nothing
     out_fs, out_root = filesystem(cfg.output.path, cfg.s3)
     layout = OutputLayout(out_root)
     if writable:
@@ -86,7 +93,7 @@ def prepare(cfg: JobConfig, *, writable: bool = True) -> Prepared:
     listing = list_input(cfg.input, cfg.s3)
     if cfg.input.format == "parquet":
         check_parquet_columns(cfg.input, cfg.s3, listing.shards)
-    prepared = Prepared(cfg, cfg.run_id or new_run_id(), listing.root, out_fs, layout, listing)
+    prepared = Prepared(cfg, cfg.run_id or new_run_id(), listing.root, out_fs, layout, listing, _mcfg=mcfg)
     try:
         prepared.done = prepared.ledger().done()
     except Exception as e:  # noqa: BLE001
@@ -97,17 +104,20 @@ def prepare(cfg: JobConfig, *, writable: bool = True) -> Prepared:
 
 
 def for_dataset(cfg: JobConfig, input_root: str) -> Prepared:
-    """The library API's checks (a user's dataset, no output): the checkpoint reads, a replica fits."""
-    prepared = Prepared(cfg, new_run_id(), input_root)
-    if cfg.model.gpu_memory_gb is not None:
+    """The library API's checks (a user's dataset, no output): the checkpoint and tokenizer load, a
+    replica fits."""
+    prepared = Prepared(cfg, new_run_id(), input_root, _mcfg=check_model(cfg))
+    if cfg.model.gpu_memory_gb is not None or cfg.model.accelerator_type is not None:
         check_fit(cfg, prepared.mcfg)
-    else:
-        prepared.mcfg  # noqa: B018 - read (and checked) now, before any work
     return prepared
 
 
 def _check_writable(fs: Any, layout: OutputLayout, cfg: JobConfig) -> None:
+    """Write and remove a probe file; what the probe made (the output folder, `_runs/`, `_tmp/`)
+    is removed again when empty, so that a run that stops before any work leaves nothing."""
     probe = layout.probe(str(os.getpid()))
+    local = not is_s3(to_uri(fs, layout.root))
+    made = [d for d in (layout.root, posixpath.dirname(probe), layout.tmp_dir) if local and not fs.exists(d)]
 
     def write_and_remove() -> None:
         write_bytes_atomic(fs, probe, b"ok", tmp_root=layout.root)
@@ -118,10 +128,15 @@ def _check_writable(fs: Any, layout: OutputLayout, cfg: JobConfig) -> None:
               min(METADATA_DEADLINE_S, cfg.retry.deadline_s), cfg.retry.backoff_s)
     except Exception as e:  # noqa: BLE001
         raise JobError(f"output {redact(cfg.output.path)} is not writable: {describe(e)}") from None
+    finally:
+        for d in reversed(made):  # deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
 
 
 def model_config(cfg: JobConfig) -> cogvlm.CogVLMConfig:
-    """The checkpoint's config, read without loading weights (and checked fully when local)."""
+    """The checkpoint's config, read without loading weights (and checked fully when local: every
+    weight file whole, every key and shape as the model has it)."""
     try:
         local = resolve_source(cfg.model.source, cfg.model.cache_dir, s3_options(cfg.s3),
                                patterns=None if os.path.isdir(cfg.model.source) else
@@ -131,6 +146,41 @@ def model_config(cfg: JobConfig) -> cogvlm.CogVLMConfig:
         return read_config(local)
     except (CheckpointError, OSError, ValueError) as e:
         raise JobError(f"model.source {cfg.model.source}: {describe(e)}") from None
+
+
+TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "*.model", "vocab*", "merges.txt",
+                   "added_tokens.json", "config.json"]
+
+
+def load_tokenizer(job: JobConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    source = job.model.tokenizer or job.model.source
+    local = resolve_source(source, job.model.cache_dir, storage_options=s3_options(job.s3),
+                           patterns=TOKENIZER_FILES)
+    names = [n for n in os.listdir(local) if n != "config.json"]
+    if not any(fnmatch.fnmatch(n, p) for n in names for p in TOKENIZER_FILES):
+        raise FileNotFoundError(f"no tokenizer files in {local} (tokenizer.json, tokenizer.model, "
+                                f"tokenizer_config.json, vocab...)")
+    # never run code shipped with a checkpoint (and never ask about it on stdin: workers have none)
+    return AutoTokenizer.from_pretrained(str(local), trust_remote_code=False)
+
+
+def check_model(cfg: JobConfig) -> cogvlm.CogVLMConfig:
+    """Everything the replicas will load, checked on the driver before any actor starts: the
+    checkpoint (`model_config`) and the tokenizer, which must load and fit the model's vocabulary.
+    One JobError naming the key and the file."""
+    mcfg = model_config(cfg)
+    key = "model.tokenizer" if cfg.model.tokenizer else "model.source (its tokenizer; set model.tokenizer)"
+    where = cfg.model.tokenizer or cfg.model.source
+    try:
+        tokenizer = load_tokenizer(cfg)
+    except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, TypeError, ...
+        raise JobError(f"{key} {where}: no tokenizer loads from it ({describe(e)})") from None
+    if len(tokenizer) > mcfg.vocab_size:
+        raise JobError(f"{key} {where}: the tokenizer has {len(tokenizer)} tokens, more than the model's "
+                       f"vocabulary ({mcfg.vocab_size}): the tokenizer of another model?")
+    return mcfg
 
 
 # --- Ray -------------------------------------------------------------------------------------------
@@ -189,18 +239,61 @@ def _init_ray(cfg: JobConfig) -> None:
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)))
 
 
+def check_cluster(cfg: JobConfig, task_cpus: float = 0, replicas: str = "model.min_replicas") -> None:
+    """Refuse (JobError) model stages the connected cluster can never schedule: the smallest actor
+    pools (`fit.pools_minimum`) plus `task_cpus` for the dataset's own tasks (reads, maps) against
+    the cluster's total CPUs and GPUs, and a `model.accelerator_type` no node has. Ray Data would
+    otherwise wait for them forever, saying only that it is backpressured. An autoscaling cluster
+    (`model.wait_for_gpus_s` > 0) may still grow: there the shortfall is logged, not refused.
+    `replicas`: the setting that holds `model.min_replicas`, as the caller's users know it."""
+    import ray
+
+    m = cfg.model
+    cpus, gpus = pools_minimum(cfg)
+    cpus += task_cpus
+    total = ray.cluster_resources()
+    have_cpus, have_gpus = total.get("CPU", 0), total.get("GPU", 0)
+    problems = []
+    if gpus > 0 and have_gpus < gpus:
+        problems.append(f"{replicas} x model.gpus_per_replica = {gpus:g} GPUs, but the cluster "
+                        f"has {have_gpus:g}. Lower them, use gpus_per_replica=0 for CPU, or set "
+                        f"model.wait_for_gpus_s for an autoscaling cluster.")
+    if gpus > 0 and m.accelerator_type:
+        kinds: dict[str, float] = {}
+        for node in ray.nodes():
+            res = node.get("Resources", {}) if node.get("Alive") else {}
+            for k in res:
+                if k.startswith("accelerator_type:") and res.get("GPU", 0) > 0:
+                    kinds[k.split(":", 1)[1]] = kinds.get(k.split(":", 1)[1], 0) + res["GPU"]
+        if kinds.get(m.accelerator_type, 0) < gpus:
+            problems.append(f"model.accelerator_type {m.accelerator_type}: the replicas need {gpus:g} such GPUs "
+                            f"and the cluster has {kinds.get(m.accelerator_type, 0):g} (its GPU types: "
+                            f"{', '.join(f'{k} x {v:g}' for k, v in sorted(kinds.items())) or 'none'}). Set "
+                            f"the type the cluster has, null for any GPU, or model.wait_for_gpus_s for an "
+                            f"autoscaling cluster.")
+    if have_cpus < cpus:
+        room = (have_cpus - task_cpus - PREPROCESS_MIN_ACTORS * PREPROCESS_CPUS) / m.min_replicas
+        lower = (f"model.cpus_per_replica to {room:g}{' or less' if room else ''}" if 0 <= room < m.cpus_per_replica
+                 else replicas)
+        problems.append(f"the model stages need {cpus:g} CPUs at once and the cluster has {have_cpus:g}: "
+                        f"Preprocess {PREPROCESS_MIN_ACTORS} x {PREPROCESS_CPUS} CPU, Generate "
+                        f"{replicas} {m.min_replicas} x model.cpus_per_replica {m.cpus_per_replica:g}"
+                        + (f", {task_cpus:g} for the dataset's own tasks" if task_cpus else "") +
+                        f". Lower {lower}, or start Ray with more logical CPUs (ray.init(num_cpus=...) or "
+                        f"ray start --num-cpus; they may exceed the cores)")
+    if problems and m.wait_for_gpus_s <= 0:
+        raise JobError(problems[0])
+    for p in problems:
+        log.warning("%s (waiting up to model.wait_for_gpus_s = %g s for the cluster to grow)", p, m.wait_for_gpus_s)
+
+
 def _check_resources(cfg: JobConfig) -> None:
     import ray
 
-    need = cfg.model.min_replicas * cfg.model.gpus_per_replica
-    have = ray.cluster_resources().get("GPU", 0)
-    if need > 0 and have < need and cfg.model.wait_for_gpus_s <= 0:
-        raise JobError(f"model.min_replicas x model.gpus_per_replica = {need:g} GPUs, but the cluster "
-                       f"has {have:g}. Lower them, use gpus_per_replica=0 for CPU, or set "
-                       f"model.wait_for_gpus_s for an autoscaling cluster.")
+    check_cluster(cfg)
     # Other jobs on the cluster may hold what this one's minimal actor pools need: say so, since
     # Ray Data then waits silently (read tasks reserve no CPU, so whoever has actors progresses)
-    cpus = 1 + cfg.model.min_replicas * cfg.model.cpus_per_replica
+    cpus, need = pools_minimum(cfg)
     free = ray.available_resources()
     if free.get("CPU", 0) < cpus or free.get("GPU", 0) < need:
         log.warning("waiting for the cluster: this job's smallest actor pools need %g CPUs and %g GPUs; "

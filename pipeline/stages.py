@@ -30,7 +30,7 @@ from cogvlm.engine import Completion, Engine, Request
 from cogvlm.memory import CUDA_CONTEXT_BYTES
 from cogvlm.processor import normalize
 from cogvlm.sampling import derive_seed
-from cogvlm.weights import resolve_source, weights_fingerprint
+from cogvlm.weights import weights_fingerprint
 
 from . import errors as st
 from .config import JobConfig
@@ -38,8 +38,9 @@ from .crashes import Gate, isolating, process_isolating
 from .engine_loop import EngineBroken, EngineLoop
 from .errors import TransientError, describe, is_transient
 from .faults import maybe_inject_fault, worker_env
-from .fit import DoesNotFit, engine_settings, gpu_bytes_per_replica, replica_fit_error
-from .preflight import Prepared
+from .fit import (PREPROCESS_CPUS, PREPROCESS_MIN_ACTORS, DoesNotFit, engine_settings, gpu_bytes_per_replica,
+                  replica_fit_error)
+from .preflight import Prepared, load_tokenizer
 from .rows import OUTPUT_COLUMNS, PASSTHROUGH, PREPROCESSED_COLUMNS, RECORD_COLUMNS
 from .sink import PartSink
 from .storage import ConfinedFetcher, FileTooLarge, UriRefused, s3_options
@@ -47,20 +48,6 @@ from .tasks import Prompt, expand, to_json
 from .transport import UndecodableImage, pack, unpack
 
 log = logging.getLogger(__name__)
-
-TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "*.model", "vocab*", "merges.txt",
-                   "added_tokens.json", "config.json"]
-
-
-def load_tokenizer(job: JobConfig) -> Any:
-    from transformers import AutoTokenizer
-
-    source = job.model.tokenizer or job.model.source
-    local = resolve_source(source, job.model.cache_dir, storage_options=s3_options(job.s3),
-                           patterns=TOKENIZER_FILES)
-    # never run code shipped with a checkpoint (and never ask about it on stdin: workers have none)
-    return AutoTokenizer.from_pretrained(str(local), trust_remote_code=False)
-
 
 # Images fetched at once per Preprocess worker (URI inputs: a HEAD and a GET each, bound by latency,
 # not CPU). A constant, not a config key: it also caps the undecoded images a worker holds.
@@ -419,8 +406,9 @@ def model_stages(ds: Any, prepared: Prepared, crash_ledger: Any, whole_batches: 
     hooks = worker_env()  # the tests' fault hooks reach the stage workers through their runtime env
     kwargs = {"job": cfg, "model_config": prepared.mcfg, "crash_ledger": crash_ledger}
     ds = ds.map_batches(Preprocess, fn_constructor_kwargs=dict(kwargs, input_root=prepared.input_root),
-                        compute=ActorPoolStrategy(min_size=1, max_size=max(1, m.preprocess_workers)),
-                        num_cpus=1, batch_size=16, batch_format="pandas", **hooks)
+                        compute=ActorPoolStrategy(min_size=PREPROCESS_MIN_ACTORS,
+                                                  max_size=max(PREPROCESS_MIN_ACTORS, m.preprocess_workers)),
+                        num_cpus=PREPROCESS_CPUS, batch_size=16, batch_format="pandas", **hooks)
     # Generate's __call__ is async: a replica takes `batches_in_flight` Ray batches at once and
     # feeds them all to its one engine, so the device never waits for the next batch
     return ds.map_batches(Generate, fn_constructor_kwargs=dict(kwargs, whole_batches=whole_batches, sink=sink),
@@ -428,4 +416,5 @@ def model_stages(ds: Any, prepared: Prepared, crash_ledger: Any, whole_batches: 
                                                     max_tasks_in_flight_per_actor=m.batches_in_flight,
                                                     max_concurrent_calls_per_actor=m.batches_in_flight),
                           num_gpus=m.gpus_per_replica, num_cpus=m.cpus_per_replica,
+                          accelerator_type=m.accelerator_type if m.gpus_per_replica > 0 else None,
                           batch_size=m.batch_size, batch_format="pandas", **hooks)

@@ -516,3 +516,93 @@ def test_exactly_one_run_takes_over_an_expired_claim(store, tmp_path, request):
     assert json.loads(fs.cat_file(f"{root}/_claims/s1.json"))["run_id"] == won[0]
     late.release("s1")  # nor delete the new owner's claim
     assert json.loads(fs.cat_file(f"{root}/_claims/s1.json"))["run_id"] == won[0]
+
+
+# --- issue 20, item 2: a checkpoint that does not load fails in one line, before any work ----------
+
+def _broken_models(ckpt: Path, tok: Path, tmp_path: Path) -> dict[str, tuple[dict, str]]:
+    """Each way a checkpoint fails to load, made for real from the tiny one: name -> (model
+    section, what the one-line error must say)."""
+    import shutil
+
+    def copy(name: str, edit=None) -> Path:
+        d = tmp_path / name
+        shutil.copytree(ckpt, d)
+        if edit:
+            cfg = json.loads((d / "config.json").read_text())
+            edit(cfg)
+            (d / "config.json").write_text(json.dumps(cfg))
+        return d
+
+    truncated = copy("truncated")
+    shard = sorted(truncated.glob("*.safetensors"))[-1]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    (tmp_path / "empty-tokenizer").mkdir()
+
+    def llama(cfg: dict) -> None:
+        cfg.update(architectures=["LlamaForCausalLM"], model_type="llama")
+        del cfg["vision_config"]
+
+    from transformers import AutoTokenizer
+
+    bigger = AutoTokenizer.from_pretrained(str(tok))  # another model's: more tokens than the vocabulary
+    bigger.add_tokens([f"<extra{i}>" for i in range(8)])
+    bigger.save_pretrained(str(tmp_path / "bigger-tokenizer"))
+
+    base = {"source": str(ckpt), "tokenizer": str(tok)}
+    return {
+        "bigger tokenizer": (dict(base, tokenizer=str(tmp_path / "bigger-tokenizer")),
+                             r"model.tokenizer \S*bigger-tokenizer: the tokenizer has 1032 tokens, more than the "
+                             r"model's vocabulary \(1024\)"),
+        "tokenizer": (dict(base, tokenizer=str(tmp_path / "empty-tokenizer")),
+                      r"model.tokenizer \S*empty-tokenizer: no tokenizer loads from it"),
+        "truncated": (dict(base, source=str(truncated)), rf"model.source \S*truncated: .*{shard.name} is truncated"),
+        "other model": (dict(base, source=str(copy("llama", llama))), r"not a CogVLM model's \(LlamaForCausalLM\)"),
+        "wrong shape": (dict(base, source=str(copy("shape", lambda c: c.update(vocab_size=c["vocab_size"] * 2)))),
+                        r"shape mismatch for \S+: checkpoint \[1024, \d+\], model \[2048, \d+\]"),
+    }
+
+
+def test_a_checkpoint_that_does_not_load_fails_in_one_line_before_any_work(ckpt_v1, tokenizer_v1, tmp_path):
+    """The CLI: exit 2, one line, nothing in the output (on main: a wrong tokenizer ran Ray for 21 s
+    and ended with exit 1, 141 lines of ActorDiedError and _runs/ + _tmp/ left in the output; a
+    truncated shard gave exit 1 and a SafetensorError not naming the file). The job's run() and
+    build_processor (ConfigError; on main the raw SafetensorError) refuse each the same way."""
+    import re
+
+    from pipeline import JobError, build_processor
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(good_image(0))
+    broken = _broken_models(ckpt_v1, tokenizer_v1, tmp_path)
+    for name, (model, match) in broken.items():
+        out = tmp_path / f"out-{name.replace(' ', '-')}"
+        data = job(ckpt_v1, tokenizer_v1, tmp_path / "in", out, input={"format": "folder"}, model=model)
+        if name in ("tokenizer", "truncated"):  # the CLI, as the issue ran it
+            (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
+            proc = subprocess.run([sys.executable, "-m", "jobs.caption", "--config", str(tmp_path / "job.yaml")],
+                                  cwd=ROOT, capture_output=True, text=True, timeout=120)
+            lines = [ln for ln in proc.stderr.splitlines() if " INFO " not in ln]
+            assert proc.returncode == 2 and len(lines) == 1, (name, proc.returncode, proc.stderr[-3000:])
+            assert re.search(match, lines[0]) and lines[0].startswith("error: "), (name, lines[0])
+        else:
+            with pytest.raises(JobError, match=match):
+                run(load_config(data=data))
+        assert not out.exists(), (name, sorted(p.name for p in out.rglob("*")))
+        with pytest.raises(ConfigError, match=match):
+            build_processor(model=dict(model, dtype="fp32", gpus_per_replica=0))
+
+
+def test_a_run_that_stops_before_work_leaves_nothing_in_the_output(ckpt_v1, tokenizer_v1, tmp_path):
+    """The writable probe removes what it made (on main: _tmp/ and _runs/ stayed behind)."""
+    from pipeline.preflight import prepare
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(good_image(0))
+    out = tmp_path / "out"
+    prepared = prepare(load_config(data=job(ckpt_v1, tokenizer_v1, tmp_path / "in", out, input={"format": "folder"})))
+    assert prepared.pending and not out.exists()
+    (out / "data").mkdir(parents=True)  # an output with results in it keeps them, and gains nothing
+    prepare(load_config(data=job(ckpt_v1, tokenizer_v1, tmp_path / "in", out, input={"format": "folder"})))
+    assert sorted(p.name for p in out.iterdir()) == ["data"]
