@@ -189,6 +189,16 @@ class Committer:
             wait(self.running, return_when=FIRST_COMPLETED)
             self.check()
 
+    def leave(self, shard_ids: list[str], why: str) -> None:
+        """The run stops short: these shards, unless committed, are left for a rerun (their
+        claims released, their parts removed by the rerun that claims them)."""
+        self.held = []
+        done = set(self.commits.committed)
+        for sid in shard_ids:
+            if sid not in done and sid not in self.commits.failed:
+                self.commits.failed[sid] = why
+                self.claiming.release(sid)
+
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
 

@@ -54,6 +54,10 @@ _TRANSIENT_NAMES = {
     "ServerTimeoutError", "ClientPayloadError", "FSTimeoutError", "OutOfMemoryError",
     "IncompleteRead", "ProtocolError", "ResponseParserError", "ChunkedEncodingError",
     "RemoteDisconnected",
+    # Ray: the process, node or object an operation needed went away (a lost node, a killed
+    # worker); the work is redone elsewhere, it is never the input's answer
+    "RayActorError", "ActorDiedError", "ActorUnavailableError", "NodeDiedError", "ObjectLostError",
+    "OwnerDiedError", "WorkerCrashedError", "LocalRayletDiedError", "ObjectFetchTimedOutError",
 }
 
 
@@ -74,6 +78,10 @@ class JobError(RuntimeError):
 class RunStopped(JobError):
     """The run stopped after work began (store down, error guard, pipeline failure); what was
     committed is kept and a rerun resumes."""
+
+
+class NoNodes(RunStopped):
+    """No node of the cluster could run the stages for longer than `model.wait_for_nodes_s`."""
 
 
 class IncompleteRun(RunStopped):

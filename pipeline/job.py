@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import threading
 import time
 from typing import Any, Iterator
@@ -24,10 +25,10 @@ from .claims import MINE, Claiming
 from .commit import Committer, PartTracker, ShardParts
 from .config import JobConfig
 from .crashes import CrashLedger
-from .errors import IncompleteRun, JobError, RunStopped, describe, redact, root_cause
+from .errors import IncompleteRun, JobError, NoNodes, RunStopped, describe, redact, root_cause
 from .fit import check_fit
 from .listing import Shard
-from .preflight import Prepared, actor_wait_s, prepare, start_ray
+from .preflight import NodeWatch, Prepared, actor_wait_s, prepare, start_ray
 from .progress import Progress
 from .readers import read_block_bytes, shard_blocks_fn
 from .record import nothing_to_do, summarize, write_record
@@ -65,13 +66,22 @@ def run(cfg: JobConfig) -> dict[str, Any]:
     crash_ledger = on_driver_node(CrashLedger)
     progress = Progress(prepared.out_fs, prepared.layout.root, prepared.run_id, shards=len(pending))
     committer = Committer(cfg, prepared.ledger(), claiming, prepared.run_id, t0, progress)
+    watch = NodeWatch(cfg, progress)
     final = "failed"
+    no_nodes = None
     try:
         with _ticking(progress, cfg.progress_interval_s):
             log.info("run %s: %d shards, %d already committed, %d to process (each claimed as it is read)",
                      prepared.run_id, len(listing.shards), len(listing.shards) - len(pending), len(pending))
-            for shards in claiming.rounds(pending):
-                _execute(prepared, shards, committer, claiming, crash_ledger, sink)
+            try:
+                for shards in claiming.rounds(pending):
+                    _execute(prepared, shards, committer, claiming, crash_ledger, sink, watch)
+            except NoNodes as e:  # what was committed stays; the rest is left for a rerun
+                no_nodes = str(e)
+                log.error("%s: stopping; the shards not committed are left for a rerun", no_nodes)
+                committer.drain()
+                elsewhere = claiming.held_elsewhere()
+                committer.leave([s.shard_id for s in pending if s.shard_id not in elsewhere], no_nodes)
             final = "incomplete" if committer.result().failed else "done"
     finally:
         committer.close()
@@ -86,6 +96,10 @@ def run(cfg: JobConfig) -> dict[str, Any]:
     summary = write_record(prepared, summarize(prepared, commits, crash_stats, len(claiming.elsewhere)))
     if commits.failed:
         names = sorted(commits.failed)
+        if no_nodes is not None:
+            raise IncompleteRun(f"{no_nodes}: {len(names)} shards left uncommitted ({', '.join(names[:10])}"
+                                f"{', ...' if len(names) > 10 else ''}). Rerun the same config when the cluster "
+                                f"has nodes for the stages to finish them", summary)
         raise IncompleteRun(f"{len(names)} shards left uncommitted after transient failures "
                             f"({', '.join(names[:10])}{', ...' if len(names) > 10 else ''}): "
                             f"{redact(commits.failed[names[0]])[:300]}. Rerun the same config to finish them", summary)
@@ -125,20 +139,20 @@ def build_dataset(prepared: Prepared, shards: list[Shard], claiming: Claiming, c
 
 
 def _execute(prepared: Prepared, shards: list[Shard], committer: Committer, claiming: Claiming,
-             crash_ledger: Any, sink: PartSink) -> None:
+             crash_ledger: Any, sink: PartSink, watch: NodeWatch) -> None:
     """Run the pipeline over `shards`; the driver receives one small record per written part and
     hands each complete shard to the committer."""
     tracker = PartTracker()
     source = {s.shard_id: s.uri for s in shards}
     try:
         dataset = build_dataset(prepared, shards, claiming, crash_ledger, sink)
-        for batch in dataset.iter_batches(batch_format="pandas", batch_size=None):
+        for batch in _batches(dataset, watch):
             for rec in batch.to_dict("records"):
                 sp = tracker.add(rec)
                 if sp is not None:
                     committer.shard_done(sp, source[sp.shard_id])
             committer.check()
-    except JobError:
+    except JobError:  # NoNodes included
         raise
     except Exception as e:  # noqa: BLE001 - Ray's errors are pages long; the log has the details
         log.exception("the pipeline failed")
@@ -155,6 +169,55 @@ def _execute(prepared: Prepared, shards: list[Shard], committer: Committer, clai
         committer.shard_done(ShardParts(s.shard_id, total=0), s.uri)  # a shard with no samples
     committer.stream_ended()
     delete_late_parts(prepared.out_fs, prepared.layout.root, tracker.late)
+
+
+def _batches(dataset: Any, watch: NodeWatch) -> Iterator[Any]:
+    """The dataset's output batches, read on a thread so that the run can stop waiting for them:
+    `watch.check()` runs while none comes and raises NoNodes when the cluster has no node for the
+    stages for too long (Ray Data would wait for one forever); the executor is then shut down
+    and nothing read after that is committed."""
+    end = object()
+    q: queue.Queue = queue.Queue()
+    executors: list[Any] = []  # Ray Data keeps no public handle on a running iteration's executor
+    create = dataset._create_executor
+    dataset._create_executor = lambda: executors.append(create()) or executors[-1]
+
+    def pump() -> None:
+        try:
+            for batch in dataset.iter_batches(batch_format="pandas", batch_size=None):
+                q.put(batch)
+            q.put(end)
+        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread
+            q.put(e)
+
+    reader = threading.Thread(target=pump, name="stream", daemon=True)
+    reader.start()
+    while True:
+        try:
+            item = q.get(timeout=1.0)
+        except queue.Empty:
+            try:
+                watch.check()
+            except NoNodes:
+                _stop_streaming(executors, reader)
+                raise
+            continue
+        if item is end:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def _stop_streaming(executors: list[Any], reader: threading.Thread) -> None:
+    """Shut the dataset's executor down (its tasks and actors end) and let the reading thread
+    end, so that nothing calls Ray after the driver lets it go."""
+    try:
+        for executor in executors:
+            executor.shutdown(force=True)
+    except Exception as e:  # noqa: BLE001 - the driver ends anyway
+        log.warning("could not stop the pipeline's executor: %s", describe(e))
+    reader.join(timeout=30)
 
 
 @contextlib.contextmanager
