@@ -368,6 +368,32 @@ def test_credentials_in_urls_are_refused_without_repeating_them(tmp_path, url):
             assert part not in str(e.value)
 
 
+def test_a_run_ending_error_is_one_line_naming_the_root_cause():
+    """Ray wraps what a task raised in a coloured, pages-long RayTaskError: the run's last line
+    names what happened (here a full disk under a refused claim), without colour codes."""
+    import errno as errno_
+
+    from ray.exceptions import RayTaskError
+
+    from pipeline.claims import ClaimError
+    from pipeline.errors import describe, root_cause
+
+    try:
+        try:
+            raise OSError(errno_.ENOSPC, os.strerror(errno_.ENOSPC), "/out/_claims/00003.json")
+        except OSError as full:
+            raise ClaimError(f"could not claim shard 00003 under /out: {describe(full)}") from None
+    except ClaimError as claim:
+        wrapped = RayTaskError("\x1b[36mray::FlatMap(read)()\x1b[39m", "Traceback ...\n" * 200, claim)
+        wrapped = wrapped.as_instanceof_cause()
+    line = describe(root_cause(wrapped))
+    assert line.startswith("ClaimError: could not claim shard 00003") and "the disk is full" in line, line
+    assert "\x1b" not in line and "\n" not in line and "Traceback" not in line
+    coloured = describe(RuntimeError("\x1b[36mray::FlatMap(read)()\x1b[39m failed"))
+    assert coloured == "RuntimeError: ray::FlatMap(read)() failed"
+    assert describe(OSError(errno_.ENOSPC, "No space left on device")).startswith("the disk is full")
+
+
 def test_redaction_handles_slashes_and_at_signs():
     from pipeline.errors import redact
 
