@@ -22,7 +22,7 @@ from pipeline import ConfigError, InputError, load_config, run
 from pipeline.errors import IncompleteRun, RunStopped
 
 from .data import good_image, webdataset_shards, write_tar
-from .netfault import FlakyProxy
+from .netfault import Relay
 from .test_pipeline import job, read_output_s3, s3_client, upload_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +39,7 @@ def keys_once(df: pd.DataFrame, expected) -> None:
 @pytest.fixture()
 def flaky_s3(s3_bucket):
     bucket, endpoint = s3_bucket
-    proxy = FlakyProxy(int(endpoint.rsplit(":", 1)[1]))
+    proxy = Relay(int(endpoint.rsplit(":", 1)[1]))
     try:
         yield bucket, endpoint, proxy
     finally:
@@ -146,6 +146,57 @@ def test_s3_outage_during_commits(ray_cluster, ckpt_v1, tokenizer_v1, flaky_s3, 
     again = run(load_config(data=cfg2))
     assert "00001" in again["shards"]
     keys_once(read_output_s3(endpoint, out2), expected)
+
+
+def test_throttled_output_commits_every_shard_once(ray_cluster, ckpt_v1, tokenizer_v1, flaky_s3, tmp_path):
+    """For a window from the first commit on, every other PUT of a data file or marker is answered
+    503 SlowDown and the others are applied with their answers lost, and a marker PUT meets refused
+    connections: the run retries within its deadline or leaves shards for a rerun (exit 3); after at
+    most one rerun every image is there once, every marker has its whole data file, and no shard
+    the first run committed is committed again."""
+    import itertools
+    import time
+
+    bucket, endpoint, relay = flaky_s3
+    expected = webdataset_shards(tmp_path / "in", n_shards=4, per_shard=2)
+    out = f"s3://{bucket}/out"
+    window_s, opened, turn = 8.0, [], itertools.count()
+
+    def in_window(r) -> bool:
+        if r.method != "PUT" or not any(f"/{bucket}/out/{d}/" in r.path for d in ("data", "_ledger")):
+            return False
+        opened or opened.append(time.monotonic())
+        return time.monotonic() - opened[0] < window_s
+
+    relay.answer_503 = lambda r: in_window(r) and next(turn) % 2 == 0
+    relay.drop_answer = in_window  # asked only of the PUTs not answered 503: applied, answer lost
+    relay.outage_on(f"/{bucket}/out/_ledger/".encode(), seconds=2)  # refused connections for 2 s
+    cfg = load_config(data=job(ckpt_v1, tokenizer_v1, tmp_path / "in", out,
+                               s3={"endpoint_url": relay.url, "max_attempts": 2},
+                               retry={"deadline_s": 20, "backoff_s": 0.3}))
+    try:
+        first = run(cfg)
+    except IncompleteRun as e:  # shards left for the rerun
+        first = e.summary
+    assert relay.answered_503 and relay.dropped_answers and relay.outages, \
+        (relay.answered_503, relay.dropped_answers, relay.outages)
+    relay.answer_503 = relay.drop_answer = None
+    markers = {sid: json.loads(s3_client(endpoint).get_object(Bucket=bucket, Key=f"out/_ledger/{sid}.json")["Body"].read())
+               for sid in first["shards"]}
+    if first["shards_failed"]:
+        again = run(cfg)
+        assert not set(again["shards"]) & set(first["shards"]) and not again["shards_failed"]
+    client = s3_client(endpoint)
+    for sid, before in markers.items():  # committed once: the rerun did not rewrite the marker
+        now = json.loads(client.get_object(Bucket=bucket, Key=f"out/_ledger/{sid}.json")["Body"].read())
+        assert now == before, sid
+    listed = client.list_objects_v2(Bucket=bucket, Prefix="out/_ledger/")["Contents"]
+    assert len(listed) == 4
+    for obj in listed:  # every marker has its whole data file
+        rec = json.loads(client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read())
+        body = client.get_object(Bucket=bucket, Key=f"out/{rec['file']}")["Body"].read()
+        assert pq.read_table(pa.BufferReader(body)).num_rows == rec["rows"]
+    keys_once(read_output_s3(endpoint, out), expected)
 
 
 # --- names, temp files, caches, conditional writes (findings 2-5) -------------------------------
