@@ -181,12 +181,12 @@ def test_throttled_output_commits_every_shard_once(ray_cluster, ckpt_v1, tokeniz
     assert relay.answered_503 and relay.dropped_answers and relay.outages, \
         (relay.answered_503, relay.dropped_answers, relay.outages)
     relay.answer_503 = relay.drop_answer = None
-    markers = {sid: json.loads(s3_client(endpoint).get_object(Bucket=bucket, Key=f"out/_ledger/{sid}.json")["Body"].read())
+    client = s3_client(endpoint)
+    markers = {sid: json.loads(client.get_object(Bucket=bucket, Key=f"out/_ledger/{sid}.json")["Body"].read())
                for sid in first["shards"]}
     if first["shards_failed"]:
         again = run(cfg)
         assert not set(again["shards"]) & set(first["shards"]) and not again["shards_failed"]
-    client = s3_client(endpoint)
     for sid, before in markers.items():  # committed once: the rerun did not rewrite the marker
         now = json.loads(client.get_object(Bucket=bucket, Key=f"out/_ledger/{sid}.json")["Body"].read())
         assert now == before, sid
@@ -197,6 +197,60 @@ def test_throttled_output_commits_every_shard_once(ray_cluster, ckpt_v1, tokeniz
         body = client.get_object(Bucket=bucket, Key=f"out/{rec['file']}")["Body"].read()
         assert pq.read_table(pa.BufferReader(body)).num_rows == rec["rows"]
     keys_once(read_output_s3(endpoint, out), expected)
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 3 MB tmpfs (a disk that fills for real); skipped where mounting is not permitted."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {proc.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_full_disk_stops_with_one_line_and_the_rerun_completes_once(ray_cluster, ckpt_v1, tokenizer_v1,
+                                                                     small_disk, tmp_path):
+    """The output's disk fills mid-run: one `error:` line saying the disk is full (exit 1 or 3),
+    every marker has its whole data file and every data file reads; with space freed the rerun
+    commits the rest, every image once, and no shard the first run committed again."""
+    expected = webdataset_shards(tmp_path / "in", n_shards=8, per_shard=2)
+    out = small_disk / "out"
+    ballast = small_disk / "ballast"
+    st = os.statvfs(small_disk)
+    ballast.write_bytes(b"\0" * (st.f_bavail * st.f_frsize - 96 * 1024))  # 96 KB left: a few shards' worth
+    cfg = job(ckpt_v1, tokenizer_v1, tmp_path / "in", out, model={"batch_size": 2},
+              errors={"guard_images": 0}, retry={"deadline_s": 2, "backoff_s": 0.2})
+    cfg_path = tmp_path / "job.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "jobs.caption", "--config", str(cfg_path)]
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode in (1, 3), proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    errors_ = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors_ == [last] and "the disk is full" in last and "\x1b" not in last, proc.stderr[-3000:]
+    assert "Traceback" not in last
+
+    def markers() -> dict[str, dict]:
+        return {m.stem: json.loads(m.read_text()) for m in (out / "_ledger").glob("*.json")}
+
+    first = markers()
+    assert len(first) < 8, "the disk never filled"
+    for rec in first.values():  # every marker has its whole data file
+        assert pq.read_table(out / rec["file"]).num_rows == rec["rows"]
+    for f in (out / "data").glob("*"):  # and no partial data file lies where readers look
+        pq.read_table(f)
+    ballast.unlink()
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert all(markers()[sid] == rec for sid, rec in first.items())  # not committed again
+    keys_once(pd.read_parquet(out / "data"), expected)
 
 
 # --- names, temp files, caches, conditional writes (findings 2-5) -------------------------------
