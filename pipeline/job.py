@@ -217,7 +217,7 @@ def _stop_streaming(executors: list[Any], reader: threading.Thread) -> None:
             executor.shutdown(force=True)
     except Exception as e:  # noqa: BLE001 - the driver ends anyway
         log.warning("could not stop the pipeline's executor: %s", describe(e))
-    reader.join(timeout=30)
+    reader.join(timeout=10)
 
 
 @contextlib.contextmanager

@@ -127,17 +127,23 @@ class Cluster:
                     raise RuntimeError((tmp / "head.log").read_text()[-2000:])
                 time.sleep(0.3)
 
-    def add_worker(self, cpus: int = 4) -> subprocess.Popen:
+    def add_worker(self, cpus: int = 4, wait: bool = True) -> subprocess.Popen:
+        """A worker node; with `wait`, once it has joined (`ray start` says so)."""
         n = len(self.workers)
+        log = self.tmp / f"worker{n}.log"
         proc = _start([f"--address={self.gcs}", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",
-                       "--num-gpus=0"], self.env, self.tmp / f"worker{n}.log")
+                       "--num-gpus=0"], self.env, log)
         self.workers.append(proc)
+        deadline = time.time() + 120
+        while wait and "Ray runtime started" not in log.read_text():
+            if time.time() > deadline or proc.poll() is not None:
+                raise RuntimeError(log.read_text()[-2000:])
+            time.sleep(0.3)
         return proc
 
     def close(self) -> None:
-        for w in self.workers:
-            _kill_group(w, signal.SIGTERM)
-        _kill_group(self.head, signal.SIGTERM)
+        for proc in (*self.workers, self.head):  # every process of each node is in its group
+            _kill_group(proc)
         current = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
         if current.exists() and current.read_text().strip().endswith(f":{self.port}"):
             current.unlink()
@@ -178,7 +184,7 @@ def _run_killing_the_node(cluster: Cluster, cfg: dict, tmp: Path, replace: bool,
                 killed.set()
                 if replace:
                     time.sleep(2)
-                    cluster.add_worker()
+                    cluster.add_worker(wait=False)
                 break
             time.sleep(0.1)
         driver.wait(timeout=max(1, deadline - time.time()))
@@ -221,21 +227,19 @@ def test_lost_node_costs_only_its_in_flight_work(cluster, ckpt_v1, tokenizer_v1,
 
 def test_no_node_left_ends_with_exit_3_naming_the_shards(cluster, ckpt_v1, tokenizer_v1, tmp_path):
     """The worker node dies and none replaces it: the run waits `model.wait_for_nodes_s`, saying it
-    waits for resources, then ends with exit 3 naming the shards left; a rerun on a new node
-    finishes them, every image once."""
-    expected = webdataset_shards(tmp_path / "in", n_shards=4, per_shard=16)
+    waits for resources, then ends with exit 3 and one last `error:` line naming the shards left;
+    what it committed is whole. (The rerun's exactly-once is the lost-node test's.)"""
+    webdataset_shards(tmp_path / "in", n_shards=4, per_shard=16)
     cfg = _config(ckpt_v1, tokenizer_v1, tmp_path / "in", tmp_path / "out", wait_for_nodes_s=8)
     rc, out, err = _run_killing_the_node(cluster, cfg, tmp_path, replace=False)
     assert rc == 3, err[-4000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: ") and "no node" in last and "000" in last, last
     assert "waiting for resources" in err
-    summary = json.loads(out[out.index('{\n  "run_id"'):])
+    summary = json.JSONDecoder().raw_decode(out[out.index('{\n  "run_id"'):])[0]
     left = set(summary["shards_failed"])
     assert left and not left & set(summary["shards"])
-    cluster.add_worker()
-    rerun = subprocess.run([sys.executable, "-m", "jobs.caption", "--config", str(tmp_path / "job.yaml")], cwd=ROOT,
-                           env=dict(cluster.env, RAY_ADDRESS=cluster.gcs), capture_output=True, text=True,
-                           timeout=240)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    _committed_once(tmp_path / "out", expected)
+    assert left | set(summary["shards"]) == {f"{i:05d}" for i in range(4)}
+    for sid in summary["shards"]:
+        rec = json.loads((tmp_path / "out" / "_ledger" / f"{sid}.json").read_text())
+        assert pd.read_parquet(tmp_path / "out" / rec["file"]).shape[0] == rec["rows"]
