@@ -153,7 +153,7 @@ def test_throttled_output_commits_every_shard_once(ray_cluster, ckpt_v1, tokeniz
     503 SlowDown and the others are applied with their answers lost, and a marker PUT meets refused
     connections: the run retries within its deadline or leaves shards for a rerun (exit 3); after at
     most one rerun every image is there once, every marker has its whole data file, and no shard
-    the first run committed is committed again."""
+    the first run committed is committed again. (A guard: this held before the relay existed.)"""
     import itertools
     import time
 
