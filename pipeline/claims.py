@@ -379,6 +379,12 @@ class Claiming:
 
         return set(ray.get(self.keeper.outcomes.remote())[MINE])
 
+    def held_elsewhere(self) -> set[str]:
+        """The shards other runs held at their claim (their latest answer)."""
+        import ray
+
+        return set(ray.get(self.keeper.outcomes.remote())[BUSY])
+
     def release(self, shard_id: str) -> None:
         self.keeper.release.remote(shard_id)
 

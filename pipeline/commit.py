@@ -196,6 +196,16 @@ class Committer:
             wait(self.running, return_when=FIRST_COMPLETED)
             self.check()
 
+    def leave(self, shard_ids: list[str], why: str) -> None:
+        """The run stops short: these shards, unless committed, are left for a rerun (their
+        claims released, their parts removed by the rerun that claims them)."""
+        self.held = []
+        done = set(self.commits.committed)
+        for sid in shard_ids:
+            if sid not in done and sid not in self.commits.failed:
+                self.commits.failed[sid] = why
+                self.claiming.release(sid)
+
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
@@ -219,6 +229,7 @@ class Committer:
                                             **self.merge_options))
             self.ledger.mark(rec)
         except Exception as e:  # noqa: BLE001 - the store is down or full: stop with one line
+            log.warning("commit of shard %s failed", sid, exc_info=True)  # the traceback: the log's
             e = root_cause(e)  # a Ray task's error: the exception it raised
             if _quietly(lambda: self.ledger.is_done(sid)):  # another run (that took the claim over) committed it
                 log.warning("shard %s was committed by another run meanwhile", sid)

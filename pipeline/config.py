@@ -134,6 +134,9 @@ class ModelConfig:
     cpus_per_replica: float = 1
     preprocess_workers: int = 2  # CPU actors decoding and tokenizing
     wait_for_gpus_s: float = 0  # 0: fail at once when the cluster lacks the GPUs; >0 for autoscalers
+    # a run whose cluster has had no node that can run the stages (all lost, none replacing them)
+    # for this long stops waiting: exit 3, naming the shards left for a rerun
+    wait_for_nodes_s: float = 300
     cache_dir: str | None = None  # where s3:// checkpoints are downloaded (default ~/.cache/cogvlm)
 
 
@@ -217,6 +220,8 @@ class JobConfig:
         if self.model.quantization == "int4" and self.model.dtype != "bf16":
             # torchao's int4 kernels: bf16 only on GPUs; on CPUs fp32 works but ran 60x slower
             raise ConfigError(f"model.quantization int4 needs model.dtype bf16, got {self.model.dtype!r}")
+        if self.model.wait_for_nodes_s <= 0:
+            raise ConfigError(f"model.wait_for_nodes_s must be > 0, got {self.model.wait_for_nodes_s:g}")
         if self.progress_interval_s <= 0:
             raise ConfigError(f"progress_interval_s must be > 0, got {self.progress_interval_s:g}")
         if self.model.gpu_memory_gb is not None and self.model.gpu_memory_gb <= 0:

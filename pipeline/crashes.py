@@ -14,6 +14,10 @@ exactly one image, so a batch of n images ends after at most 1 + n * max_crashes
 that no image can be charged with (after all images were processed, e.g. while the results are
 returned) is bounded too: past 2 + n * max_crashes attempts the batch's images become error rows.
 
+A whole node lost (spot preemption, a killed raylet) is not the image's doing: an attempt that
+ran on a node that is dead by the time of the retry is forgotten, as if it never started, so a lost
+node costs only its in-flight work and never charges an image (`worker_died`).
+
 A replica that works on several batches at once (the Generate stage) processes an image "alone"
 only while no other batch runs in that process (`Gate`), so a death is charged to the right image.
 The same actor also gathers each replica's engine statistics for the run summary.
@@ -26,34 +30,80 @@ import contextlib
 from collections import Counter, OrderedDict
 from typing import Any, AsyncIterator, Callable
 
+def node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def dead_nodes() -> set[str]:
+    """The ids of the cluster's nodes that Ray knows to be dead."""
+    import ray
+
+    return {n["NodeID"] for n in ray.nodes() if not n.get("Alive", True)}
+
+
 class CrashLedger:
-    """The per-run memory of images in flight (run as a Ray actor; plain object in tests)."""
+    """The per-run memory of images in flight (run as a Ray actor; plain object in tests).
+
+    `dead`: the ids of dead nodes (default: asked of Ray when a retry comes, see `dead_nodes`)."""
 
     RECENT = 200_000  # attempt counts kept for this many recent images (a retry comes soon)
 
-    def __init__(self) -> None:
+    def __init__(self, dead: Callable[[], set[str]] | None = None) -> None:
         self.in_flight: Counter = Counter()  # batch attempts started and not finished, per image
-        self.alone: Counter = Counter()  # solo attempts started and not finished, per image
-        self.attempts: OrderedDict[str, int] = OrderedDict()  # batch attempts ever, recent images
+        self.alone: dict[str, list[str | None]] = {}  # solo attempts started and not finished: their nodes
+        self.attempts: OrderedDict[str, list[str | None]] = OrderedDict()  # batch attempts ever (their
+        # nodes), recent images
         self.deaths = 0
+        self.lost_to_nodes = 0  # attempts forgotten because their node died
         self.engines: dict[str, dict[str, Any]] = {}  # per replica: its latest engine statistics
+        self.dead = dead or dead_nodes
 
-    def begin(self, ids: list[str]) -> tuple[bool, int]:
-        """Start a batch attempt: (whether these images were seen before, i.e. a worker died
-        during or after an earlier attempt; the most attempts any of them has had)."""
-        retried = any(self.in_flight[i] or self.attempts.get(i, 0) for i in ids)
+    def _forget_lost(self, ids: list[str]) -> None:
+        """Drop the attempts of these images that ran on nodes now dead (not the images' doing)."""
+        if not any(self.attempts.get(i) or self.alone.get(i) for i in ids):
+            return
+        try:
+            dead = self.dead()
+        except Exception:  # noqa: BLE001 - unknown: every attempt counts, as before
+            return
+        if not dead:
+            return
+        for i in ids:
+            for book in (self.attempts, self.alone):
+                nodes = book.get(i)
+                if nodes and any(n in dead for n in nodes):
+                    kept = [n for n in nodes if n not in dead]
+                    self.lost_to_nodes += len(nodes) - len(kept)
+                    book[i] = kept
+                    if i in self.in_flight and book is self.attempts:
+                        self.in_flight[i] = min(self.in_flight[i], len(kept))
+
+    def begin(self, ids: list[str], node: str | None = None) -> tuple[bool, int]:
+        """Start a batch attempt on `node`: (whether these images were seen before, i.e. a worker
+        died during or after an earlier attempt on a node still alive; the most attempts any of
+        them has had on such nodes)."""
+        self._forget_lost(ids)
+        retried = any(self.in_flight[i] or self.attempts.get(i) for i in ids)
         for i in ids:
             self.in_flight[i] += 1
-            self.attempts[i] = self.attempts.pop(i, 0) + 1
+            self.attempts[i] = self.attempts.pop(i, []) + [node]
         while len(self.attempts) > self.RECENT:
             self.attempts.popitem(last=False)
         self.deaths += int(retried)
-        return retried, max(self.attempts[i] for i in ids)
+        return retried, max(len(self.attempts[i]) for i in ids)
 
-    def begin_alone(self, image_id: str) -> int:
-        """Start processing one image alone; returns how many workers died on it alone before."""
-        self.alone[image_id] += 1
-        return self.alone[image_id] - 1
+    def begin_alone(self, image_id: str, node: str | None = None) -> int:
+        """Start processing one image alone on `node`; returns how many workers died on it alone
+        before (on nodes still alive)."""
+        self._forget_lost([image_id])
+        self.alone.setdefault(image_id, []).append(node)
+        return len(self.alone[image_id]) - 1
 
     def end(self, ids: list[str]) -> None:
         for i in ids:
@@ -68,7 +118,8 @@ class CrashLedger:
         total: Counter = Counter()
         for st in self.engines.values():
             total.update({k: v for k, v in st.items() if isinstance(v, (int, float))})
-        return {"retried_batches": self.deaths, "engine": dict(total), "replicas": len(self.engines)}
+        return {"retried_batches": self.deaths, "lost_to_nodes": self.lost_to_nodes, "engine": dict(total),
+                "replicas": len(self.engines)}
 
 
 def image_id(stage: str, row: dict[str, Any]) -> str:
@@ -141,7 +192,8 @@ async def isolating(ledger: Any, stage: str, rows: Rows, process: Callable[[Rows
                 yield out
         return
     ids = [image_id(stage, r) for r in rows]
-    retried, attempts = await ledger.begin.remote(ids)
+    node = node_id()
+    retried, attempts = await ledger.begin.remote(ids, node)
     if not retried:
         async with gate.shared():
             async for out in process(rows):
@@ -151,7 +203,7 @@ async def isolating(ledger: Any, stage: str, rows: Rows, process: Callable[[Rows
     cap = 2 + len(ids) * max_crashes
     for r, i in zip(rows, ids):
         async with gate.exclusive():
-            deaths = await ledger.begin_alone.remote(i)
+            deaths = await ledger.begin_alone.remote(i, node)
             if deaths >= max_crashes or attempts > cap:
                 out = died(r, max(deaths, attempts - 1))
             else:

@@ -55,6 +55,10 @@ _TRANSIENT_NAMES = {
     "ServerTimeoutError", "ClientPayloadError", "FSTimeoutError", "OutOfMemoryError",
     "IncompleteRead", "ProtocolError", "ResponseParserError", "ChunkedEncodingError",
     "RemoteDisconnected",
+    # Ray: the process, node or object an operation needed went away (a lost node, a killed
+    # worker); the work is redone elsewhere, it is never the input's answer
+    "RayActorError", "ActorDiedError", "ActorUnavailableError", "NodeDiedError", "ObjectLostError",
+    "OwnerDiedError", "WorkerCrashedError", "LocalRayletDiedError", "ObjectFetchTimedOutError",
 }
 
 
@@ -75,6 +79,10 @@ class JobError(RuntimeError):
 class RunStopped(JobError):
     """The run stopped after work began (store down, error guard, pipeline failure); what was
     committed is kept and a rerun resumes."""
+
+
+class NoNodes(RunStopped):
+    """No node of the cluster could run the stages for longer than `model.wait_for_nodes_s`."""
 
 
 class IncompleteRun(RunStopped):
@@ -146,6 +154,7 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")  # terminal colours (Ray's), cursor codes
 _OBJECT_REPR = re.compile(r"\s*<[^<>]*? (?:object )?at 0x[0-9a-fA-F]+>")
 _USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^\s'\"<>]*@")
 
@@ -155,9 +164,21 @@ def redact(text: str) -> str:
     return _USERINFO.sub(r"\1***@", text)
 
 
+_FULL = re.compile(r"No space left on device|\[Errno 28\]|Disk quota exceeded|\[Errno 122\]")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether a full disk (or quota) caused `exc`: ENOSPC/EDQUOT in the chain, or named in a
+    message (a Ray task's error keeps only the text of what it wrapped)."""
+    return any((isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or _FULL.search(str(e))
+               for e in _chain(exc))
+
+
 def describe(exc: BaseException) -> str:
-    """`Type: message` on one line: no object addresses, no credentials, no working directory."""
+    """`Type: message` on one line: no object addresses, no credentials, no working directory,
+    no terminal colour codes; a full disk says so first."""
     msg = str(exc) or (str(exc.args[0]) if exc.args else "")
+    msg = _ANSI.sub("", msg)
     msg = _OBJECT_REPR.sub("", msg)
     cwd = os.getcwd()
     if len(cwd) > 1:
@@ -169,7 +190,8 @@ def describe(exc: BaseException) -> str:
     name = type(exc).__name__
     if code and code not in msg:
         name += f" [{code}]"
-    return f"{name}: {msg}" if msg else name
+    text = f"{name}: {msg}" if msg else name
+    return f"the disk is full ({text})" if is_disk_full(exc) and "the disk is full" not in text else text
 
 
 # --- retries ------------------------------------------------------------------------------------

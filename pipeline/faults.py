@@ -4,6 +4,8 @@
     COGVLM_WRITE_FAULT="<key>:<flag file>"        SIGKILL the first Generate worker that writes a part
                                                   holding <key>, right after the write
     COGVLM_KILL_AFTER_SHARDS=N                    SIGKILL the driver after its N-th commit
+    COGVLM_FAULT_PAUSE="stage:seconds"            the stage's workers pause this long per batch
+                                                  (slow work, so that a node dies mid-run)
 
 Unset (as in every real run) each hook is one environment lookup. `worker_env()` forwards the set
 ones to the stage workers (variables set in the driver after `ray.init` do not reach them).
@@ -18,11 +20,12 @@ from typing import Any
 FAULT_ENV = "COGVLM_FAULT_KILL_WORKER_ON"
 WRITE_FAULT_ENV = "COGVLM_WRITE_FAULT"
 KILL_AFTER_ENV = "COGVLM_KILL_AFTER_SHARDS"
+PAUSE_ENV = "COGVLM_FAULT_PAUSE"
 
 
 def worker_env() -> dict[str, Any]:
     """Ray remote args that carry the set worker hooks to a stage's workers ({} when none is set)."""
-    hooks = {k: os.environ[k] for k in (FAULT_ENV, WRITE_FAULT_ENV) if os.environ.get(k)}
+    hooks = {k: os.environ[k] for k in (FAULT_ENV, WRITE_FAULT_ENV, PAUSE_ENV) if os.environ.get(k)}
     return {"runtime_env": {"env_vars": hooks}} if hooks else {}
 
 
@@ -31,6 +34,13 @@ def maybe_inject_fault(stage: str, key: str) -> None:
     spec = os.environ.get(FAULT_ENV)
     if spec and f"{stage}:{key}" in spec.split(","):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def pause_s(stage: str) -> float:
+    """PAUSE_ENV's seconds for this stage (0: none)."""
+    spec = os.environ.get(PAUSE_ENV, "")
+    name, _, seconds = spec.partition(":")
+    return float(seconds) if spec and name == stage else 0.0
 
 
 def maybe_die_after_write(keys: list[str]) -> None:

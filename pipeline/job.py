@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import threading
 import time
 from typing import Any, Iterator
@@ -24,13 +25,13 @@ from .claims import MINE, Claiming
 from .commit import Committer, PartTracker, ShardParts
 from .config import JobConfig
 from .crashes import CrashLedger
-from .errors import IncompleteRun, JobError, RunStopped, describe, redact, root_cause
+from .errors import JobError, NoNodes, RunStopped, describe, root_cause
 from .fit import check_fit
 from .listing import Shard
-from .preflight import Prepared, actor_wait_s, prepare, start_ray
+from .preflight import NodeWatch, Prepared, actor_wait_s, prepare, start_ray
 from .progress import Progress
 from .readers import carried_schema, read_block_bytes, shard_blocks_fn
-from .record import nothing_to_do, summarize, write_record
+from .record import incomplete, nothing_to_do, summarize, write_record
 from .rows import TOTAL_UNKNOWN
 from .sink import PartSink, delete_late_parts, delete_parts, sweep_parts
 from .stages import model_stages
@@ -51,11 +52,7 @@ def run(cfg: JobConfig) -> dict[str, Any]:
         log.info("run %s: all %d shards are already committed; nothing new to process", prepared.run_id,
                  len(prepared.listing.shards))
         return write_record(prepared, nothing_to_do(prepared, t0))
-    if listing.skipped_files:
-        log.info("%d files under the input are not %s and were skipped (e.g. %s)", listing.skipped_files,
-                 "images" if cfg.input.format == "folder" else "shards", ", ".join(listing.skipped_examples))
-        for why, skipped in listing.skipped_reasons.items():
-            log.info("  skipped %d files: %s (e.g. %s)", skipped["files"], why, ", ".join(skipped["examples"]))
+    listing.log_skipped(cfg.input.format)
     if cfg.model.gpu_memory_gb is not None:  # before Ray: the GPU's size is configured
         check_fit(cfg, prepared.mcfg)
     plan.log_one_line(prepared)
@@ -68,13 +65,22 @@ def run(cfg: JobConfig) -> dict[str, Any]:
     crash_ledger = on_driver_node(CrashLedger)
     progress = Progress(prepared.out_fs, prepared.layout.root, prepared.run_id, shards=len(pending))
     committer = Committer(cfg, prepared.ledger(), claiming, prepared.run_id, t0, progress, carried)
+    watch = NodeWatch(cfg, progress)
     final = "failed"
+    no_nodes = None
     try:
         with _ticking(progress, cfg.progress_interval_s):
             log.info("run %s: %d shards, %d already committed, %d to process (each claimed as it is read)",
                      prepared.run_id, len(listing.shards), len(listing.shards) - len(pending), len(pending))
-            for shards in claiming.rounds(pending):
-                _execute(prepared, shards, committer, claiming, crash_ledger, sink)
+            try:
+                for shards in claiming.rounds(pending):
+                    _execute(prepared, shards, committer, claiming, crash_ledger, sink, watch)
+            except NoNodes as e:  # what was committed stays; the rest is left for a rerun
+                no_nodes = str(e)
+                log.error("%s: stopping; the shards not committed are left for a rerun", no_nodes)
+                committer.drain()
+                elsewhere = claiming.held_elsewhere()
+                committer.leave([s.shard_id for s in pending if s.shard_id not in elsewhere], no_nodes)
             final = "incomplete" if committer.result().failed else "done"
     finally:
         committer.close()
@@ -88,10 +94,7 @@ def run(cfg: JobConfig) -> dict[str, Any]:
     commits = committer.result()
     summary = write_record(prepared, summarize(prepared, commits, crash_stats, len(claiming.elsewhere)))
     if commits.failed:
-        names = sorted(commits.failed)
-        raise IncompleteRun(f"{len(names)} shards left uncommitted after transient failures "
-                            f"({', '.join(names[:10])}{', ...' if len(names) > 10 else ''}): "
-                            f"{redact(commits.failed[names[0]])[:300]}. Rerun the same config to finish them", summary)
+        raise incomplete(commits, summary, no_nodes)
     return summary
 
 
@@ -128,20 +131,20 @@ def build_dataset(prepared: Prepared, shards: list[Shard], claiming: Claiming, c
 
 
 def _execute(prepared: Prepared, shards: list[Shard], committer: Committer, claiming: Claiming,
-             crash_ledger: Any, sink: PartSink) -> None:
+             crash_ledger: Any, sink: PartSink, watch: NodeWatch) -> None:
     """Run the pipeline over `shards`; the driver receives one small record per written part and
     hands each complete shard to the committer."""
     tracker = PartTracker()
     source = {s.shard_id: s.uri for s in shards}
     try:
         dataset = build_dataset(prepared, shards, claiming, crash_ledger, sink)
-        for batch in dataset.iter_batches(batch_format="pandas", batch_size=None):
+        for batch in _batches(dataset, watch):
             for rec in batch.to_dict("records"):
                 sp = tracker.add(rec)
                 if sp is not None:
                     committer.shard_done(sp, source[sp.shard_id])
             committer.check()
-    except JobError:
+    except JobError:  # NoNodes included
         raise
     except Exception as e:  # noqa: BLE001 - Ray's errors are pages long; the log has the details
         log.exception("the pipeline failed")
@@ -158,6 +161,55 @@ def _execute(prepared: Prepared, shards: list[Shard], committer: Committer, clai
         committer.shard_done(ShardParts(s.shard_id, total=0), s.uri)  # a shard with no samples
     committer.stream_ended()
     delete_late_parts(prepared.out_fs, prepared.layout.root, tracker.late)
+
+
+def _batches(dataset: Any, watch: NodeWatch) -> Iterator[Any]:
+    """The dataset's output batches, read on a thread so that the run can stop waiting for them:
+    `watch.check()` runs while none comes and raises NoNodes when the cluster has no node for the
+    stages for too long (Ray Data would wait for one forever); the executor is then shut down
+    and nothing read after that is committed."""
+    end = object()
+    q: queue.Queue = queue.Queue()
+    executors: list[Any] = []  # Ray Data keeps no public handle on a running iteration's executor
+    create = dataset._create_executor
+    dataset._create_executor = lambda: executors.append(create()) or executors[-1]
+
+    def pump() -> None:
+        try:
+            for batch in dataset.iter_batches(batch_format="pandas", batch_size=None):
+                q.put(batch)
+            q.put(end)
+        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread
+            q.put(e)
+
+    reader = threading.Thread(target=pump, name="stream", daemon=True)
+    reader.start()
+    while True:
+        try:
+            item = q.get(timeout=1.0)
+        except queue.Empty:
+            try:
+                watch.check()
+            except NoNodes:
+                _stop_streaming(executors, reader)
+                raise
+            continue
+        if item is end:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def _stop_streaming(executors: list[Any], reader: threading.Thread) -> None:
+    """Shut the dataset's executor down (its tasks and actors end) and let the reading thread
+    end, so that nothing calls Ray after the driver lets it go."""
+    try:
+        for executor in executors:
+            executor.shutdown(force=True)
+    except Exception as e:  # noqa: BLE001 - the driver ends anyway
+        log.warning("could not stop the pipeline's executor: %s", describe(e))
+    reader.join(timeout=10)
 
 
 @contextlib.contextmanager

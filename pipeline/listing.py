@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import posixpath
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +42,8 @@ SKIP_NOT_SHARD = {"webdataset": "not a tar shard (.tar, .tar.gz, .tgz, .tar.bz2,
                   "parquet": "not a .parquet file", "folder": "not an image (by its extension)"}
 SKIP_SIDECAR = "img2dataset metadata (a shard's .parquet or _stats.json, an image's .txt or .json)"
 
+log = logging.getLogger("pipeline")
+
 EXACT, ESTIMATED = "exact", "estimated"
 COUNT_SHARDS = 200  # most shards opened to count images; the rest are extrapolated by size
 
@@ -63,6 +66,15 @@ class InputListing:
     skipped_examples: list[str] = field(default_factory=list)
     # why -> {"files": count, "examples": the first few} (see skip_reason)
     skipped_reasons: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def log_skipped(self, fmt: str) -> None:
+        """Log the files the job will not read, with the reasons (a line per reason)."""
+        if not self.skipped_files:
+            return
+        log.info("%d files under the input are not %s and were skipped (e.g. %s)", self.skipped_files,
+                 "images" if fmt == "folder" else "shards", ", ".join(self.skipped_examples))
+        for why, skipped in self.skipped_reasons.items():
+            log.info("  skipped %d files: %s (e.g. %s)", skipped["files"], why, ", ".join(skipped["examples"]))
 
 
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-_")

@@ -6,6 +6,8 @@
     start_ray(prepared)           join or start Ray, check the cluster's resources and the GPU fit
     for_dataset(cfg, input_root)  the same model checks for the library API (no input, no output)
     check_cluster(cfg)            the stages' smallest actor pools fit the connected cluster
+    NodeWatch(cfg, progress)      the cluster watched while the run goes: nodes lost and none to
+                                  replace them stop the run after `model.wait_for_nodes_s`
 
 The CLI job, the cost plan and the processor all take a `Prepared`.
 """
@@ -20,17 +22,19 @@ import logging
 import os
 import posixpath
 import socket
-from typing import Any
+import time
+from typing import Any, Callable
 
 import cogvlm
 from cogvlm.weights import CheckpointError, check_checkpoint, read_config, resolve_source
 
 from .config import JobConfig
-from .errors import METADATA_DEADLINE_S, JobError, describe, redact, retry
+from .errors import METADATA_DEADLINE_S, JobError, NoNodes, describe, redact, retry
 from .fit import PREPROCESS_CPUS, PREPROCESS_MIN_ACTORS, check_fit, pools_minimum
 from .layout import OutputLayout
 from .ledger import Ledger
 from .listing import InputListing, Shard, check_parquet_columns, list_input
+from .progress import Progress, duration
 from .storage import filesystem, is_s3, s3_options, to_uri, write_bytes_atomic
 
 log = logging.getLogger("pipeline")
@@ -300,3 +304,68 @@ def _check_resources(cfg: JobConfig) -> None:
                     "free now: %g CPUs, %g GPUs (other jobs hold the rest; this job starts when they "
                     "finish, or fails after %d s)", cpus, need, free.get("CPU", 0), free.get("GPU", 0),
                     actor_wait_s(cfg))
+
+
+def stages_can_run(cfg: JobConfig, nodes: list[dict[str, Any]]) -> bool:
+    """Whether the live nodes (`ray.nodes()`) can host a Preprocess actor and a Generate replica."""
+    m = cfg.model
+    live = [n.get("Resources") or {} for n in nodes if n.get("Alive")]
+    preprocess = any(r.get("CPU", 0) >= 1 for r in live)
+    generate = any(r.get("CPU", 0) >= m.cpus_per_replica and r.get("GPU", 0) >= m.gpus_per_replica for r in live)
+    return preprocess and generate
+
+
+class NodeWatch:
+    """While the run waits for its stages' results: whether any node can still run them. Nodes
+    lost with none to replace them (or an autoscaler that brings none) stop the run with NoNodes
+    after `model.wait_for_nodes_s` (at least `model.wait_for_gpus_s`); meanwhile the progress line
+    says that the run waits for resources."""
+
+    EVERY_S = 2.0  # the cluster's nodes are asked at most this often
+
+    def __init__(self, cfg: JobConfig, progress: Progress | None = None,
+                 nodes: Callable[[], list[dict[str, Any]]] | None = None, clock: Callable[[], float] = time.monotonic):
+        self.cfg, self.progress, self.clock = cfg, progress, clock
+        self.limit = max(cfg.model.wait_for_nodes_s, cfg.model.wait_for_gpus_s)
+        self.nodes = nodes or _ray_nodes
+        self.since: float | None = None
+        self.asked = float("-inf")
+
+    def check(self) -> None:
+        """Raise NoNodes once no node could run the stages for longer than the limit."""
+        now = self.clock()
+        if now - self.asked >= self.EVERY_S:
+            self.asked = now
+            try:
+                ok = stages_can_run(self.cfg, self.nodes())
+            except Exception as e:  # noqa: BLE001 - the GCS did not answer: judge next time
+                log.warning("could not list the cluster's nodes: %s", describe(e))
+                return
+            if ok:
+                if self.since is not None:
+                    log.info("a node that can run the stages is back")
+                self.since = None
+                self._note(None)
+                return
+            if self.since is None:
+                self.since = now
+                log.warning("no node of the cluster can run the stages (lost?); waiting up to %s for one "
+                            "(model.wait_for_nodes_s)", duration(self.limit))
+        if self.since is None:
+            return
+        waited = now - self.since
+        self._note(f"waiting for resources: no node can run the stages for {duration(waited)} "
+                   f"(gives up after {duration(self.limit)})")
+        if waited > self.limit:
+            raise NoNodes(f"no node could run the stages for {duration(waited)} (model.wait_for_nodes_s="
+                          f"{self.limit:g})")
+
+    def _note(self, text: str | None) -> None:
+        if self.progress is not None:
+            self.progress.waiting = text
+
+
+def _ray_nodes() -> list[dict[str, Any]]:
+    import ray
+
+    return ray.nodes()

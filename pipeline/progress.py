@@ -50,6 +50,7 @@ class Progress:
         self.lock = threading.Lock()
         self.write_lock = threading.Lock()
         self.written = float("-inf")  # when progress.json was last written
+        self.waiting: str | None = None  # what the run waits for, when it waits (e.g. nodes)
 
     def add_shard(self, images: int, counts: Counter) -> None:
         with self.lock:
@@ -89,7 +90,7 @@ class Progress:
                     "images_per_s": None if rate is None else round(rate, 3),
                     "eta_s": None if not rate or left is None else round(left / rate, 1),
                     "rows_by_status": dict(sorted(self.counts.items())), "errors_by_status": errors,
-                    "elapsed_s": round(now - self.t0, 1),
+                    "elapsed_s": round(now - self.t0, 1), "waiting": self.waiting,
                     "updated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
     def line(self, p: dict[str, Any]) -> str:
@@ -98,8 +99,9 @@ class Progress:
         eta = "-" if p["eta_s"] is None else str(dt.timedelta(seconds=int(p["eta_s"])))
         errors = ", ".join(f"{k} {v}" for k, v in p["errors_by_status"].items()) or "none"
         state = "" if p["state"] == "running" else f" ({p['state']})"
+        waiting = f"; {p['waiting']}" if p.get("waiting") and p["state"] == "running" else ""
         return (f"progress{state}: {p['images_done']}/{total} images, {p['shards_done']}/{p['shards_total']} shards, "
-                f"{rate} images/s, ETA {eta}, errors: {errors}")
+                f"{rate} images/s, ETA {eta}, errors: {errors}{waiting}")
 
     def report(self, state: str = "running") -> dict[str, Any]:
         """Log the line and write progress.json (a failed write is logged, never raised)."""

@@ -14,7 +14,7 @@ import cogvlm
 
 from .commit import Commits
 from .config import to_dict
-from .errors import describe, redact, retry
+from .errors import IncompleteRun, describe, redact, retry
 from .preflight import Prepared
 from .storage import write_bytes_atomic
 
@@ -60,6 +60,18 @@ def summarize(prepared: Prepared, commits: Commits, crash_stats: dict[str, Any],
     if prepared.cfg.mode == "enrich" and elsewhere and not c.committed and not c.failed:
         summary["message"] = "new shards are being processed by other runs"
     return summary
+
+
+def incomplete(commits: Commits, summary: dict[str, Any], no_nodes: str | None) -> IncompleteRun:
+    """The one-line error of a run that left shards for a rerun (`no_nodes`: why the run stopped
+    waiting for nodes, if it did)."""
+    names = sorted(commits.failed)
+    listed = f"{', '.join(names[:10])}{', ...' if len(names) > 10 else ''}"
+    if no_nodes is not None:
+        return IncompleteRun(f"{no_nodes}: {len(names)} shards left uncommitted ({listed}). Rerun the same config "
+                             f"when the cluster has nodes for the stages to finish them", summary)
+    return IncompleteRun(f"{len(names)} shards left uncommitted after transient failures ({listed}): "
+                         f"{redact(commits.failed[names[0]])[:300]}. Rerun the same config to finish them", summary)
 
 
 def engine_summary(crash_stats: dict[str, Any]) -> dict[str, Any]:

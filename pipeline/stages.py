@@ -37,7 +37,7 @@ from .config import JobConfig
 from .crashes import Gate, isolating, process_isolating
 from .engine_loop import EngineBroken, EngineLoop
 from .errors import TransientError, describe, is_transient
-from .faults import maybe_inject_fault, worker_env
+from .faults import maybe_inject_fault, pause_s, worker_env
 from .fit import (PREPROCESS_CPUS, PREPROCESS_MIN_ACTORS, DoesNotFit, engine_settings, gpu_bytes_per_replica,
                   replica_fit_error)
 from .preflight import Prepared, load_tokenizer
@@ -249,6 +249,8 @@ class Generate:
 
     async def __call__(self, batch: pd.DataFrame) -> AsyncIterator[pd.DataFrame]:
         rows = batch.to_dict("records")
+        if pause := pause_s("generate"):  # a test's slow replica
+            await asyncio.sleep(pause)
         try:
             if self.sink is not None:
                 out = [r async for group in self._outputs(rows) for r in group]

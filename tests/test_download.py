@@ -1,7 +1,7 @@
 """s3:// checkpoints: one download per cache directory, byte ranges reassembled exactly, and a
 downloader killed mid-way blocks no one (separate OS processes, a real S3 server on loopback).
 
-Every request to S3 goes through `CountingProxy`, which records it, so "downloaded once" is
+Every request to S3 goes through `Relay`, which records it, so "downloaded once" is
 counted on the wire: the ranged GETs of each object add up to its size exactly once.
 """
 
@@ -12,17 +12,16 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 import pytest
 
 from cogvlm import weights
+
+from .netfault import Relay
 
 ROOT = Path(__file__).resolve().parents[1]
 BIG = 5 * 2**20 + 12345  # five 1 MB parts and a short last one
@@ -45,87 +44,9 @@ print(weights.resolve_source(args["uri"], cache_dir=args["cache"], storage_optio
 """
 
 
-class CountingProxy:
-    """A TCP proxy on loopback in front of the S3 server.
-
-    It records each request's method, path and Range header, and holds every ranged GET for
-    `delay` seconds before passing it on (a slow link, so a download can be caught in flight).
-    """
-
-    def __init__(self, endpoint: str) -> None:
-        self.target = ("127.0.0.1", int(endpoint.rsplit(":", 1)[1]))
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.requests: list[tuple[str, str, str | None]] = []  # (method, path, range)
-        self.delay = 0.0
-        self._lock = threading.Lock()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def fetched(self, key: str) -> int:
-        """Bytes of object `key` asked for with ranged GETs, over every client so far."""
-        total = 0
-        with self._lock:
-            for method, path, rng in self.requests:
-                if method == "GET" and path.endswith("/" + key):
-                    assert rng is not None, f"unranged GET of {path}"
-                    start, end = rng.removeprefix("bytes=").split("-")
-                    total += int(end) - int(start) + 1
-        return total
-
-    def gets(self) -> list[tuple[str, str | None]]:
-        with self._lock:
-            return [(path, rng) for method, path, rng in self.requests if method == "GET" and rng]
-
-    def close(self) -> None:
-        self.listener.close()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(client,), daemon=True).start()
-
-    def _handle(self, client: socket.socket) -> None:
-        upstream = socket.create_connection(self.target)
-        threading.Thread(target=_pipe, args=(upstream, client), daemon=True).start()
-        buf = b""
-        try:
-            while data := client.recv(65536):
-                buf += data
-                while b"\r\n\r\n" in buf:
-                    head, rest = buf.split(b"\r\n\r\n", 1)
-                    lines = head.decode("latin-1").split("\r\n")
-                    method, target = lines[0].split(" ")[:2]
-                    headers = {k.strip().lower(): v.strip() for k, v in
-                               (line.split(":", 1) for line in lines[1:] if ":" in line)}
-                    body = int(headers.get("content-length", 0))
-                    if len(rest) < body:
-                        break  # wait for the rest of the body
-                    rng = headers.get("range")
-                    with self._lock:
-                        self.requests.append((method, unquote(urlsplit(target).path), rng))
-                    if method == "GET" and rng and self.delay:
-                        time.sleep(self.delay)
-                    upstream.sendall(head + b"\r\n\r\n" + rest[:body])
-                    buf = rest[body:]
-        except OSError:
-            pass
-        finally:
-            client.close()
-            upstream.close()
-
-
-def _pipe(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data)
-    except OSError:
-        pass
-    finally:
-        src.close()
-        dst.close()
+def _ranged(seconds: float):
+    """A relay delay for ranged GETs only (a slow link for the downloads, not their HEADs)."""
+    return lambda r: seconds if r.method == "GET" and r.range else 0.0
 
 
 def _sha(path: Path) -> str:
@@ -147,7 +68,7 @@ def source(ckpt_v1, s3_bucket, tmp_path):
     (src / "big.bin").write_bytes(os.urandom(BIG))
     for f in src.iterdir():
         client.upload_file(str(f), bucket, f"models/tiny/{f.name}")
-    proxy = CountingProxy(endpoint)
+    proxy = Relay(int(endpoint.rsplit(":", 1)[1]))
     try:
         yield f"s3://{bucket}/models/tiny", {f.name: _sha(f) for f in src.iterdir()}, proxy
     finally:
@@ -159,7 +80,7 @@ def start(tmp_path):
     """Starts downloader processes; any still running at the end of the test is killed."""
     procs: list[subprocess.Popen] = []
 
-    def start(name: str, uri: str, cache: Path, proxy: CountingProxy, *,
+    def start(name: str, uri: str, cache: Path, proxy: Relay, *,
               part_bytes: int, workers: int) -> tuple[subprocess.Popen, Path, Path]:
         """A downloader process; returns it, its go file and its log file."""
         go, log = tmp_path / f"{name}.go", tmp_path / f"{name}.log"
@@ -192,7 +113,7 @@ def _assert_same_files(local: Path, shas: dict[str, str]) -> None:
     assert not list(local.rglob("*.part-*"))
 
 
-def _assert_fetched_once(proxy: CountingProxy, local: Path) -> None:
+def _assert_fetched_once(proxy: Relay, local: Path) -> None:
     """The ranged GETs of each object, over every process, add up to its size."""
     for f in local.iterdir():
         if not f.name.startswith("."):
@@ -201,7 +122,7 @@ def _assert_fetched_once(proxy: CountingProxy, local: Path) -> None:
 
 def test_processes_sharing_a_cache_download_once(source, start, tmp_path):
     uri, shas, proxy = source
-    proxy.delay = 0.2  # the download takes over a second, so the others arrive while it runs
+    proxy.delay = _ranged(0.2)  # the download takes over a second, so the others arrive while it runs
     cache = tmp_path / "cache"
     procs = [start(f"p{i}", uri, cache, proxy, part_bytes=2**20, workers=2) for i in range(3)]
     _wait_for(lambda: all((tmp_path / f"p{i}.ready").exists() for i in range(3)), "the processes to import")
@@ -225,7 +146,7 @@ def test_processes_sharing_a_cache_download_once(source, start, tmp_path):
 
 def test_killed_downloader_releases_the_lock(source, start, tmp_path):
     uri, shas, proxy = source
-    proxy.delay = 0.25  # 64 KB parts one at a time: the first download would take ~25 s
+    proxy.delay = _ranged(0.25)  # 64 KB parts one at a time: the first download would take ~25 s
     cache = tmp_path / "cache"
     local = cache / "s3" / uri.removeprefix("s3://")
     first, go1, _ = start("first", uri, cache, proxy, part_bytes=64 << 10, workers=1)
@@ -266,7 +187,7 @@ def test_large_files_reassemble_byte_exact(s3_bucket, tmp_path, monkeypatch):
         client.put_object(Bucket=bucket, Key=f"models/tiny/{name}", Body=data)
     monkeypatch.setattr(weights, "PART_BYTES", part)
     monkeypatch.setattr(weights, "DOWNLOAD_WORKERS", 4)
-    proxy = CountingProxy(endpoint)
+    proxy = Relay(int(endpoint.rsplit(":", 1)[1]))
     try:
         local = weights.resolve_source(f"s3://{bucket}/models/tiny", cache_dir=tmp_path / "cache",
                                        storage_options={"endpoint_url": proxy.url})

@@ -22,7 +22,7 @@ from pipeline import ConfigError, InputError, load_config, run
 from pipeline.errors import IncompleteRun, RunStopped
 
 from .data import good_image, webdataset_shards, write_tar
-from .netfault import FlakyProxy
+from .netfault import Relay
 from .test_pipeline import job, read_output_s3, s3_client, upload_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +39,7 @@ def keys_once(df: pd.DataFrame, expected) -> None:
 @pytest.fixture()
 def flaky_s3(s3_bucket):
     bucket, endpoint = s3_bucket
-    proxy = FlakyProxy(int(endpoint.rsplit(":", 1)[1]))
+    proxy = Relay(int(endpoint.rsplit(":", 1)[1]))
     try:
         yield bucket, endpoint, proxy
     finally:
@@ -146,6 +146,111 @@ def test_s3_outage_during_commits(ray_cluster, ckpt_v1, tokenizer_v1, flaky_s3, 
     again = run(load_config(data=cfg2))
     assert "00001" in again["shards"]
     keys_once(read_output_s3(endpoint, out2), expected)
+
+
+def test_throttled_output_commits_every_shard_once(ray_cluster, ckpt_v1, tokenizer_v1, flaky_s3, tmp_path):
+    """For a window from the first commit on, every other PUT of a data file or marker is answered
+    503 SlowDown and the others are applied with their answers lost, and a marker PUT meets refused
+    connections: the run retries within its deadline or leaves shards for a rerun (exit 3); after at
+    most one rerun every image is there once, every marker has its whole data file, and no shard
+    the first run committed is committed again. (A guard: this held before the relay existed.)"""
+    import itertools
+    import time
+
+    bucket, endpoint, relay = flaky_s3
+    expected = webdataset_shards(tmp_path / "in", n_shards=4, per_shard=2)
+    out = f"s3://{bucket}/out"
+    window_s, opened, turn = 8.0, [], itertools.count()
+
+    def in_window(r) -> bool:
+        if r.method != "PUT" or not any(f"/{bucket}/out/{d}/" in r.path for d in ("data", "_ledger")):
+            return False
+        opened or opened.append(time.monotonic())
+        return time.monotonic() - opened[0] < window_s
+
+    relay.answer_503 = lambda r: in_window(r) and next(turn) % 2 == 0
+    relay.drop_answer = in_window  # asked only of the PUTs not answered 503: applied, answer lost
+    relay.outage_on(f"/{bucket}/out/_ledger/".encode(), seconds=2)  # refused connections for 2 s
+    cfg = load_config(data=job(ckpt_v1, tokenizer_v1, tmp_path / "in", out,
+                               s3={"endpoint_url": relay.url, "max_attempts": 2},
+                               retry={"deadline_s": 20, "backoff_s": 0.3}))
+    try:
+        first = run(cfg)
+    except IncompleteRun as e:  # shards left for the rerun
+        first = e.summary
+    assert relay.answered_503 and relay.dropped_answers and relay.outages, \
+        (relay.answered_503, relay.dropped_answers, relay.outages)
+    relay.answer_503 = relay.drop_answer = None
+    client = s3_client(endpoint)
+    markers = {sid: json.loads(client.get_object(Bucket=bucket, Key=f"out/_ledger/{sid}.json")["Body"].read())
+               for sid in first["shards"]}
+    if first["shards_failed"]:
+        again = run(cfg)
+        assert not set(again["shards"]) & set(first["shards"]) and not again["shards_failed"]
+    for sid, before in markers.items():  # committed once: the rerun did not rewrite the marker
+        now = json.loads(client.get_object(Bucket=bucket, Key=f"out/_ledger/{sid}.json")["Body"].read())
+        assert now == before, sid
+    listed = client.list_objects_v2(Bucket=bucket, Prefix="out/_ledger/")["Contents"]
+    assert len(listed) == 4
+    for obj in listed:  # every marker has its whole data file
+        rec = json.loads(client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read())
+        body = client.get_object(Bucket=bucket, Key=f"out/{rec['file']}")["Body"].read()
+        assert pq.read_table(pa.BufferReader(body)).num_rows == rec["rows"]
+    keys_once(read_output_s3(endpoint, out), expected)
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 3 MB tmpfs (a disk that fills for real); skipped where mounting is not permitted."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {proc.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_full_disk_stops_with_one_line_and_the_rerun_completes_once(ray_cluster, ckpt_v1, tokenizer_v1,
+                                                                     small_disk, tmp_path):
+    """The output's disk fills mid-run: one `error:` line saying the disk is full (exit 1 or 3),
+    every marker has its whole data file and every data file reads; with space freed the rerun
+    commits the rest, every image once, and no shard the first run committed again."""
+    expected = webdataset_shards(tmp_path / "in", n_shards=8, per_shard=2)
+    out = small_disk / "out"
+    ballast = small_disk / "ballast"
+    st = os.statvfs(small_disk)
+    ballast.write_bytes(b"\0" * (st.f_bavail * st.f_frsize - 96 * 1024))  # 96 KB left: a few shards' worth
+    cfg = job(ckpt_v1, tokenizer_v1, tmp_path / "in", out, model={"batch_size": 2},
+              errors={"guard_images": 0}, retry={"deadline_s": 2, "backoff_s": 0.2})
+    cfg_path = tmp_path / "job.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "jobs.caption", "--config", str(cfg_path)]
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode in (1, 3), proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    errors_ = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors_ == [last] and "the disk is full" in last and "\x1b" not in last, proc.stderr[-3000:]
+    assert "Traceback" not in last
+
+    def markers() -> dict[str, dict]:
+        return {m.stem: json.loads(m.read_text()) for m in (out / "_ledger").glob("*.json")}
+
+    first = markers()
+    assert len(first) < 8, "the disk never filled"
+    for rec in first.values():  # every marker has its whole data file
+        assert pq.read_table(out / rec["file"]).num_rows == rec["rows"]
+    for f in (out / "data").glob("*"):  # and no partial data file lies where readers look
+        pq.read_table(f)
+    ballast.unlink()
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert all(markers()[sid] == rec for sid, rec in first.items())  # not committed again
+    keys_once(pd.read_parquet(out / "data"), expected)
 
 
 # --- names, temp files, caches, conditional writes (findings 2-5) -------------------------------
@@ -366,6 +471,32 @@ def test_credentials_in_urls_are_refused_without_repeating_them(tmp_path, url):
         assert str(e.value).startswith(key) and "credentials" in str(e.value)
         for part in (SECRET, "EXAMPLE", "p@ss", "word"):
             assert part not in str(e.value)
+
+
+def test_a_run_ending_error_is_one_line_naming_the_root_cause():
+    """Ray wraps what a task raised in a coloured, pages-long RayTaskError: the run's last line
+    names what happened (here a full disk under a refused claim), without colour codes."""
+    import errno as errno_
+
+    from ray.exceptions import RayTaskError
+
+    from pipeline.claims import ClaimError
+    from pipeline.errors import describe, root_cause
+
+    try:
+        try:
+            raise OSError(errno_.ENOSPC, os.strerror(errno_.ENOSPC), "/out/_claims/00003.json")
+        except OSError as full:
+            raise ClaimError(f"could not claim shard 00003 under /out: {describe(full)}") from None
+    except ClaimError as claim:
+        wrapped = RayTaskError("\x1b[36mray::FlatMap(read)()\x1b[39m", "Traceback ...\n" * 200, claim)
+        wrapped = wrapped.as_instanceof_cause()
+    line = describe(root_cause(wrapped))
+    assert line.startswith("ClaimError: could not claim shard 00003") and "the disk is full" in line, line
+    assert "\x1b" not in line and "\n" not in line and "Traceback" not in line
+    coloured = describe(RuntimeError("\x1b[36mray::FlatMap(read)()\x1b[39m failed"))
+    assert coloured == "RuntimeError: ray::FlatMap(read)() failed"
+    assert describe(OSError(errno_.ENOSPC, "No space left on device")).startswith("the disk is full")
 
 
 def test_redaction_handles_slashes_and_at_signs():

@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,79 +19,13 @@ from pipeline import load_config
 
 from .conftest import free_port
 from .data import good_image
+from .netfault import Relay
 from .test_pipeline import job
 
 ROOT = Path(__file__).resolve().parent.parent
 LATENCY_S = 0.05  # per S3 request (HEAD or GET), added by the proxy
 N_GOOD = 24
 COMPARED = ["key", "status", "error_message", "width", "height", "pixels", "prompt_ids"]
-
-
-class LatencyProxy:
-    """A TCP relay on loopback that holds every HTTP request `latency_s` before passing it on
-    (per request, not per connection: clients keep connections alive), and counts requests."""
-
-    def __init__(self, target_port: int, latency_s: float) -> None:
-        self.target = ("127.0.0.1", target_port)
-        self.latency_s = latency_s
-        self.requests: list[bytes] = []  # each request's first line
-        self.connections = 0
-        self.open = self.peak = 0  # connections open now, and at most
-        self.waiting = self.most_waiting = 0  # requests held in the relay now, and at most (reset per run)
-        self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.2)
-        self.port = self._listener.getsockname()[1]
-        self._stop = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def close(self) -> None:
-        self._stop.set()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except socket.timeout:
-                continue
-            self.connections += 1
-            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
-        self._listener.close()
-
-    def _relay(self, client: socket.socket) -> None:
-        with self._lock:
-            self.open += 1
-            self.peak = max(self.peak, self.open)
-        upstream = socket.create_connection(self.target)
-        threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
-        self._pump(client, upstream, True)
-        with self._lock:
-            self.open -= 1
-
-    def _pump(self, src: socket.socket, dst: socket.socket, requests: bool) -> None:
-        try:
-            while data := src.recv(65536):
-                if requests and data.split(b" ", 1)[0] in (b"GET", b"HEAD", b"PUT", b"POST", b"DELETE"):
-                    with self._lock:
-                        self.requests.append(data.split(b"\r\n", 1)[0])
-                        self.waiting += 1
-                        self.most_waiting = max(self.most_waiting, self.waiting)
-                    time.sleep(self.latency_s)
-                    with self._lock:
-                        self.waiting -= 1
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.close()
-                except OSError:
-                    pass
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +41,13 @@ def store(s3_server):
     client.put_object(Bucket=bucket, Key="in/imgs/big.jpg", Body=good_image(99, (400, 400)))
     client.put_object(Bucket=bucket, Key="in/imgs/corrupt.jpg", Body=b"not a jpeg")
     client.put_object(Bucket=bucket, Key="elsewhere/x.jpg", Body=good_image(1))
-    proxy = LatencyProxy(int(s3_server.rsplit(":", 1)[1]), LATENCY_S)
+    proxy = Relay(int(s3_server.rsplit(":", 1)[1]))
+    proxy.delay = LATENCY_S
     yield bucket, proxy
     proxy.close()
 
 
-def _job(ckpt, tok, bucket: str, proxy: LatencyProxy, tmp: Path) -> dict:
+def _job(ckpt, tok, bucket: str, proxy: Relay, tmp: Path) -> dict:
     return job(ckpt, tok, f"s3://{bucket}/in", tmp / "out",
                input={"format": "parquet", "uri_column": "u", "max_image_bytes": 50_000},
                s3={"endpoint_url": proxy.url}, retry={"deadline_s": 5})
@@ -142,7 +75,7 @@ def _rows(bucket: str, uris: list[str | bytes | None], errors: dict[int, str] | 
                         dtype=object)  # None stays None, as in the reader's rows
 
 
-def _timed(stage, batch: pd.DataFrame, proxy: LatencyProxy) -> tuple[pd.DataFrame, float, int, int]:
+def _timed(stage, batch: pd.DataFrame, proxy: Relay) -> tuple[pd.DataFrame, float, int, int]:
     """(output, seconds, S3 requests made, most requests in flight at once)."""
     before = len(proxy.requests)
     proxy.most_waiting = 0
@@ -237,7 +170,7 @@ print("survived", flush=True)
     before = len(proxy.requests)
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
-    seen = b"\n".join(proxy.requests[before:])
+    seen = b"\n".join(r.line for r in proxy.requests[before:])
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert "first: ok" in proc.stdout and "survived" not in proc.stdout
     assert b"/in/imgs/010.jpg" in seen and b"/in/imgs/011.jpg" not in seen

@@ -8,10 +8,7 @@ import hashlib
 import io
 import json
 import logging
-import re
-import socket
 import tarfile
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -28,7 +25,7 @@ from pipeline.rows import ROW_COLUMNS, SHARD_KEY, TOTAL_UNKNOWN
 
 from .conftest import _boto_creds
 from .data import webdataset_shards
-from .netfault import FlakyProxy
+from .netfault import Relay
 
 KB, MB = 1024, 1024 * 1024
 
@@ -207,68 +204,11 @@ def _upload(endpoint: str, bucket: str, key: str, path: Path) -> None:
     boto3.client("s3", endpoint_url=endpoint, **_boto_creds()).upload_file(str(path), bucket, key)
 
 
-class CutProxy(FlakyProxy):
-    """FlakyProxy whose outage starts before the cut request can notice it and lasts until
-    `restore()`, not for a number of seconds; it also records the byte ranges asked for.
-
-    FlakyProxy closes the cut connection first and takes its listener down in a thread started
-    after that; but aiohttp resends an idempotent GET at once on a new connection (and botocore
-    and s3fs retry too), so when that thread runs late on a loaded machine the resend is served:
-    the cut heals below the reader and the reader's own retry never runs. Here the thread that
-    sees the request closes the listener and drops every open connection, the cut one last, so
-    every retry below the reader meets a refused connection until the test restores the network.
-    """
-
-    def __init__(self, target_port: int) -> None:
-        self.ranges: list[tuple[int, int]] = []  # (first, last) byte of each range requested
-        super().__init__(target_port)
-
-    def cut_on(self, pattern: bytes) -> None:
-        """Cut the first request whose first bytes hold `pattern`; the network stays down."""
-        self.outage_on(pattern, seconds=float("inf"))
-
-    def restore(self) -> None:
-        """End the outage: the proxy listens again when this returns."""
-        with self._lock:
-            if self._listener is None and not self._stop.is_set():
-                self._listener = self._listen()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, inspect: bool) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if inspect:
-                    head = data[:4096]
-                    with self._lock:
-                        self.ranges += [(int(a), int(b)) for a, b in re.findall(rb"bytes=(\d+)-(\d+)", head)]
-                        hit = next(((p, s) for p, s in self.rules if p in head), None)
-                        if hit is not None:
-                            self.rules.remove(hit)
-                            self.outages.append((hit[0], time.time()))
-                            listener, self._listener = self._listener, None
-                    if hit is not None:
-                        if listener is not None:
-                            listener.close()  # refused from now on
-                        self._drop_all()  # this connection too: the request never reaches the store
-                        return
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.close()
-                except OSError:
-                    pass
-
-
 class _OnRetry(logging.Handler):
     """Records the pipeline's "transient failure" warnings (the reader's own retry, `errors.retry`)
     and ends the proxy's outage at the first: only that retry can bring the rows back."""
 
-    def __init__(self, proxy: CutProxy) -> None:
+    def __init__(self, proxy: Relay) -> None:
         super().__init__(logging.WARNING)
         self.proxy, self.messages = proxy, []
 
@@ -283,7 +223,7 @@ def test_network_cut_mid_tar_resumes_without_duplicates(s3_bucket, tmp_path):
     bucket, endpoint = s3_bucket
     expected = write_big_tar(tmp_path / "s.tar", 400, 6 * KB, 10 * KB)  # about 4 MB
     _upload(endpoint, bucket, "in/s.tar", tmp_path / "s.tar")
-    proxy = CutProxy(int(endpoint.rsplit(":", 1)[1]))
+    proxy = Relay(int(endpoint.rsplit(":", 1)[1]))
     pipeline_log = logging.getLogger("pipeline")
     on_retry, level = _OnRetry(proxy), pipeline_log.level
     try:
@@ -318,7 +258,7 @@ def test_a_network_outage_longer_than_the_deadline_ends_the_shard_transient(s3_b
     bucket, endpoint = s3_bucket
     write_big_tar(tmp_path / "s.tar", 200, 6 * KB, 10 * KB)
     _upload(endpoint, bucket, "in/s.tar", tmp_path / "s.tar")
-    proxy = CutProxy(int(endpoint.rsplit(":", 1)[1]))
+    proxy = Relay(int(endpoint.rsplit(":", 1)[1]))
     try:
         s3 = S3Config(endpoint_url=proxy.url, max_attempts=1)
         shard, cfg = Shard("s", f"s3://{bucket}/in/s.tar"), InputConfig(path=f"s3://{bucket}/in")
