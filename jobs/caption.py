@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if a.debug:  # the pipeline's tracebacks (a failed commit's) too
+        logging.getLogger("pipeline").setLevel(logging.DEBUG)
     overrides = list(a.overrides) + ([f"mode={a.mode}"] if a.mode else [])
     try:
         if a.config is None:

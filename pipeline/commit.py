@@ -229,7 +229,7 @@ class Committer:
                                             **self.merge_options))
             self.ledger.mark(rec)
         except Exception as e:  # noqa: BLE001 - the store is down or full: stop with one line
-            log.warning("commit of shard %s failed", sid, exc_info=True)  # the traceback: the log's
+            log.debug("commit of shard %s failed", sid, exc_info=True)  # the traceback: with --debug
             e = root_cause(e)  # a Ray task's error: the exception it raised
             if _quietly(lambda: self.ledger.is_done(sid)):  # another run (that took the claim over) committed it
                 log.warning("shard %s was committed by another run meanwhile", sid)
