@@ -11,10 +11,14 @@ never printed); prefer cluster-side credentials (pod/instance roles) where you c
 Before a new job it submits a probe (`python -c "import jobs.caption"`, a few seconds) and stops
 with one line if the cluster's Python lacks the project's dependencies (torch, ...).
 
-The submission id is deterministic: `cogvlm-<mode>-<hash of config, overrides>` (enrich adds the
-UTC hour), so re-running this command attaches to the job already running, or reports the one
-that already succeeded, instead of starting a second. After a failed or stopped job it submits
-`<id>-retry-N`; the job's own ledger makes the retry resume rather than redo.
+The submission id is deterministic: `cogvlm-<mode>-<hash of config, overrides>`, so re-running
+this command attaches to the job already running, or reports the one that already succeeded,
+instead of starting a second. Enrich adds a hash of the pending shards (listed here from the
+input and the ledger): a run after new shards landed is a new job at any time, a concurrent
+submit over the same pending shards follows the first, and nothing is submitted when nothing is
+pending. Where this machine cannot list the input (no access, or relative local paths), every
+enrich submit is a new job and the job itself finds what is pending. After a failed or stopped
+job it submits `<id>-retry-N`; the job's own ledger makes the retry resume rather than redo.
 
 Clusters with token authentication (all of infra/'s) need the token on this side:
 `export RAY_AUTH_MODE=token` and either `RAY_AUTH_TOKEN=...` or the token in ~/.ray/auth_token.
@@ -46,11 +50,17 @@ class SubmitError(Exception):
     """Said in one line; nothing (more) was submitted."""
 
 
-def submission_id(config_text: str, overrides: list[str], mode: str, now: dt.datetime | None = None) -> str:
+def submission_id(config_text: str, overrides: list[str], mode: str, pending: list[str] | None = None,
+                  now: dt.datetime | None = None) -> str:
+    """`cogvlm-<mode>-<config hash>`; enrich adds the pending shards' hash (`p...`), or, when they
+    could not be listed here (`pending` None), the time (a new job each submit)."""
     h = hashlib.sha256("\n".join([config_text, *overrides, mode]).encode()).hexdigest()[:12]
     sid = f"cogvlm-{mode}-{h}"
-    if mode == "enrich":  # a scheduled run each hour is a new job; a retried submit is not
-        sid += "-" + (now or dt.datetime.now(dt.timezone.utc)).strftime("%Y%m%d%H")
+    if mode == "enrich":
+        if pending is None:
+            sid += "-t" + (now or dt.datetime.now(dt.timezone.utc)).strftime("%Y%m%dT%H%M%S%f")
+        else:
+            sid += "-p" + hashlib.sha256("\n".join(sorted(pending)).encode()).hexdigest()[:12]
     return sid
 
 
@@ -58,6 +68,30 @@ def entrypoint(mode: str, overrides: list[str], demo: bool = False) -> str:
     if demo:
         return " ".join(["python", "-m", "jobs.demo", *map(shlex.quote, overrides)])
     return " ".join(["python", "-m", "jobs.caption", "--mode", mode, *map(shlex.quote, overrides)])
+
+
+def pending_shards(cfg) -> list[str] | None:
+    """The ids of the input's shards without a ledger marker, listed from here; None when this
+    machine cannot see what the job will see (relative local paths, no access)."""
+    from pipeline.errors import describe
+    from pipeline.preflight import prepare
+
+    local = [p for p in (cfg.input.path, cfg.output.path) if "://" not in p]
+    if any(not os.path.isabs(os.path.expanduser(p)) for p in local):
+        print("note: input.path or output.path is a relative local path, so the pending shards are not "
+              "listed here; submitting a new enrich job (it finds what is pending itself)", flush=True)
+        return None
+    try:
+        prepared = prepare(cfg, writable=False)
+    except Exception as e:  # noqa: BLE001 - the job lists for itself
+        print(f"note: could not list the pending shards from here ({describe(e)}); submitting a new "
+              f"enrich job (it finds what is pending itself)", flush=True)
+        return None
+    if prepared.ledger_error:
+        print(f"note: could not read the ledger from here ({prepared.ledger_error}); submitting a new "
+              f"enrich job", flush=True)
+        return None
+    return [s.shard_id for s in prepared.pending]
 
 
 async def _stream(client, sid: str) -> None:
@@ -161,7 +195,7 @@ def _main(a: argparse.Namespace) -> int:
 
     config_path = DEMO_CONFIG if a.demo else Path(a.config)
     try:  # a bad config is named here, before anything reaches the cluster
-        load_config(str(config_path), list(a.overrides) + [f"mode={a.mode}"])
+        cfg = load_config(str(config_path), list(a.overrides) + [f"mode={a.mode}"])
     except ConfigError as e:
         raise SubmitError(e) from None
     text = config_path.read_text()
@@ -172,7 +206,11 @@ def _main(a: argparse.Namespace) -> int:
         env_vars[name] = os.environ[name]
     try:
         client = JobSubmissionClient(a.address)
-        base = a.submission_id or submission_id(text, a.overrides, "demo" if a.demo else a.mode)
+        pending = pending_shards(cfg) if a.mode == "enrich" and not a.submission_id else None
+        if pending == []:
+            print("nothing pending: every input shard is in the ledger; nothing submitted")
+            return 0
+        base = a.submission_id or submission_id(text, a.overrides, "demo" if a.demo else a.mode, pending)
         return _follow_or_submit(a, client, base, env_vars)
     except AuthenticationError:
         raise SubmitError(auth_hint(a.address)) from None

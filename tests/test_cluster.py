@@ -290,3 +290,29 @@ def test_batch_runs_on_a_small_cluster_finish_and_split_the_work(ray_head, ckpt_
         df = pd.read_parquet(tmp_path / f"out-{name}" / "data")
         assert sorted(df.key) == sorted(expected[name]) and not df.key.duplicated().any()
 
+
+def test_enrich_submits_again_when_a_shard_lands_in_the_same_hour(ray_head, ckpt_v1, tokenizer_v1, tmp_path):
+    """`jobs.submit --mode enrich` twice within a minute, a shard landing in between: the second
+    submit is a new job that processes the new shard (it once said "already succeeded" for the
+    rest of the UTC hour); a third, with nothing pending, submits nothing."""
+    address, env, _ = ray_head
+    expected = webdataset_shards(tmp_path / "staging", n_shards=2, per_shard=2)
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for f in (tmp_path / "staging").glob("00000*"):
+        f.rename(inp / f.name)
+    cfg_path = tmp_path / "enrich.yaml"
+    cfg_path.write_text(yaml.safe_dump(_config(ckpt_v1, tokenizer_v1, inp, tmp_path / "out")))
+    cmd = [sys.executable, "-m", "jobs.submit", "--address", address, "--config", str(cfg_path),
+           "--mode", "enrich", "--no-probe"]
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0 and "submitted job" in first.stdout, first.stdout[-3000:] + first.stderr[-3000:]
+    for f in (tmp_path / "staging").glob("00001*"):  # a new shard lands
+        f.rename(inp / f.name)
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "submitted job" in second.stdout and "already succeeded" not in second.stdout
+    df = pd.read_parquet(tmp_path / "out" / "data")
+    assert sorted(df.key) == sorted(expected) and not df.key.duplicated().any()
+    third = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert third.returncode == 0 and "nothing pending" in third.stdout and "submitted job" not in third.stdout
