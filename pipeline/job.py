@@ -30,7 +30,7 @@ from .listing import Shard
 from .preflight import Prepared, actor_wait_s, prepare, start_ray
 from .progress import Progress
 from .readers import read_block_bytes, shard_blocks_fn
-from .record import nothing_to_do, summarize, write_record
+from .record import nothing_to_do, summarize, write_output_manifest, write_record
 from .rows import TOTAL_UNKNOWN
 from .sink import PartSink, delete_late_parts, delete_parts, sweep_parts
 from .stages import model_stages
@@ -47,6 +47,7 @@ def run(cfg: JobConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     prepared = prepare(cfg)
     cfg, pending, listing = prepared.cfg, prepared.pending, prepared.listing
+    write_output_manifest(prepared)
     if not pending:
         log.info("run %s: all %d shards are already committed; nothing new to process", prepared.run_id,
                  len(prepared.listing.shards))

@@ -1,5 +1,6 @@
 """The run's record beside its outputs: `_runs/<run_id>/summary.json` and the resolved config
-(`config.yaml`, credentials in URLs redacted), written whatever the run's outcome."""
+(`config.yaml`, credentials in URLs redacted), written whatever the run's outcome; and the
+output's own record of the config that made it (`_output.json`, by its first run)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import cogvlm
 from .commit import Commits
 from .config import to_dict
 from .errors import describe, redact, retry
-from .preflight import Prepared
+from .preflight import Prepared, output_identity, read_output_identity
 from .storage import write_bytes_atomic
 
 log = logging.getLogger("pipeline")
@@ -71,6 +72,18 @@ def engine_summary(crash_stats: dict[str, Any]) -> dict[str, Any]:
     e["avg_slot_occupancy"] = round(e.get("decode_rows", 0) / e["decode_slots"], 3) if e.get("decode_slots") else None
     e["shared_step_fraction"] = round(e.get("shared_steps", 0) / steps, 3) if steps else None
     return e
+
+
+def write_output_manifest(prepared: Prepared) -> None:
+    """At an output's first run: `_output.json` with the config that makes its rows (what
+    `preflight.check_output_config` compares later runs with)."""
+    if read_output_identity(prepared) is not None:
+        return
+    cfg, layout = prepared.cfg, prepared.layout
+    body = json.dumps({"config": output_identity(cfg), "first_run": prepared.run_id,
+                       "project_version": cogvlm.__version__}, indent=2, default=str).encode()
+    retry(lambda: write_bytes_atomic(prepared.out_fs, layout.output_manifest, body, tmp_root=layout.root),
+          "writing the output's _output.json", cfg.retry.deadline_s, cfg.retry.backoff_s)
 
 
 def write_record(prepared: Prepared, summary: dict[str, Any]) -> dict[str, Any]:

@@ -406,3 +406,26 @@ def test_claims_on_s3_use_conditional_puts(s3_bucket):
     assert a.acquire("00001") and not b.acquire("00001")  # If-None-Match: * refused the second
     a.release("00001")
     assert b.acquire("00001")
+
+
+def test_rerun_with_another_config_refuses_naming_the_difference(ray_cluster, ckpt_v1, tokenizer_v1, tmp_path):
+    """An output records the config that made it (`_output.json`); a rerun with other tasks or
+    another dtype refuses in one line naming the difference (exit 2) instead of saying "nothing
+    new to process" over the old config's rows; the same config reruns as before."""
+    webdataset_shards(tmp_path / "in", n_shards=1, per_shard=2)
+    cfg = job(ckpt_v1, tokenizer_v1, tmp_path / "in", tmp_path / "out")
+    run(load_config(data=cfg))
+    manifest = json.loads((tmp_path / "out" / "_output.json").read_text())
+    assert manifest["config"]["tasks.caption.max_new_tokens"] == 6 and manifest["config"]["tasks.vqa"] == "off"
+    assert run(load_config(data=cfg))["message"] == "nothing new to process"
+    more = dict(cfg, tasks={"caption": {"max_new_tokens": 6}, "vqa": {"questions": ["a?"]}})
+    with pytest.raises(JobError, match=r"another config \(tasks\.vqa: 'off' there, 'on' here\)"):
+        run(load_config(data=more))
+    cfg_path = tmp_path / "job.yaml"
+    cfg_path.write_text(json.dumps(cfg))
+    cli = subprocess.run([sys.executable, "-m", "jobs.caption", "--config", str(cfg_path), "model.dtype=bf16"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 2, cli.stderr[-2000:]
+    errors = [ln for ln in cli.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "model.dtype: 'fp32' there, 'bf16' here" in errors[0], cli.stderr[-2000:]
+
