@@ -429,3 +429,18 @@ def test_rerun_with_another_config_refuses_naming_the_difference(ray_cluster, ck
     errors = [ln for ln in cli.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "model.dtype: 'fp32' there, 'bf16' here" in errors[0], cli.stderr[-2000:]
 
+
+def test_caption_help_examples_parse():
+    """Every `key=value` example in `jobs.caption --help` is a valid override (the VQA example
+    was invalid YAML: `[a?, b?]`)."""
+    import re
+    import shlex
+
+    import jobs.caption
+
+    examples = [tok for span in re.findall(r"`([^`]*=[^`]*)`", jobs.caption.__doc__)
+                for tok in shlex.split(span) if re.fullmatch(r"[a-z_]+(\.[a-z_]+)+=.*", tok)]
+    assert any(e.startswith("tasks.vqa.questions=") for e in examples), examples
+    base = {"model": {"source": "m"}, "input": {"path": "i"}, "output": {"path": "o"}}
+    cfg = load_config(data=base, overrides=examples)
+    assert cfg.tasks.vqa.questions == ["Is it red?", "How many people?"] and cfg.model.batch_size == 16
