@@ -64,7 +64,7 @@ def run(cfg: JobConfig) -> dict[str, Any]:
     sink = PartSink(cfg.output.path, cfg.s3, cfg.retry, prepared.run_id, cogvlm.__version__)
     sweep_parts(prepared.out_fs, prepared.layout.root, prepared.done, cfg.retry)
     crash_ledger = on_driver_node(CrashLedger)
-    progress = Progress(prepared.out_fs, prepared.layout.root, prepared.run_id, shards=len(pending))
+    progress = Progress(prepared.out_fs, prepared.layout.root, prepared.run_id, shards=len(pending), t0=t0)
     committer = Committer(cfg, prepared.ledger(), claiming, prepared.run_id, t0, progress)
     final = "failed"
     try:
@@ -136,6 +136,9 @@ def _execute(prepared: Prepared, shards: list[Shard], committer: Committer, clai
         for batch in dataset.iter_batches(batch_format="pandas", batch_size=None):
             for rec in batch.to_dict("records"):
                 sp = tracker.add(rec)
+                written = sp or tracker.open.get(str(rec["shard_id"]))
+                if written is not None and committer.progress is not None:  # images count as written
+                    committer.progress.add_written(written.shard_id, len(written.images))
                 if sp is not None:
                     committer.shard_done(sp, source[sp.shard_id])
             committer.check()

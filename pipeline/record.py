@@ -22,6 +22,11 @@ from .storage import write_bytes_atomic
 log = logging.getLogger("pipeline")
 
 
+RATES_NOTE = ("wall_s: from the run's start (listing, Ray start-up, model load included; progress.json's "
+              "wall_s uses the same start); images_per_s, output_tokens_per_s: over wall_s; steady_images_per_s: "
+              "after the first commit (first_commit_s), the pipeline's rate once running")
+
+
 def base_summary(prepared: Prepared) -> dict[str, Any]:
     """What every summary holds, whether or not the run had work."""
     listing = prepared.listing
@@ -55,6 +60,7 @@ def summarize(prepared: Prepared, commits: Commits, crash_stats: dict[str, Any],
         first_commit_s=round(first[0], 3) if first else None,
         steady_images_per_s=(round((c.images - first[1]) / (wall - first[0]), 4)
                              if first and wall > first[0] else None),
+        rates=RATES_NOTE,
     )
     if prepared.cfg.mode == "enrich" and elsewhere and not c.committed and not c.failed:
         summary["message"] = "new shards are being processed by other runs"

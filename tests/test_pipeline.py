@@ -444,3 +444,22 @@ def test_caption_help_examples_parse():
     base = {"model": {"source": "m"}, "input": {"path": "i"}, "output": {"path": "o"}}
     cfg = load_config(data=base, overrides=examples)
     assert cfg.tasks.vqa.questions == ["Is it red?", "How many people?"] and cfg.model.batch_size == 16
+
+
+def test_progress_moves_as_parts_are_written_and_shares_the_summary_clock(ray_cluster, ckpt_v1, tokenizer_v1,
+                                                                         tmp_path, caplog):
+    """One shard of 8 images in batches of 1: a progress line counts written images before the
+    shard commits; the final progress.json's wall_s is the summary's (one clock, one start)."""
+    import logging
+
+    webdataset_shards(tmp_path / "in", n_shards=1, per_shard=8)
+    cfg = job(ckpt_v1, tokenizer_v1, tmp_path / "in", tmp_path / "out", model={"batch_size": 1},
+              tasks={"caption": {"max_new_tokens": 24}})
+    cfg["progress_interval_s"] = 0.2
+    with caplog.at_level(logging.INFO, logger="pipeline.progress"):
+        summary = run(load_config(data=cfg))
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.progress"]
+    assert any(" (0 committed)" in ln and not ln.startswith("progress: 0/") for ln in lines), lines
+    prog = json.loads((tmp_path / "out" / "_runs" / summary["run_id"] / "progress.json").read_text())
+    assert prog["images_done"] == prog["images_committed"] == 8 and prog["state"] == "done"
+    assert -0.1 <= summary["wall_s"] - prog["wall_s"] < 5, (summary["wall_s"], prog["wall_s"])
