@@ -47,7 +47,6 @@ def run(cfg: JobConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     prepared = prepare(cfg)
     cfg, pending, listing = prepared.cfg, prepared.pending, prepared.listing
-    write_output_manifest(prepared)
     if not pending:
         log.info("run %s: all %d shards are already committed; nothing new to process", prepared.run_id,
                  len(prepared.listing.shards))
@@ -59,6 +58,7 @@ def run(cfg: JobConfig) -> dict[str, Any]:
         check_fit(cfg, prepared.mcfg)
     plan.log_one_line(prepared)
     start_ray(prepared)
+    write_output_manifest(prepared)  # every check passed: this config makes the output's rows
 
     claiming = Claiming(cfg, prepared.run_id)
     sink = PartSink(cfg.output.path, cfg.s3, cfg.retry, prepared.run_id, cogvlm.__version__)

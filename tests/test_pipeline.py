@@ -453,9 +453,10 @@ def test_progress_moves_as_parts_are_written_and_shares_the_summary_clock(ray_cl
     import logging
 
     webdataset_shards(tmp_path / "in", n_shards=1, per_shard=8)
-    cfg = job(ckpt_v1, tokenizer_v1, tmp_path / "in", tmp_path / "out", model={"batch_size": 1},
-              tasks={"caption": {"max_new_tokens": 24}})
+    cfg = job(ckpt_v1, tokenizer_v1, tmp_path / "in", tmp_path / "out",
+              model={"batch_size": 1, "batches_in_flight": 1}, tasks={"caption": {"max_new_tokens": 24}})
     cfg["progress_interval_s"] = 0.2
+    cfg["input"]["read_block_mb"] = 0.001  # one image per block: parts stream back one by one
     with caplog.at_level(logging.INFO, logger="pipeline.progress"):
         summary = run(load_config(data=cfg))
     lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.progress"]
