@@ -4,7 +4,8 @@
     python -m jobs.caption --config my.yaml --mode enrich      # scheduled runs over a growing prefix
     ray job submit --working-dir . -- python -m jobs.caption --config my.yaml
 
-Overrides use dotted keys, values parsed as YAML: `model.batch_size=16 tasks.vqa.questions='[a?, b?]'`.
+Overrides use dotted keys, values parsed as YAML (quote strings with `?` or `:`):
+`model.batch_size=16 tasks.vqa.questions='["Is it red?", "How many people?"]'`.
 Starts a local Ray unless one is reachable (RAY_ADDRESS, as under `ray job submit`).
 
 Exit codes: 0 done; 2 bad config or setup (nothing was done); 3 some shards were left for a rerun

@@ -31,7 +31,7 @@ from .listing import Shard
 from .preflight import NodeWatch, Prepared, actor_wait_s, prepare, start_ray
 from .progress import Progress
 from .readers import carried_schema, read_block_bytes, shard_blocks_fn
-from .record import incomplete, nothing_to_do, summarize, write_record
+from .record import incomplete, nothing_to_do, summarize, write_output_manifest, write_record
 from .rows import TOTAL_UNKNOWN
 from .sink import PartSink, delete_late_parts, delete_parts, sweep_parts
 from .stages import model_stages
@@ -57,13 +57,14 @@ def run(cfg: JobConfig) -> dict[str, Any]:
         check_fit(cfg, prepared.mcfg)
     plan.log_one_line(prepared)
     start_ray(prepared)
+    write_output_manifest(prepared)  # every check passed: this config makes the output's rows
 
     claiming = Claiming(cfg, prepared.run_id)
     carried = carried_schema(cfg.input, cfg.s3, pending)
     sink = PartSink(cfg.output.path, cfg.s3, cfg.retry, prepared.run_id, cogvlm.__version__, carry=carried)
     sweep_parts(prepared.out_fs, prepared.layout.root, prepared.done, cfg.retry)
     crash_ledger = on_driver_node(CrashLedger)
-    progress = Progress(prepared.out_fs, prepared.layout.root, prepared.run_id, shards=len(pending))
+    progress = Progress(prepared.out_fs, prepared.layout.root, prepared.run_id, shards=len(pending), t0=t0)
     committer = Committer(cfg, prepared.ledger(), claiming, prepared.run_id, t0, progress, carried)
     watch = NodeWatch(cfg, progress)
     final = "failed"
@@ -141,6 +142,9 @@ def _execute(prepared: Prepared, shards: list[Shard], committer: Committer, clai
         for batch in _batches(dataset, watch):
             for rec in batch.to_dict("records"):
                 sp = tracker.add(rec)
+                written = sp or tracker.open.get(str(rec["shard_id"]))
+                if written is not None and committer.progress is not None:  # images count as written
+                    committer.progress.add_written(written.shard_id, len(written.images))
                 if sp is not None:
                     committer.shard_done(sp, source[sp.shard_id])
             committer.check()

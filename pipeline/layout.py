@@ -8,6 +8,8 @@
     _runs/<run_id>/summary.json    one per run, with config.yaml (the resolved config) and
                                    progress.json (while it runs) beside it
     _tmp/                          local outputs: files being written, renamed into place when whole
+    _output.json                   the config that made the output (tasks, prompts, generation
+                                   settings, model and weights format), written by its first run
 
 Shard ids never start with '_' or '.', so dataset readers (pandas, pyarrow, DuckDB) see only
 `data/`. A rerun skips shards with a marker; a kill between a data file and its marker leaves a
@@ -26,6 +28,7 @@ PARTS = "_parts"
 CLAIMS = "_claims"
 RUNS = "_runs"
 TMP = "_tmp"
+OUTPUT = "_output.json"
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,10 @@ class OutputLayout:
         return posixpath.join(self.root, *parts)
 
     # committed results
+    @property
+    def output_manifest(self) -> str:
+        return self._join(OUTPUT)
+
     @property
     def data_dir(self) -> str:
         return self._join(DATA)

@@ -2,7 +2,8 @@
 
     prepare(cfg) -> Prepared      the checkpoint and tokenizer load (check_model), paths made
                                   absolute, output writable, input listed, Parquet columns
-                                  checked, the ledger read
+                                  checked, the ledger read, the output's config compared
+                                  (`_output.json`)
     start_ray(prepared)           join or start Ray, check the cluster's resources and the GPU fit
     for_dataset(cfg, input_root)  the same model checks for the library API (no input, no output)
     check_cluster(cfg)            the stages' smallest actor pools fit the connected cluster
@@ -18,6 +19,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import fnmatch
+import json
 import logging
 import os
 import posixpath
@@ -104,7 +106,56 @@ def prepare(cfg: JobConfig, *, writable: bool = True) -> Prepared:
         if writable:
             raise
         prepared.ledger_error = describe(e)
+    check_output_config(prepared)
     return prepared
+
+
+def output_identity(cfg: JobConfig) -> dict[str, Any]:
+    """What decides an output's rows, as dotted keys: each task's prompts and generation settings
+    (`tasks.<name>`: on or off), the questions column, the model and its weights format."""
+    ident: dict[str, Any] = {}
+    enabled = cfg.tasks.enabled()
+    for name in ("caption", "vqa", "grounding"):
+        ident[f"tasks.{name}"] = "on" if name in enabled else "off"
+        if name not in enabled:
+            continue
+        for key, value in dataclasses.asdict(enabled[name]).items():
+            ident[f"tasks.{name}.{key}"] = value
+    ident["input.questions_column"] = cfg.input.questions_column
+    for key in ("source", "tokenizer", "dtype", "quantization", "quantize_vision"):
+        ident[f"model.{key}"] = getattr(cfg.model, key)
+    return ident
+
+
+def read_output_identity(prepared: Prepared) -> dict[str, Any] | None:
+    """The identity recorded in the output's `_output.json`; None where there is none yet."""
+    cfg = prepared.cfg
+
+    def read() -> bytes | None:
+        try:
+            return prepared.out_fs.cat_file(prepared.layout.output_manifest)
+        except FileNotFoundError:
+            return None
+
+    raw = retry(read, "reading the output's _output.json", min(METADATA_DEADLINE_S, cfg.retry.deadline_s),
+                cfg.retry.backoff_s)
+    return None if raw is None else json.loads(raw)["config"]
+
+
+def check_output_config(prepared: Prepared) -> None:
+    """Refuse (JobError, one line) a run whose config would make other rows than the output holds."""
+    recorded = read_output_identity(prepared)
+    if recorded is None:
+        return
+    mine = output_identity(prepared.cfg)
+    switched = {k for k in mine if k.count(".") == 1 and k.startswith("tasks.") and recorded.get(k) != mine[k]}
+    diffs = [f"{k}: {recorded.get(k, '(absent)')!r} there, {mine.get(k, '(absent)')!r} here"
+             for k in sorted(set(recorded) | set(mine))
+             if recorded.get(k) != mine.get(k) and k.rsplit(".", 1)[0] not in switched]
+    if diffs:
+        raise JobError(f"output {redact(prepared.cfg.output.path)} was made with another config "
+                       f"({'; '.join(diffs[:4])}{'; ...' if len(diffs) > 4 else ''}); its rows would mix "
+                       f"two configs: use a new output.path, or this output's config (its _output.json)")
 
 
 def for_dataset(cfg: JobConfig, input_root: str) -> Prepared:

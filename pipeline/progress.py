@@ -1,6 +1,10 @@
 """Progress while a run goes: a log line every `progress_interval_s` and at each shard commit, and
 the same numbers in `_runs/<run_id>/progress.json` for schedulers and dashboards.
 
+Images count as their rows are written (one part record per written part reaches the driver:
+`add_written`), not only when their shard commits. The clock is the run's: `elapsed_s` (also
+`wall_s`) runs from the same start as the summary's `wall_s` (the job passes its `t0`).
+
 The total is exact once every shard of the run has been seen (a shard's image count arrives with
 its rows); before that it is extrapolated from the shards seen so far, and says so.
 """
@@ -36,13 +40,15 @@ def duration(s: float) -> str:
 
 class Progress:
     def __init__(self, out_fs: Any, out_root: str, run_id: str, shards: int, known_images: int | None = None,
-                 clock: Any = time.monotonic) -> None:
+                 clock: Any = time.perf_counter, t0: float | None = None) -> None:
         self.fs, self.root, self.run_id = out_fs, out_root, run_id
         self.shards = shards  # shards this run works on
         self.known_images = known_images  # images in them, when counted before the start
         self.clock = clock
-        self.t0 = clock()
-        self.images = 0
+        self.t0 = clock() if t0 is None else t0  # the run's start on `clock` (the summary's wall_s too)
+        self.images = 0  # images with rows written (committed shards' and the open shards' parts)
+        self.committed_images = 0
+        self.writing: dict[str, int] = {}  # open shard -> its images with rows written so far
         self.shards_done = 0
         self.seen_images = 0  # images in the shards done (their totals)
         self.counts: Counter = Counter()
@@ -52,13 +58,26 @@ class Progress:
         self.written = float("-inf")  # when progress.json was last written
         self.waiting: str | None = None  # what the run waits for, when it waits (e.g. nodes)
 
-    def add_shard(self, images: int, counts: Counter) -> None:
+    def add_written(self, shard_id: str, images: int) -> None:
+        """A part of `shard_id` was written: `images` of its images (distinct, so far) have rows."""
         with self.lock:
-            self.images += images
+            new = images - self.writing.get(shard_id, 0)
+            if new > 0:
+                self.writing[shard_id] = images
+                self.images += new
+                self.recent.append((self.clock(), new))
+
+    def add_shard(self, images: int, counts: Counter, shard_id: str | None = None) -> None:
+        """A shard committed with `images` images (those `add_written` counted are not counted again)."""
+        with self.lock:
+            new = images - self.writing.pop(shard_id, 0)
+            self.images += new
+            self.committed_images += images
             self.shards_done += 1
             self.seen_images += images
             self.counts.update(counts)
-            self.recent.append((self.clock(), images))
+            if new > 0:
+                self.recent.append((self.clock(), new))
 
     def add_shards(self, n: int) -> None:
         """More shards to do (batch mode: taken over from runs that died)."""
@@ -81,16 +100,19 @@ class Progress:
             window = min(RATE_WINDOW_S, now - self.t0)
             if len(self.recent) >= 2 and window > 0:  # the last minutes
                 rate: float | None = sum(n for _, n in self.recent) / window
-            else:  # too few commits lately (slow shards, a stall): the run's average
+                basis = f"last {duration(window)}"
+            else:  # too few parts lately (slow shards, a stall): the run's average
                 rate = self.images / (now - self.t0) if self.images and now > self.t0 else None
+                basis = "wall"
             left = None if total is None else max(0, total - self.images)
             errors = {k: v for k, v in sorted(self.counts.items()) if k != "ok"}
             return {"run_id": self.run_id, "state": state, "images_done": self.images, "images_total": total,
-                    "images_total_exact": exact, "shards_done": self.shards_done, "shards_total": self.shards,
-                    "images_per_s": None if rate is None else round(rate, 3),
+                    "images_total_exact": exact, "images_committed": self.committed_images,
+                    "shards_done": self.shards_done, "shards_total": self.shards,
+                    "images_per_s": None if rate is None else round(rate, 3), "images_per_s_over": basis,
                     "eta_s": None if not rate or left is None else round(left / rate, 1),
                     "rows_by_status": dict(sorted(self.counts.items())), "errors_by_status": errors,
-                    "elapsed_s": round(now - self.t0, 1), "waiting": self.waiting,
+                    "elapsed_s": round(now - self.t0, 1), "wall_s": round(now - self.t0, 1), "waiting": self.waiting,
                     "updated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
     def line(self, p: dict[str, Any]) -> str:
@@ -100,8 +122,9 @@ class Progress:
         errors = ", ".join(f"{k} {v}" for k, v in p["errors_by_status"].items()) or "none"
         state = "" if p["state"] == "running" else f" ({p['state']})"
         waiting = f"; {p['waiting']}" if p.get("waiting") and p["state"] == "running" else ""
-        return (f"progress{state}: {p['images_done']}/{total} images, {p['shards_done']}/{p['shards_total']} shards, "
-                f"{rate} images/s, ETA {eta}, errors: {errors}{waiting}")
+        return (f"progress{state}: {p['images_done']}/{total} images ({p['images_committed']} committed), "
+                f"{p['shards_done']}/{p['shards_total']} shards, {rate} images/s, ETA {eta}, "
+                f"wall {duration(p['wall_s'])}, errors: {errors}{waiting}")
 
     def report(self, state: str = "running") -> dict[str, Any]:
         """Log the line and write progress.json (a failed write is logged, never raised)."""

@@ -1,5 +1,6 @@
 """The run's record beside its outputs: `_runs/<run_id>/summary.json` and the resolved config
-(`config.yaml`, credentials in URLs redacted), written whatever the run's outcome."""
+(`config.yaml`, credentials in URLs redacted), written whatever the run's outcome; and the
+output's own record of the config that made it (`_output.json`, by its first run)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,15 @@ import cogvlm
 from .commit import Commits
 from .config import to_dict
 from .errors import IncompleteRun, describe, redact, retry
-from .preflight import Prepared
+from .preflight import Prepared, output_identity, read_output_identity
 from .storage import write_bytes_atomic
 
 log = logging.getLogger("pipeline")
+
+
+RATES_NOTE = ("wall_s: from the run's start (listing, Ray start-up, model load included; progress.json's "
+              "wall_s uses the same start); images_per_s, output_tokens_per_s: over wall_s; steady_images_per_s: "
+              "after the first commit (first_commit_s), the pipeline's rate once running")
 
 
 def base_summary(prepared: Prepared) -> dict[str, Any]:
@@ -56,6 +62,7 @@ def summarize(prepared: Prepared, commits: Commits, crash_stats: dict[str, Any],
         first_commit_s=round(first[0], 3) if first else None,
         steady_images_per_s=(round((c.images - first[1]) / (wall - first[0]), 4)
                              if first and wall > first[0] else None),
+        rates=RATES_NOTE,
     )
     if prepared.cfg.mode == "enrich" and elsewhere and not c.committed and not c.failed:
         summary["message"] = "new shards are being processed by other runs"
@@ -85,6 +92,18 @@ def engine_summary(crash_stats: dict[str, Any]) -> dict[str, Any]:
     e["avg_slot_occupancy"] = round(e.get("decode_rows", 0) / e["decode_slots"], 3) if e.get("decode_slots") else None
     e["shared_step_fraction"] = round(e.get("shared_steps", 0) / steps, 3) if steps else None
     return e
+
+
+def write_output_manifest(prepared: Prepared) -> None:
+    """At an output's first run: `_output.json` with the config that makes its rows (what
+    `preflight.check_output_config` compares later runs with)."""
+    if read_output_identity(prepared) is not None:
+        return
+    cfg, layout = prepared.cfg, prepared.layout
+    body = json.dumps({"config": output_identity(cfg), "first_run": prepared.run_id,
+                       "project_version": cogvlm.__version__}, indent=2, default=str).encode()
+    retry(lambda: write_bytes_atomic(prepared.out_fs, layout.output_manifest, body, tmp_root=layout.root),
+          "writing the output's _output.json", cfg.retry.deadline_s, cfg.retry.backoff_s)
 
 
 def write_record(prepared: Prepared, summary: dict[str, Any]) -> dict[str, Any]:

@@ -406,3 +406,61 @@ def test_claims_on_s3_use_conditional_puts(s3_bucket):
     assert a.acquire("00001") and not b.acquire("00001")  # If-None-Match: * refused the second
     a.release("00001")
     assert b.acquire("00001")
+
+
+def test_rerun_with_another_config_refuses_naming_the_difference(ray_cluster, ckpt_v1, tokenizer_v1, tmp_path):
+    """An output records the config that made it (`_output.json`); a rerun with other tasks or
+    another dtype refuses in one line naming the difference (exit 2) instead of saying "nothing
+    new to process" over the old config's rows; the same config reruns as before."""
+    webdataset_shards(tmp_path / "in", n_shards=1, per_shard=2)
+    cfg = job(ckpt_v1, tokenizer_v1, tmp_path / "in", tmp_path / "out")
+    run(load_config(data=cfg))
+    manifest = json.loads((tmp_path / "out" / "_output.json").read_text())
+    assert manifest["config"]["tasks.caption.max_new_tokens"] == 6 and manifest["config"]["tasks.vqa"] == "off"
+    assert run(load_config(data=cfg))["message"] == "nothing new to process"
+    more = dict(cfg, tasks={"caption": {"max_new_tokens": 6}, "vqa": {"questions": ["a?"]}})
+    with pytest.raises(JobError, match=r"another config \(tasks\.vqa: 'off' there, 'on' here\)"):
+        run(load_config(data=more))
+    cfg_path = tmp_path / "job.yaml"
+    cfg_path.write_text(json.dumps(cfg))
+    cli = subprocess.run([sys.executable, "-m", "jobs.caption", "--config", str(cfg_path), "model.dtype=bf16"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 2, cli.stderr[-2000:]
+    errors = [ln for ln in cli.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "model.dtype: 'fp32' there, 'bf16' here" in errors[0], cli.stderr[-2000:]
+
+
+def test_caption_help_examples_parse():
+    """Every `key=value` example in `jobs.caption --help` is a valid override (the VQA example
+    was invalid YAML: `[a?, b?]`)."""
+    import re
+    import shlex
+
+    import jobs.caption
+
+    examples = [tok for span in re.findall(r"`([^`]*=[^`]*)`", jobs.caption.__doc__)
+                for tok in shlex.split(span) if re.fullmatch(r"[a-z_]+(\.[a-z_]+)+=.*", tok)]
+    assert any(e.startswith("tasks.vqa.questions=") for e in examples), examples
+    base = {"model": {"source": "m"}, "input": {"path": "i"}, "output": {"path": "o"}}
+    cfg = load_config(data=base, overrides=examples)
+    assert cfg.tasks.vqa.questions == ["Is it red?", "How many people?"] and cfg.model.batch_size == 16
+
+
+def test_progress_moves_as_parts_are_written_and_shares_the_summary_clock(ray_cluster, ckpt_v1, tokenizer_v1,
+                                                                         tmp_path, caplog):
+    """One shard of 8 images in batches of 1: a progress line counts written images before the
+    shard commits; the final progress.json's wall_s is the summary's (one clock, one start)."""
+    import logging
+
+    webdataset_shards(tmp_path / "in", n_shards=1, per_shard=8)
+    cfg = job(ckpt_v1, tokenizer_v1, tmp_path / "in", tmp_path / "out",
+              model={"batch_size": 1, "batches_in_flight": 1}, tasks={"caption": {"max_new_tokens": 24}})
+    cfg["progress_interval_s"] = 0.2
+    cfg["input"]["read_block_mb"] = 0.001  # one image per block: parts stream back one by one
+    with caplog.at_level(logging.INFO, logger="pipeline.progress"):
+        summary = run(load_config(data=cfg))
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.progress"]
+    assert any(" (0 committed)" in ln and not ln.startswith("progress: 0/") for ln in lines), lines
+    prog = json.loads((tmp_path / "out" / "_runs" / summary["run_id"] / "progress.json").read_text())
+    assert prog["images_done"] == prog["images_committed"] == 8 and prog["state"] == "done"
+    assert -0.1 <= summary["wall_s"] - prog["wall_s"] < 5, (summary["wall_s"], prog["wall_s"])

@@ -48,3 +48,24 @@ def test_progress_extrapolates_rates_and_writes_progress_json(tmp_path):
     clock.t += 2 * RATE_WINDOW_S  # nothing committed for a while: the run's average
     snap = p.snapshot()
     assert snap["images_per_s"] == round(45 / (clock.t - 1000.0), 3)
+
+
+def test_progress_counts_images_as_parts_are_written_on_the_run_clock(tmp_path):
+    """Images count when a part with their rows is written, not only at their shard's commit, and
+    the clock starts where the run's (and the summary's wall_s) does."""
+    clock = Clock()
+    p = Progress(fsspec.filesystem("file"), str(tmp_path), "run-2", shards=2, clock=clock, t0=clock.t - 5)
+    assert p.snapshot()["wall_s"] == 5.0 == p.snapshot()["elapsed_s"]
+    clock.t += 5
+    p.add_written("a", 3)
+    p.add_written("a", 3)  # a re-run batch's record: nothing new
+    snap = p.report()
+    assert snap["images_done"] == 3 and snap["images_committed"] == 0 and snap["shards_done"] == 0
+    assert snap["images_per_s"] == 0.3  # 3 images over the run's 10 s
+    assert "3/? images (0 committed)" in p.line(snap) and "wall 10 s" in p.line(snap)
+    p.add_written("a", 4)
+    p.add_shard(4, Counter(ok=4), "a")
+    snap = p.snapshot()
+    assert snap["images_done"] == 4 and snap["images_committed"] == 4 and snap["shards_done"] == 1
+    p.add_shard(2, Counter(ok=2), "b")  # a shard whose parts were not seen: counted at its commit
+    assert p.snapshot()["images_done"] == 6
