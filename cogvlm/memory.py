@@ -30,15 +30,19 @@ class MemoryPlan:
     budget_bytes: int  # memory the engine may use beside the weights
     weights_bytes: int
     prefill_bytes: int  # measured peak of one admission at the largest size
-    slot_bytes: int  # KV cache and state of one slot
-    decode_bytes_per_slot: int  # measured decode-step activations, per slot
+    block_bytes: int  # KV of one block (all layers)
+    block_size: int  # columns per block
+    blocks: int  # KV blocks in the pool (prefix entries and row suffixes share them)
+    row_bytes: int  # per-row state (tokens, block table, output buffer)
+    decode_bytes_per_slot: int  # measured decode-step activations, per row
     margin_bytes: int
-    slots: int
-    max_len: int
+    slots: int  # rows that may decode at once
+    max_len: int  # columns one row may hold at most
+    prefix_len: int = 0  # columns of an image prefix (stored once per image)
 
     @property
     def cache_bytes(self) -> int:
-        return self.slots * self.slot_bytes
+        return (self.blocks + 1) * self.block_bytes + self.slots * self.row_bytes  # + the trash block
 
     @property
     def planned_bytes(self) -> int:
@@ -46,9 +50,12 @@ class MemoryPlan:
         return self.cache_bytes + self.prefill_bytes + self.slots * self.decode_bytes_per_slot
 
     def describe(self) -> str:
+        nP = -(-self.prefix_len // self.block_size) if self.prefix_len else 0
         return (f"memory plan: weights {self.weights_bytes / GB:.2f} GB, budget {self.budget_bytes / GB:.2f} GB "
-                f"= cache {self.cache_bytes / GB:.2f} GB ({self.slots} slots x {self.max_len} columns, "
-                f"{self.slot_bytes / 1e6:.1f} MB each) + admission activations {self.prefill_bytes / GB:.3f} GB "
+                f"= KV pool {self.blocks * self.block_bytes / GB:.2f} GB ({self.blocks} blocks of {self.block_size} "
+                f"columns, {self.block_bytes / 1e6:.2f} MB each; an image prefix takes {nP}) + {self.slots} rows "
+                f"of at most {self.max_len} columns ({self.slots * self.row_bytes / 1e6:.1f} MB of state) "
+                f"+ admission activations {self.prefill_bytes / GB:.3f} GB "
                 f"+ decode activations {self.slots * self.decode_bytes_per_slot / GB:.3f} GB "
                 f"+ margin {self.margin_bytes / GB:.2f} GB")
 
@@ -147,6 +154,16 @@ def activation_bytes(cfg: "CogVLMConfig", dtype: torch.dtype, device_type: str, 
         text += rows * cfg.num_attention_heads * prompt_tokens * (P + prompt_tokens) * 4
     logits = rows * cfg.vocab_size * 4 * 2
     return max(vision, prefix, text) + logits
+
+
+def block_bytes(cfg: "CogVLMConfig", dtype: torch.dtype, block_size: int) -> int:
+    """KV of one pool block of `block_size` columns, all layers."""
+    return cfg.num_hidden_layers * 2 * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize * block_size
+
+
+def row_state_bytes(max_new_tokens: int, table_blocks: int) -> int:
+    """One row's decode state: its output buffer, block table and a dozen scalars."""
+    return (max_new_tokens + 1) * 8 + (table_blocks + 1) * 8 + 14 * 8
 
 
 def kv_slot_bytes(cfg: "CogVLMConfig", dtype: torch.dtype, max_len: int, max_new_tokens: int) -> int:
