@@ -55,7 +55,7 @@ class StoreBatch:
     causal over its own tokens) or "decode" (one token per row: prefix lanes + suffix blocks)."""
 
     mode: str
-    write: torch.Tensor  # (B, L) flat pool slots of this forward's tokens
+    write: torch.Tensor | None  # (B, L) flat suffix slots of this forward's tokens (block * size + offset)
     P: int  # prefix columns
     nP: int  # blocks per prefix entry
     lanes: int = 1
@@ -64,10 +64,14 @@ class StoreBatch:
     length: torch.Tensor | None = None  # decode: (B,) suffix columns to read (this token's included)
     lane: torch.Tensor | None = None  # decode: (B,) entry * lanes + lane, or -1 (no prefix)
     entries: int = 0  # text, decode: prefix entries 0..entries-1 are read
+    prefix: torch.Tensor | None = None  # fresh: (U,) the entries these rows' keys are the prefixes of
 
     def attend(self, pool: KVPool, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (B, H, L, d), k/v (B, KV, L, d) of this forward -> (B, H, L, d)."""
-        pool.write(self.write, k, v)
+        if self.prefix is not None:
+            pool.write_prefix(self.prefix, self.nP, k, v)
+        else:
+            pool.write(self.write, k, v)
         gqa = k.shape[1] != q.shape[1]
         if self.mode == "fresh":
             return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=gqa)

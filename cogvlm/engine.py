@@ -36,7 +36,7 @@ from .generate import GenerationOutput, context_error
 from .kv_store import BlockAllocator
 from .memory import GB, MemoryPlan, PeakMemory, block_bytes, row_state_bytes
 from .quantization import module_bytes
-from .runner import (PREFIX_LAST_POSITION, Rows, decode_step, default_buckets, graphs, pow2_at_least,
+from .runner import (PREFIX_LAST_POSITION, Rows, decode_step, default_buckets, graphs, size_bucket,
                      prefill_fresh_texts, prefill_prefixes, prefill_texts, private_copy, sample_first)
 from .sampling import sample
 from .scheduler import Room, Scheduler
@@ -98,7 +98,7 @@ class Engine:
         self.stats: dict[str, int] = dict.fromkeys(
             ("decode_steps", "decode_rows", "decode_slots", "shared_steps", "admissions", "admitted",
              "images", "generated_tokens", "finished", "moved", "oom_admission", "oom_decode", "failed_alone",
-             "attn_columns", "kv_blocks_used", "kv_blocks"), 0)
+             "attn_columns", "kv_blocks_used", "kv_blocks", "prefix_entries"), 0)
         self.seqs: list[Seq | None] = []
         self.step_count = 0
         self._graphs0 = 0
@@ -539,8 +539,8 @@ class Engine:
         last = self.step_count + steps - 1
         width = max(s.first_col + max(0, min(last - s.start_step, s.req.max_new_tokens - 2)) + 1 for s in occupied)
         # at least 2 of each (dynamo specializes sizes 0 and 1: one graph covers every size >= 2)
-        nb = pow2_at_least(max(2, -(-width // self.block)), self.MB + 1)
-        E = pow2_at_least(max(2, self.store.entry_bound), max(1, self.store.max_entries))
+        nb = size_bucket(max(2, -(-width // self.block)), self.MB + 1)
+        E = size_bucket(max(2, self.store.entry_bound), max(1, self.store.max_entries))
         return b, nb, E
 
     def _decode(self, steps: int) -> None:
@@ -572,6 +572,7 @@ class Engine:
         self.stats["attn_columns"] += steps * (E * self.P + b * nb * self.block)
         self.stats["kv_blocks_used"] += steps * self.store.used
         self.stats["kv_blocks"] += steps * self.store.blocks
+        self.stats["prefix_entries"] += steps * self.store.entries_in_use
         if len(self.origins) > 1:
             self.stats["shared_steps"] += steps
         self._lap("decode_s", t0)

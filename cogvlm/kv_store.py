@@ -5,8 +5,8 @@ Every image row is `[bos, boi, patches..., eoi]` (the prefix, P columns, identic
 prompt about the image) followed by the row's own suffix; a text-only row is all suffix. So:
 
 - a prefix *entry* e is the run of blocks `[e * nP, (e + 1) * nP)` at the bottom of the pool
-  (nP = ceil(P / block)), laid out token-major, so that entries `0..E-1` are one strided view
-  `(E, P, KV, d)` with no copy; an entry has `lanes` query lanes, one per prompt of its image
+  (nP = ceil(P / block)), laid out head-major over the whole run, so that entries `0..E-1` are
+  one view `(E, KV, P, d)` with no copy; an entry has `lanes` query lanes, one per prompt of its image
   decoding at once, and is freed when its last row leaves and no prompt of its image waits;
 - a row's suffix takes ceil(columns / block) blocks, reserved at admission for exactly what the row
   can hold (its prompt text and its `max_new_tokens`), taken from the top of the pool so that low
@@ -28,38 +28,51 @@ from torch import nn
 
 
 class KVPool(nn.Module):
-    """One layer's blocks: k and v `(blocks + 1, block, KV, d)`, the last block the trash."""
+    """One layer's blocks: k and v `(blocks + 1, KV, block, d)`, the last block the trash.
+
+    A prefix entry's run of nP blocks is read and written as one head-major tensor
+    `(KV, nP * block, d)` (the same bytes, viewed differently): entries 0..E-1 are then one view
+    `(E, KV, P, d)` whose rows are contiguous, which matmul reads without a copy. Suffix blocks
+    are used block by block."""
 
     def __init__(self, blocks: int, block: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
-        shape = (blocks + 1, block, num_kv_heads, head_dim)
+        shape = (blocks + 1, num_kv_heads, block, head_dim)
         self.register_buffer("k_pool", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_pool", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def write(self, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v (B, KV, L, d) at flat token slots `index` (B, L) (block * block_size + offset).
+        """Store k, v (B, KV, L, d) in suffix blocks at flat slots `index` (B, L) (block * block_size
+        + offset). One `index_put_` on the whole buffer (torch.compile makes it an in-place scatter)."""
+        _, KV, block, _ = self.k_pool.shape
+        heads = torch.arange(KV, device=k.device)
+        where = ((index // block)[:, None, :], heads[None, :, None], (index % block)[:, None, :])  # (B, KV, L)
+        self.k_pool.index_put_(where, k)
+        self.v_pool.index_put_(where, v)
 
-        One `index_put_` on the whole buffer (torch.compile makes it an in-place scatter)."""
-        B, KV, L, d = k.shape
-        flat_k = self.k_pool.view(-1, KV, d)  # (N * block, KV, d)
-        flat_v = self.v_pool.view(-1, KV, d)
-        flat_k.index_put_((index.reshape(-1),), k.transpose(1, 2).reshape(B * L, KV, d))
-        flat_v.index_put_((index.reshape(-1),), v.transpose(1, 2).reshape(B * L, KV, d))
+    def _entries(self, buf: torch.Tensor, entries: int, nP: int) -> torch.Tensor:
+        _, KV, block, d = buf.shape
+        return buf[:entries * nP].view(entries, KV, nP * block, d)  # (E, KV, nP * block, d)
+
+    def write_prefix(self, entries: torch.Tensor, nP: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (U, KV, P, d) as the prefixes of entries `entries` (U,)."""
+        E = int(self.k_pool.shape[0] - 1) // nP
+        P = k.shape[2]
+        self._entries(self.k_pool, E, nP)[:, :, :P].index_copy_(0, entries, k)
+        self._entries(self.v_pool, E, nP)[:, :, :P].index_copy_(0, entries, v)
 
     def prefixes(self, entries: int, nP: int, P: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Entries 0..entries-1 as strided views (E, KV, P, d) (no copy)."""
-        n, block, KV, d = self.k_pool.shape
-        k = self.k_pool[:entries * nP].view(entries, nP * block, KV, d)[:, :P].transpose(1, 2)
-        v = self.v_pool[:entries * nP].view(entries, nP * block, KV, d)[:, :P].transpose(1, 2)
-        return k, v
+        """Entries 0..entries-1 as views (E, KV, P, d) (no copy)."""
+        return (self._entries(self.k_pool, entries, nP)[:, :, :P],
+                self._entries(self.v_pool, entries, nP)[:, :, :P])
 
     def gather(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows' blocks (B, nb) -> their columns (B, KV, nb * block, d) (a copy of those blocks only)."""
         B, nb = blocks.shape
-        _, block, KV, d = self.k_pool.shape
-        k = self.k_pool[blocks].view(B, nb * block, KV, d).transpose(1, 2)
-        v = self.v_pool[blocks].view(B, nb * block, KV, d).transpose(1, 2)
+        _, KV, block, d = self.k_pool.shape
+        k = self.k_pool[blocks].transpose(1, 2).reshape(B, KV, nb * block, d)
+        v = self.v_pool[blocks].transpose(1, 2).reshape(B, KV, nb * block, d)
         return k, v
 
 

@@ -149,3 +149,24 @@ def test_allocator_keeps_prefix_runs_low_and_suffixes_high():
     for r in range(3):
         a.free_row(r)
     assert a.used == 6
+
+
+def test_gpu_first_bench_runs_on_cpu_and_writes_every_phase(tmp_path):
+    """bench/gpu_first.py with the tiny shape on CPU: every phase in the JSON, none failed."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "g.json"
+    p = subprocess.run([sys.executable, os.path.join(root, "bench", "gpu_first.py"), "--config", "tiny", "--device",
+                        "cpu", "--images", "3", "--new-tokens", "6", "--max-slots", "16", "--skip", "compiled",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert list(data["phases"]) == data["order"]
+    assert all(ph["status"] in ("ok", "skipped") for ph in data["phases"].values()), data
+    assert data["phases"]["decode_steps"]["16"]["live_rows"] == 16
+    assert data["phases"]["caption_eager"]["images_per_s"] > 0
