@@ -10,8 +10,9 @@ once (the queue is `--queue` x the engine's capacity), eos ignored:
    queue still has work (steady state), and the longest admission round.
 2. live columns: the same captions with `max_prompt_tokens` 1500 and 32, same KV memory: decode
    seconds and key columns read per step, long / short.
-3. sharing: caption + 3 questions per image against captions alone in the same KV memory: rows
-   decoded per step, and KV blocks per image in flight.
+3. sharing: caption + 3 questions per image (`--question-tokens` new tokens each; default 8-16)
+   against captions alone in the same KV memory: rows decoded per step, and KV blocks per image
+   in flight.
 
 `--baseline-src DIR` (a checkout of the engine before the KV store, e.g. `git worktree add DIR
 main`) runs its engine on the same work in the same process for 1-3 (its capacity: slots).
@@ -59,12 +60,46 @@ def drive(engine: Any, request_cls: Any, images: torch.Tensor, prompts: list, ca
             "images_per_step": s.get("prefix_entries", 0) / max(1, s["decode_steps"])}
 
 
-def captions(cfg, n: int, new: int, questions: int = 0, seed: int = 0):
+def filled(E: Any, R: Any, model, images: torch.Tensor, prompts: list, rows: int, **kw: Any) -> Any:
+    """An engine holding the first prompt of each of `rows` images (all admitted, none decoded)."""
+    e = E(model, **dict(kw, timed=False, admission_images=rows))
+    for i in range(rows):
+        ids, new = prompts[i][0]
+        e.add([R(ids, 0, new, ignore_eos=True)], images[i], tag=i)
+    with torch.inference_mode():
+        while e.waiting and e.free:
+            before = len(e.free)
+            e._admit_safely()
+            if len(e.free) == before:
+                break
+    assert e.slots - len(e.free) == rows, "not every row was admitted"
+    return e
+
+
+def alternate(engines: list, rounds: int = 6, steps: int = 4) -> list[float]:
+    """Seconds per decode step of each engine, their steps alternated (a busy machine's drift
+    hits all alike)."""
+    spent = [0.0] * len(engines)
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for k, e in enumerate(engines):
+                t0 = time.perf_counter()
+                e._decode(steps)
+                if e.device.type == "cuda":
+                    torch.cuda.synchronize(e.device)
+                spent[k] += time.perf_counter() - t0
+    return [t / (rounds * steps) for t in spent]
+
+
+def captions(cfg, n: int, new: int, questions: int = 0, seed: int = 0, question_tokens: int = 0):
+    """n images, one 20-token caption each (+ `questions` 12-token questions of
+    `question_tokens` new tokens, or 8-16 if 0)."""
     images, prompts = make_work(cfg, "caption", n, new, seed)
     if questions:
         g = torch.Generator().manual_seed(seed + 1)
         for i, ps in enumerate(prompts):
-            ps += [(torch.randint(3, 1000, (12,), generator=g).tolist(), 8 + (i + q) % 9) for q in range(questions)]
+            ps += [(torch.randint(3, 1000, (12,), generator=g).tolist(), question_tokens or 8 + (i + q) % 9)
+                   for q in range(questions)]
     return images, prompts
 
 
@@ -78,6 +113,7 @@ def main() -> None:
     p.add_argument("--queue", type=float, default=5.0, help="images queued, in multiples of the capacity")
     p.add_argument("--admission-images", type=int, default=8)
     p.add_argument("--sync-every", type=int, default=8)
+    p.add_argument("--question-tokens", type=int, default=0, help="new tokens per question (0: 8-16)")
     p.add_argument("--baseline-src", default=None)
     a = p.parse_args()
     device = torch.device(a.device)
@@ -111,9 +147,13 @@ def main() -> None:
         eng = E(model, max_prompt_tokens=1500, **kw)
         res["long"] = drive(eng, R, images, prompts, max(1, eng.slots))
         res["long"]["slots"] = eng.slots
+        rows_both = min(a.rows, eng.slots)  # what both settings hold (the engine before: fewer slots at 1500)
+        res["interleaved"] = alternate([filled(E, R, model, images, prompts, rows_both, max_prompt_tokens=n, **kw)
+                                        for n in (prompt, 1500)])
+        res["interleaved_rows"] = rows_both
         # 3. sharing: caption + 3 questions per image, the same KV memory
         eng = E(model, max_prompt_tokens=prompt, prompts_per_image=4, **kw)
-        images, prompts = captions(cfg, n_img // 2, new, questions=3)
+        images, prompts = captions(cfg, n_img // 2, new, questions=3, question_tokens=a.question_tokens)
         res["multi"] = drive(eng, R, images, prompts, max(1, eng.slots))
         res["multi"]["slots"] = eng.slots
         out[name] = res
@@ -127,6 +167,9 @@ def main() -> None:
               f"rows/step {lg['rows_per_step']:.1f} vs {c['rows_per_step']:.1f}")
         # KV per image in flight; the engine before kept a whole slot per row
         col = P + prompt + new
+        s32, s1500 = res["interleaved"]
+        print(f"2b. the same {res['interleaved_rows']} rows, steps alternated: {1000 * s1500:.1f} ms vs {1000 * s32:.1f} ms "
+              f"per step: {s1500 / s32:.2f}x")
         blocks_img_c = c["blocks_per_step"] / max(1e-9, c["images_per_step"]) if c["images_per_step"] else col / 16
         blocks_img_m = m["blocks_per_step"] / max(1e-9, m["images_per_step"]) if m["images_per_step"] else 4 * col / 16
         print(f"3. caption + 3 questions vs caption, same KV memory: rows/step {m['rows_per_step'] / c['rows_per_step']:.2f}x "
@@ -134,6 +177,12 @@ def main() -> None:
               f"{blocks_img_m / max(1e-9, blocks_img_c):.2f}x ({blocks_img_m:.1f} vs {blocks_img_c:.1f}); "
               f"wall {m['wall_s']:.1f} s vs {c['wall_s']:.1f} s", flush=True)
     if len(out) == 2:
+        images, prompts = captions(cfg, a.rows, new, seed=2)
+        rows = min(a.rows, out["before"]["caption"]["slots"], out["kv store"]["caption"]["slots"])
+        kv, before = alternate([filled(E, R, model, images, prompts, rows, max_prompt_tokens=prompt, **kw)
+                                for _, E, R in engines])
+        print(f"\ndecode step, the same {rows} caption rows, steps alternated: kv store {1000 * kv:.1f} ms, "
+              f"before {1000 * before:.1f} ms ({kv / before:.2f}x)")
         k, b = out["kv store"], out["before"]
         print(f"\nkv store / before, caption images/s: {b['caption']['wall_s'] / k['caption']['wall_s']:.2f}; "
               f"multi images/s: {b['multi']['wall_s'] / k['multi']['wall_s']:.2f}")
