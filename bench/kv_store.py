@@ -72,8 +72,16 @@ def filled(E: Any, R: Any, model, images: torch.Tensor, prompts: list, rows: int
             e._admit_safely()
             if len(e.free) == before:
                 break
-    assert e.slots - len(e.free) == rows, "not every row was admitted"
     return e
+
+
+def pair(makers: list) -> list:
+    """Engines from `makers` (each: rows -> engine) holding the same rows: as many as the first holds."""
+    first = makers[0](10**9)
+    rows = first.slots - len(first.free)
+    rest = [m(rows) for m in makers[1:]]
+    assert all(e.slots - len(e.free) == rows for e in rest), "not the same rows"
+    return [first] + rest
 
 
 def alternate(engines: list, rounds: int = 6, steps: int = 4) -> list[float]:
@@ -148,9 +156,12 @@ def main() -> None:
         res["long"] = drive(eng, R, images, prompts, max(1, eng.slots))
         res["long"]["slots"] = eng.slots
         rows_both = min(a.rows, eng.slots)  # what both settings hold (the engine before: fewer slots at 1500)
-        res["interleaved"] = alternate([filled(E, R, model, images, prompts, rows_both, max_prompt_tokens=n, **kw)
-                                        for n in (prompt, 1500)])
-        res["interleaved_rows"] = rows_both
+        both = pair([lambda r, n=n: filled(E, R, model, images, prompts, min(r, rows_both), max_prompt_tokens=n, **kw)
+                     for n in ((1500, prompt) if name == "before" else (prompt, 1500))])
+        if name == "before":
+            both.reverse()
+        res["interleaved"] = alternate(both)
+        res["interleaved_rows"] = both[0].slots - len(both[0].free)
         # 3. sharing: caption + 3 questions per image, the same KV memory
         eng = E(model, max_prompt_tokens=prompt, prompts_per_image=4, **kw)
         images, prompts = captions(cfg, n_img // 2, new, questions=3, question_tokens=a.question_tokens)
@@ -178,9 +189,10 @@ def main() -> None:
               f"wall {m['wall_s']:.1f} s vs {c['wall_s']:.1f} s", flush=True)
     if len(out) == 2:
         images, prompts = captions(cfg, a.rows, new, seed=2)
-        rows = min(a.rows, out["before"]["caption"]["slots"], out["kv store"]["caption"]["slots"])
-        kv, before = alternate([filled(E, R, model, images, prompts, rows, max_prompt_tokens=prompt, **kw)
-                                for _, E, R in engines])
+        kv_e, before_e = pair([lambda r, E=E, R=R: filled(E, R, model, images, prompts, min(r, a.rows),
+                                                            max_prompt_tokens=prompt, **kw) for _, E, R in engines])
+        rows = kv_e.slots - len(kv_e.free)
+        kv, before = alternate([kv_e, before_e])
         print(f"\ndecode step, the same {rows} caption rows, steps alternated: kv store {1000 * kv:.1f} ms, "
               f"before {1000 * before:.1f} ms ({kv / before:.2f}x)")
         k, b = out["kv store"], out["before"]

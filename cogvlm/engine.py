@@ -427,6 +427,14 @@ class Engine:
     def _admit_safely(self) -> list[Completion]:
         running = self.slots - len(self.free)
         seqs = self._take()
+        if not seqs and not running and not self.scheduler.alone_next:
+            # nothing decodes and nothing fits: prefixes kept for waiting prompts fill the pool.
+            # Let them go (they are made again on admission) rather than wait forever.
+            for g in self.scheduler.waiting:
+                if g.queued:
+                    self.store.release(g.entry)
+                    g.entry, g.queued = -1, False
+            seqs = self._take()
         if not seqs:
             return []
         alone = len(seqs) == 1 and running == 0
