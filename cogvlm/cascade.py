@@ -26,7 +26,7 @@ def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.T
                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention that also returns the log-sum-exp of the scores.
 
-    q (N, KV, M, d), k/v (N, KV, L, d), `valid` (N, 1, 1, L) bool or None -> out (N, KV, M, d)
+    q (N, KV, M, d), k/v (N, KV, L, d), `valid` (N or 1, 1, 1, L) bool or None -> out (N, KV, M, d)
     fp32, lse (N, KV, M, 1) fp32 (-inf where no key is valid)."""
     s = (q @ k.transpose(-1, -2)).float() * scale  # (N, KV, M, L)
     if valid is not None:
@@ -98,12 +98,13 @@ class StoreBatch:
         o_s, l_s = attend_lse(qg, ks, vs, valid, scale)  # (B, KV, G, d), (B, KV, G, 1)
         # the prefixes, each read once for the rows in its lanes
         E, R = self.entries, self.lanes
-        kp, vp = pool.prefixes(E, self.nP, self.P)  # (E, KV, P, d)
+        kp, vp = pool.prefixes(E, self.nP)  # (E, KV, nP * block, d): whole runs, the tail past P masked
+        in_prefix = (torch.arange(kp.shape[2], device=q.device) < self.P)[None, None, None, :]
         slot = torch.where(self.lane >= 0, self.lane, E * R)  # (B,): rows without a prefix to a spare lane
         qp = q.new_zeros(E * R + 1, KV, G, d)
         qp.index_put_((slot,), qg)
         qp = qp[:E * R].view(E, R, KV, G, d).transpose(1, 2).reshape(E, KV, R * G, d)
-        o_p, l_p = attend_lse(qp, kp, vp, None, scale)  # (E, KV, R*G, d), (E, KV, R*G, 1)
+        o_p, l_p = attend_lse(qp, kp, vp, in_prefix, scale)  # (E, KV, R*G, d), (E, KV, R*G, 1)
         o_p = o_p.view(E, KV, R, G, d).transpose(1, 2).reshape(E * R, KV, G, d)
         l_p = l_p.view(E, KV, R, G, 1).transpose(1, 2).reshape(E * R, KV, G, 1)
         o_p = torch.cat([o_p, o_p.new_zeros(1, KV, G, d)])[slot]  # (B, KV, G, d)

@@ -333,6 +333,10 @@ class Engine:
         live = [s for s in self.seqs if s is not None]
         if live:
             n = min(self.sync_every, min(s.end_step for s in live) - self.step_count)
+            if self.scheduler.waiting and len(self.free) >= self.scheduler.admission_rows:
+                # room for a whole round and work waiting: admit again sooner (admission keeps up
+                # with free capacity; each round is still at most `admission_images` long)
+                n = min(n, max(1, self.sync_every // 4))
             if n > 0:
                 oom = False
                 try:

@@ -45,11 +45,12 @@ class KVPool(nn.Module):
     def write(self, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v (B, KV, L, d) in suffix blocks at flat slots `index` (B, L) (block * block_size
         + offset). One `index_put_` on the whole buffer (torch.compile makes it an in-place scatter)."""
-        _, KV, block, _ = self.k_pool.shape
+        _, KV, block, d = self.k_pool.shape
         heads = torch.arange(KV, device=k.device)
-        where = ((index // block)[:, None, :], heads[None, :, None], (index % block)[:, None, :])  # (B, KV, L)
-        self.k_pool.index_put_(where, k)
-        self.v_pool.index_put_(where, v)
+        # one flat row index per (token, head) into the pool seen as (blocks * KV * block, d)
+        flat = ((index // block)[:, None, :] * KV + heads[None, :, None]) * block + (index % block)[:, None, :]
+        self.k_pool.view(-1, d).index_put_((flat.reshape(-1),), k.reshape(-1, d))  # (B*KV*L, d)
+        self.v_pool.view(-1, d).index_put_((flat.reshape(-1),), v.reshape(-1, d))
 
     def _entries(self, buf: torch.Tensor, entries: int, nP: int) -> torch.Tensor:
         _, KV, block, d = buf.shape
@@ -62,17 +63,19 @@ class KVPool(nn.Module):
         self._entries(self.k_pool, E, nP)[:, :, :P].index_copy_(0, entries, k)
         self._entries(self.v_pool, E, nP)[:, :, :P].index_copy_(0, entries, v)
 
-    def prefixes(self, entries: int, nP: int, P: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Entries 0..entries-1 as views (E, KV, P, d) (no copy)."""
-        return (self._entries(self.k_pool, entries, nP)[:, :, :P],
-                self._entries(self.v_pool, entries, nP)[:, :, :P])
+    def prefixes(self, entries: int, nP: int, P: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Entries 0..entries-1 as views (E, KV, P, d) (no copy); P None: the whole runs
+        (E, KV, nP * block, d), contiguous (CPU matmul is far slower on the sliced view)."""
+        k, v = self._entries(self.k_pool, entries, nP), self._entries(self.v_pool, entries, nP)
+        return (k, v) if P is None else (k[:, :, :P], v[:, :, :P])
 
     def gather(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows' blocks (B, nb) -> their columns (B, KV, nb * block, d) (a copy of those blocks only)."""
         B, nb = blocks.shape
         _, KV, block, d = self.k_pool.shape
-        k = self.k_pool[blocks].transpose(1, 2).reshape(B, KV, nb * block, d)
-        v = self.v_pool[blocks].transpose(1, 2).reshape(B, KV, nb * block, d)
+        flat = blocks.reshape(-1)
+        k = self.k_pool.index_select(0, flat).view(B, nb, KV, block, d).transpose(1, 2).reshape(B, KV, nb * block, d)
+        v = self.v_pool.index_select(0, flat).view(B, nb, KV, block, d).transpose(1, 2).reshape(B, KV, nb * block, d)
         return k, v
 
 

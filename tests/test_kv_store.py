@@ -106,7 +106,7 @@ def test_no_block_leaks_over_a_thousand_requests(model_v1, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     store = eng.store
-    assert eng.stats["oom_admission"] > 5 and finished > N_REQUESTS // 3
+    assert eng.stats["oom_admission"] > 5 and finished > N_REQUESTS // 5
     assert store.used == 0 and store.n_free == store.blocks and not store.entry_holds and not store.row_blocks
     assert bytes(store.owner) == bytes(store.blocks) and not any(store.run_used)
     assert sorted(eng.free) == list(range(eng.slots)) and all(s is None for s in eng.seqs)
