@@ -72,6 +72,9 @@ def filled(E: Any, R: Any, model, images: torch.Tensor, prompts: list, rows: int
             e._admit_safely()
             if len(e.free) == before:
                 break
+    # engines on one model keep their KV on its layers: remember this one's, to put back (`alternate`)
+    e.bench_kv = [(m.self_attn.kv_cache, getattr(m.self_attn, "kv_pool", None)) for m in model.model.layers]
+    e.bench_model = model
     return e
 
 
@@ -91,6 +94,8 @@ def alternate(engines: list, rounds: int = 6, steps: int = 4) -> list[float]:
     with torch.inference_mode():
         for _ in range(rounds):
             for k, e in enumerate(engines):
+                for m, (cache, pool) in zip(e.bench_model.model.layers, e.bench_kv):
+                    m.self_attn.kv_cache, m.self_attn.kv_pool = cache, pool
                 t0 = time.perf_counter()
                 e._decode(steps)
                 if e.device.type == "cuda":
