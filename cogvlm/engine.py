@@ -34,7 +34,7 @@ import torch.fx.experimental._config  # noqa: F401 - `use_duck_shape`
 
 from .generate import GenerationOutput, context_error
 from .kv_store import BlockAllocator
-from .memory import GB, MemoryPlan, PeakMemory, block_bytes, row_state_bytes
+from .memory import PeakMemory, budget_for, plan_pool
 from .quantization import module_bytes
 from .runner import (PREFIX_LAST_POSITION, Rows, decode_step, default_buckets, graphs, size_bucket,
                      prefill_fresh_texts, prefill_prefixes, prefill_texts, private_copy, sample_first)
@@ -114,8 +114,12 @@ class Engine:
                 self.scheduler.lower()
                 log.warning("out of memory profiling an admission round; admission lowered to %d prompts / "
                             "%d images", self.scheduler.admission_rows, self.scheduler.admission_images)
-        budget, margin = self._budget(memory_gb, margin_gb, device_share)
-        self.plan = self._plan(budget, margin, prefill_bytes, decode_per_row, max_slots, kv_cache_gb)
+        weights = self._weights_bytes()
+        budget, margin = budget_for(self.device, weights, memory_gb, margin_gb, device_share)
+        self.plan = plan_pool(cfg, model.dtype, budget=budget, margin=margin, prefill=prefill_bytes,
+                              decode_per_row=decode_per_row, weights=weights, block=self.block, lanes=self.lanes,
+                              max_len=self.max_len, max_new=self.max_new_cap, max_slots=max_slots,
+                              kv_cache_gb=kv_cache_gb)
         if self.plan.slots < 1 or self.plan.blocks < self.nP + self.MB:
             raise MemoryError(f"not even one KV slot (one prefix and one row of {self.max_len} columns) fits: "
                               f"{self.plan.describe()}; lower max_prompt_tokens / max_new_tokens or "
@@ -146,39 +150,6 @@ class Engine:
         """Parameters and buffers as stored (quantized ones at their real size), KV stores excluded."""
         caches = [m for layer in self.model.model.layers for m in (layer.self_attn.kv_cache, layer.self_attn.kv_pool)]
         return module_bytes(self.model) - sum(module_bytes(c) for c in caches if c is not None)
-
-    def _budget(self, memory_gb: float | None, margin_gb: float | None, share: float) -> tuple[int, int]:
-        if memory_gb is not None:
-            budget = int(memory_gb * GB)
-        elif self.device.type == "cuda":  # what is free, or this replica's part of a shared GPU
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = int(min(free, total * share - self._weights_bytes()))
-        else:
-            budget = int(4 * GB)
-        if margin_gb is None:  # allocator fragmentation, CUDA graph pools, library workspaces
-            margin = int(min(0.05 * budget, 2 * GB)) if self.device.type == "cuda" else int(0.02 * budget)
-        else:
-            margin = int(margin_gb * GB)
-        return budget, margin
-
-    def _plan(self, budget: int, margin: int, prefill: int, decode_per_row: int, max_slots: int,
-              kv_cache_gb: float | None) -> MemoryPlan:
-        """Rows and blocks: the least a row can hold is its share of a prefix (the entry's lanes
-        split it) and one suffix block; rows are cheap, so the plan allows as many as could hold
-        that, and the blocks take the rest."""
-        cfg = self.model.config
-        blk = block_bytes(cfg, self.model.dtype, self.block)
-        row = row_state_bytes(self.max_new_cap, self.MB) + decode_per_row
-        min_row = (-(-self.nP // self.lanes) + 1) * blk
-        room = max(0, budget - prefill - margin)
-        slots = max(0, min(max_slots, room // (min_row + row)))
-        blocks = max(0, (room - slots * row) // blk - 1)  # one more is the trash block
-        blocks = min(blocks, slots * (self.nP + self.MB))  # more than every row could ever fill is waste
-        if kv_cache_gb is not None:  # an explicit cap on the pool
-            blocks = min(blocks, int(kv_cache_gb * GB) // blk)
-            slots = min(slots, blocks * blk // min_row)
-        return MemoryPlan(budget, self._weights_bytes(), prefill, blk, self.block, blocks, row - decode_per_row,
-                          decode_per_row, margin, slots, self.max_len, self.P)
 
     @torch.inference_mode()
     def _profile(self) -> tuple[int, int]:

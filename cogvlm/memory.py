@@ -60,6 +60,48 @@ class MemoryPlan:
                 f"+ margin {self.margin_bytes / GB:.2f} GB")
 
 
+def budget_for(device: torch.device, weights: int, memory_gb: float | None, margin_gb: float | None,
+               share: float = 1.0) -> tuple[int, int]:
+    """(budget, margin) in bytes beside the weights: `memory_gb`, or what is free on the GPU (this
+    replica's `share` of it), or 4 GB on CPU; the margin: `margin_gb`, or 5% of the budget (at
+    most 2 GB) on a GPU, 2% on CPU."""
+    if memory_gb is not None:
+        budget = int(memory_gb * GB)
+    elif device.type == "cuda":  # what is free, or this replica's part of a shared GPU
+        free, total = torch.cuda.mem_get_info(device)
+        budget = int(min(free, total * share - weights))
+    else:
+        budget = int(4 * GB)
+    if margin_gb is None:  # allocator fragmentation, CUDA graph pools, library workspaces
+        margin = int(min(0.05 * budget, 2 * GB)) if device.type == "cuda" else int(0.02 * budget)
+    else:
+        margin = int(margin_gb * GB)
+    return budget, margin
+
+
+def plan_pool(cfg: "CogVLMConfig", dtype: torch.dtype, *, budget: int, margin: int, prefill: int,
+              decode_per_row: int, weights: int, block: int, lanes: int, max_len: int, max_new: int,
+              max_slots: int, kv_cache_gb: float | None) -> MemoryPlan:
+    """Rows and blocks of the KV store. The least a row can hold is its lane's share of a prefix
+    and one suffix block; rows are cheap, so the plan allows as many rows as could hold that
+    (at most `max_slots`), and blocks take the rest of the room (at most what every row could
+    fill, and `kv_cache_gb` if given)."""
+    P = 1 + cfg.num_vision_tokens
+    nP, MB = -(-P // block), -(-max_len // block)
+    blk = block_bytes(cfg, dtype, block)
+    row = row_state_bytes(max_new, MB) + decode_per_row
+    min_row = (-(-nP // lanes) + 1) * blk
+    room = max(0, budget - prefill - margin)
+    slots = max(0, min(max_slots, room // (min_row + row)))
+    blocks = max(0, (room - slots * row) // blk - 1)  # one more is the trash block
+    blocks = min(blocks, slots * (nP + MB))  # more than every row could ever fill is waste
+    if kv_cache_gb is not None:  # an explicit cap on the pool
+        blocks = min(blocks, int(kv_cache_gb * GB) // blk)
+        slots = min(slots, blocks * blk // min_row)
+    return MemoryPlan(budget, weights, prefill, blk, block, blocks, row - decode_per_row, decode_per_row, margin,
+                      slots, max_len, P)
+
+
 def slots_for(budget: int, prefill: int, margin: int, per_slot: int, max_slots: int) -> int:
     return max(0, min(max_slots, (budget - prefill - margin) // max(1, per_slot)))
 
