@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,8 +11,12 @@ from torch import nn
 
 from .config import VISION_TOKEN_TYPE, CogVLMConfig
 from .kv_cache import KVCache
+from .kv_store import KVPool
 from .positions import attention_mask_4d, build_position_ids, vision_expert_mask
 from .vision import EVA2CLIPModel
+
+if TYPE_CHECKING:
+    from .cascade import StoreBatch
 
 
 # --- expert routing ---------------------------------------------------------------------------
@@ -89,11 +93,12 @@ class VisionExpertAttention(nn.Module):
         self.vision_expert_dense = nn.Linear(D, D, bias=False)
         self.language_expert_query_key_value = nn.Linear(D, config.qkv_size, bias=False)
         self.language_expert_dense = nn.Linear(D, D, bias=False)
-        self.kv_cache: KVCache | None = None
+        self.kv_cache: KVCache | None = None  # `generate`'s static cache
+        self.kv_pool: KVPool | None = None  # the engine's block pool
 
     def forward(self, x: torch.Tensor, routing: ExpertRouting, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, cache_slots: torch.Tensor | None = None,
-                cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+                cache_rows: torch.Tensor | None = None, store: "StoreBatch | None" = None) -> torch.Tensor:
         """`mask` (B, 1, Lq, Lk) bool, or None for plain causal attention over this step's own
         tokens from slot 0 (lets SDPA use its flash kernel; padding may only follow real tokens).
         `cache_slots`: the cache columns of this step's tokens ((Lq,) or (B, Lq)); `cache_rows`:
@@ -106,6 +111,10 @@ class VisionExpertAttention(nn.Module):
         k = k.view(B, L, KV, d).transpose(1, 2)  # (B, KV, L, d)
         v = v.view(B, L, KV, d).transpose(1, 2)  # (B, KV, L, d)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if store is not None:  # the engine's KV store (`cascade.py`)
+            assert self.kv_pool is not None, "store given but no KV pool installed"
+            out = store.attend(self.kv_pool, q, k, v).transpose(1, 2).reshape(B, L, D)  # (B, L, H*d)
+            return routing.apply(out, self.language_expert_dense, self.vision_expert_dense)
         if cache_slots is not None:  # write this step's keys/values, attend over the cache
             assert self.kv_cache is not None, "cache_slots given but no KV cache installed"
             if mask is None:  # a fresh sequence from column 0: its own keys are the whole context
@@ -149,8 +158,8 @@ class CogVLMDecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, routing: ExpertRouting, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, cache_slots: torch.Tensor | None = None,
-                cache_rows: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), routing, cos, sin, mask, cache_slots, cache_rows)
+                cache_rows: torch.Tensor | None = None, store: "StoreBatch | None" = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), routing, cos, sin, mask, cache_slots, cache_rows, store)
         return x + self.mlp(self.post_attention_layernorm(x), routing)
 
 
@@ -200,6 +209,19 @@ class CogVLMForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
 
+    def setup_pool(self, blocks: int, block_size: int) -> None:
+        """The engine's KV store: `blocks` blocks of `block_size` columns per layer (+ a trash block)."""
+        c = self.config
+        for layer in self.model.layers:
+            layer.self_attn.kv_pool = None
+        for layer in self.model.layers:
+            layer.self_attn.kv_pool = KVPool(blocks, block_size, c.num_kv_heads, c.head_dim, dtype=self.dtype,
+                                             device=self.device)
+
+    def clear_pool(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.kv_pool = None
+
     # pieces ------------------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) -> (N, num_vision_tokens, D)."""
@@ -235,16 +257,17 @@ class CogVLMForCausalLM(nn.Module):
                        cache_slots: torch.Tensor | None = None,
                        routing: ExpertRouting | None = None,
                        logits_to_keep: int | None = None, cache_rows: torch.Tensor | None = None,
-                       logits_at: torch.Tensor | None = None) -> torch.Tensor:
+                       logits_at: torch.Tensor | None = None, store: "StoreBatch | None" = None) -> torch.Tensor:
         """Decoder over prepared embeddings; `mask` is the boolean (B, 1, Lq, Lk) SDPA mask, or
         None for causal attention from slot 0. Logits of the last `logits_to_keep` positions, or
-        of position `logits_at[b]` of each row b ((B, 1, V)), or of all."""
+        of position `logits_at[b]` of each row b ((B, 1, V)), or of all. `store`: keys and values
+        live in the engine's KV pool instead (`cascade.StoreBatch`)."""
         if routing is None:
             routing = ExpertRouting.from_token_types(token_type_ids)
         cos, sin = rope_cos_sin(position_ids, self.model.inv_freq)
         h = embeds
         for layer in self.model.layers:
-            h = layer(h, routing, cos, sin, mask, cache_slots, cache_rows)
+            h = layer(h, routing, cos, sin, mask, cache_slots, cache_rows, store)
         if logits_at is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logits_at][:, None]  # (B, 1, D)
         elif logits_to_keep is not None:

@@ -30,15 +30,19 @@ class MemoryPlan:
     budget_bytes: int  # memory the engine may use beside the weights
     weights_bytes: int
     prefill_bytes: int  # measured peak of one admission at the largest size
-    slot_bytes: int  # KV cache and state of one slot
-    decode_bytes_per_slot: int  # measured decode-step activations, per slot
+    block_bytes: int  # KV of one block (all layers)
+    block_size: int  # columns per block
+    blocks: int  # KV blocks in the pool (prefix entries and row suffixes share them)
+    row_bytes: int  # per-row state (tokens, block table, output buffer)
+    decode_bytes_per_slot: int  # measured decode-step activations, per row
     margin_bytes: int
-    slots: int
-    max_len: int
+    slots: int  # rows that may decode at once
+    max_len: int  # columns one row may hold at most
+    prefix_len: int = 0  # columns of an image prefix (stored once per image)
 
     @property
     def cache_bytes(self) -> int:
-        return self.slots * self.slot_bytes
+        return (self.blocks + 1) * self.block_bytes + self.slots * self.row_bytes  # + the trash block
 
     @property
     def planned_bytes(self) -> int:
@@ -46,11 +50,56 @@ class MemoryPlan:
         return self.cache_bytes + self.prefill_bytes + self.slots * self.decode_bytes_per_slot
 
     def describe(self) -> str:
+        nP = -(-self.prefix_len // self.block_size) if self.prefix_len else 0
         return (f"memory plan: weights {self.weights_bytes / GB:.2f} GB, budget {self.budget_bytes / GB:.2f} GB "
-                f"= cache {self.cache_bytes / GB:.2f} GB ({self.slots} slots x {self.max_len} columns, "
-                f"{self.slot_bytes / 1e6:.1f} MB each) + admission activations {self.prefill_bytes / GB:.3f} GB "
+                f"= KV pool {self.blocks * self.block_bytes / GB:.2f} GB ({self.blocks} blocks of {self.block_size} "
+                f"columns, {self.block_bytes / 1e6:.2f} MB each; an image prefix takes {nP}) + {self.slots} rows "
+                f"of at most {self.max_len} columns ({self.slots * self.row_bytes / 1e6:.1f} MB of state) "
+                f"+ admission activations {self.prefill_bytes / GB:.3f} GB "
                 f"+ decode activations {self.slots * self.decode_bytes_per_slot / GB:.3f} GB "
                 f"+ margin {self.margin_bytes / GB:.2f} GB")
+
+
+def budget_for(device: torch.device, weights: int, memory_gb: float | None, margin_gb: float | None,
+               share: float = 1.0) -> tuple[int, int]:
+    """(budget, margin) in bytes beside the weights: `memory_gb`, or what is free on the GPU (this
+    replica's `share` of it), or 4 GB on CPU; the margin: `margin_gb`, or 5% of the budget (at
+    most 2 GB) on a GPU, 2% on CPU."""
+    if memory_gb is not None:
+        budget = int(memory_gb * GB)
+    elif device.type == "cuda":  # what is free, or this replica's part of a shared GPU
+        free, total = torch.cuda.mem_get_info(device)
+        budget = int(min(free, total * share - weights))
+    else:
+        budget = int(4 * GB)
+    if margin_gb is None:  # allocator fragmentation, CUDA graph pools, library workspaces
+        margin = int(min(0.05 * budget, 2 * GB)) if device.type == "cuda" else int(0.02 * budget)
+    else:
+        margin = int(margin_gb * GB)
+    return budget, margin
+
+
+def plan_pool(cfg: "CogVLMConfig", dtype: torch.dtype, *, budget: int, margin: int, prefill: int,
+              decode_per_row: int, weights: int, block: int, lanes: int, max_len: int, max_new: int,
+              max_slots: int, kv_cache_gb: float | None) -> MemoryPlan:
+    """Rows and blocks of the KV store. The least a row can hold is its lane's share of a prefix
+    and one suffix block; rows are cheap, so the plan allows as many rows as could hold that
+    (at most `max_slots`), and blocks take the rest of the room (at most what every row could
+    fill, and `kv_cache_gb` if given)."""
+    P = 1 + cfg.num_vision_tokens
+    nP, MB = -(-P // block), -(-max_len // block)
+    blk = block_bytes(cfg, dtype, block)
+    row = row_state_bytes(max_new, MB) + decode_per_row
+    min_row = (-(-nP // lanes) + 1) * blk
+    room = max(0, budget - prefill - margin)
+    slots = max(0, min(max_slots, room // (min_row + row)))
+    blocks = max(0, (room - slots * row) // blk - 1)  # one more is the trash block
+    blocks = min(blocks, slots * (nP + MB))  # more than every row could ever fill is waste
+    if kv_cache_gb is not None:  # an explicit cap on the pool
+        blocks = min(blocks, int(kv_cache_gb * GB) // blk)
+        slots = min(slots, blocks * blk // min_row)
+    return MemoryPlan(budget, weights, prefill, blk, block, blocks, row - decode_per_row, decode_per_row, margin,
+                      slots, max_len, P)
 
 
 def slots_for(budget: int, prefill: int, margin: int, per_slot: int, max_slots: int) -> int:
@@ -147,6 +196,16 @@ def activation_bytes(cfg: "CogVLMConfig", dtype: torch.dtype, device_type: str, 
         text += rows * cfg.num_attention_heads * prompt_tokens * (P + prompt_tokens) * 4
     logits = rows * cfg.vocab_size * 4 * 2
     return max(vision, prefix, text) + logits
+
+
+def block_bytes(cfg: "CogVLMConfig", dtype: torch.dtype, block_size: int) -> int:
+    """KV of one pool block of `block_size` columns, all layers."""
+    return cfg.num_hidden_layers * 2 * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize * block_size
+
+
+def row_state_bytes(max_new_tokens: int, table_blocks: int) -> int:
+    """One row's decode state: its output buffer, block table and a dozen scalars."""
+    return (max_new_tokens + 1) * 8 + (table_blocks + 1) * 8 + 14 * 8
 
 
 def kv_slot_bytes(cfg: "CogVLMConfig", dtype: torch.dtype, max_len: int, max_new_tokens: int) -> int:

@@ -130,30 +130,36 @@ def test_compiled_engine_never_recompiles(model_v1):
     assert len(reqs) >= 200
     eng = Engine(model_v1, max_prompt_tokens=24, max_new_tokens=12, max_slots=24, admission_images=3,
                  prompts_per_image=2, sync_every=4, compile="eager")
-    caches = [layer.self_attn.kv_cache.k_cache.data_ptr() for layer in model_v1.model.layers]
+    caches = [layer.self_attn.kv_pool.k_pool.data_ptr() for layer in model_v1.model.layers]
     out = eng.generate(reqs, images)
     assert eng.recompiles() == 0
-    assert caches == [layer.self_attn.kv_cache.k_cache.data_ptr() for layer in model_v1.model.layers]
+    assert caches == [layer.self_attn.kv_pool.k_pool.data_ptr() for layer in model_v1.model.layers]
     assert eng.stats["decode_steps"] > 50 and len(eng.buckets) > 1
     plain = Engine(model_v1, max_prompt_tokens=24, max_new_tokens=12, max_slots=24).generate(reqs, images)
     assert out.tokens == plain.tokens
 
 
 def test_memory_plan_holds(model_v1):
-    """Slots follow from the budget minus the measured activations and margin, the cache is
-    exactly what was planned, and a run's peak stays within the planned activations."""
+    """Rows and blocks follow from the budget minus the measured activations and margin, the pool
+    is exactly what was planned, and a run's peak stays within the planned activations."""
     kw = dict(max_prompt_tokens=24, max_new_tokens=12, admission_images=4, prompts_per_image=2)
     probe = Engine(model_v1, memory_gb=0.02, **kw)
     p = probe.plan
     assert p.prefill_bytes > 0 and p.decode_bytes_per_slot > 0
-    assert p.slots == min(256, (p.budget_bytes - p.prefill_bytes - p.margin_bytes)
-                          // (p.slot_bytes + p.decode_bytes_per_slot))
-    budget = p.prefill_bytes + p.margin_bytes + 9.5 * (p.slot_bytes + p.decode_bytes_per_slot)
+    room = p.budget_bytes - p.prefill_bytes - p.margin_bytes
+    min_row = (-(-probe.nP // probe.lanes) + 1) * p.block_bytes  # a lane's share of a prefix + one block
+    per_row = p.row_bytes + p.decode_bytes_per_slot
+    assert p.slots == min(256, room // (min_row + per_row))
+    assert p.blocks == min((room - p.slots * per_row) // p.block_bytes - 1, p.slots * (probe.nP + probe.MB))
+    budget = p.prefill_bytes + p.margin_bytes + 9.5 * (min_row + per_row)
     eng = Engine(model_v1, memory_gb=budget / 1e9, **kw)
     q = eng.plan
-    assert 1 <= q.slots == (q.budget_bytes - q.prefill_bytes - q.margin_bytes) // (q.slot_bytes + q.decode_bytes_per_slot)
-    cache = sum(b.numel() * b.element_size() for layer in model_v1.model.layers for b in layer.self_attn.kv_cache.buffers())
-    assert cache <= eng.plan.cache_bytes
+    room_q = q.budget_bytes - q.prefill_bytes - q.margin_bytes
+    assert 1 <= q.slots == room_q // (min_row + q.row_bytes + q.decode_bytes_per_slot) < 20
+    assert q.blocks >= eng.nP + eng.MB
+    assert q.planned_bytes <= q.budget_bytes - q.margin_bytes
+    pool = sum(b.numel() * b.element_size() for layer in model_v1.model.layers for b in layer.self_attn.kv_pool.buffers())
+    assert pool == (q.blocks + 1) * q.block_bytes and pool <= q.cache_bytes
     reqs, images = _workload(model_v1, n_images=12, seed=3)
     with PeakMemory(torch.device("cpu")) as run:
         eng.generate(reqs, images)
@@ -283,8 +289,8 @@ def test_compiled_decode_step_writes_the_cache_in_place(model_v1):
     eng = Engine(model_v1, max_len=2000, max_slots=8, buckets=[8], compile=True)
     eng.warm_up()
     cache = sum(b.numel() * b.element_size() for layer in model_v1.model.layers
-                for b in layer.self_attn.kv_cache.buffers())
+                for b in layer.self_attn.kv_pool.buffers())
     with torch.inference_mode(), PeakMemory(torch.device("cpu")) as step:
-        eng.step_fn(model_v1, eng.tokens, eng.positions, eng.cols, eng.key_valid)
+        eng.step_fn(*eng._step_args(8, 2, 2))
     assert step.peak < cache / 8, (step.peak, cache)
     assert eng.recompiles() == 0

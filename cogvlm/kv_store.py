@@ -1,0 +1,201 @@
+"""The engine's KV store: one pool of fixed-size blocks per layer, holding each image's prefix once
+and each row's own suffix (prompt text + generated tokens) in blocks of its own.
+
+Every image row is `[bos, boi, patches..., eoi]` (the prefix, P columns, identical for every
+prompt about the image) followed by the row's own suffix; a text-only row is all suffix. So:
+
+- a prefix *entry* e is the run of blocks `[e * nP, (e + 1) * nP)` at the bottom of the pool
+  (nP = ceil(P / block)), laid out head-major over the whole run, so that entries `0..E-1` are
+  one view `(E, KV, P, d)` with no copy; an entry has `lanes` query lanes, one per prompt of its image
+  decoding at once, and is freed when its last row leaves and no prompt of its image waits;
+- a row's suffix takes ceil(columns / block) blocks, reserved at admission for exactly what the row
+  can hold (its prompt text and its `max_new_tokens`), taken from the top of the pool so that low
+  runs stay free for prefix entries; its block table maps suffix column c to block
+  `table[c // block]`;
+- one extra block at the end is the trash: rows that are not live, padding and pad tokens write
+  there, and unused table cells point there.
+
+`BlockAllocator` is the host-side accounting (no torch); `KVPool` the per-layer buffers.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+
+import torch
+from torch import nn
+
+
+class KVPool(nn.Module):
+    """One layer's blocks: k and v `(blocks + 1, KV, block, d)`, the last block the trash.
+
+    A prefix entry's run of nP blocks is read and written as one head-major tensor
+    `(KV, nP * block, d)` (the same bytes, viewed differently): entries 0..E-1 are then one view
+    `(E, KV, P, d)` whose rows are contiguous, which matmul reads without a copy. Suffix blocks
+    are used block by block."""
+
+    def __init__(self, blocks: int, block: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        shape = (blocks + 1, num_kv_heads, block, head_dim)
+        self.register_buffer("k_pool", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_pool", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def write(self, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (B, KV, L, d) in suffix blocks at flat slots `index` (B, L) (block * block_size
+        + offset). One `index_put_` on the whole buffer (torch.compile makes it an in-place scatter)."""
+        _, KV, block, d = self.k_pool.shape
+        heads = torch.arange(KV, device=k.device)
+        # one flat row index per (token, head) into the pool seen as (blocks * KV * block, d)
+        flat = ((index // block)[:, None, :] * KV + heads[None, :, None]) * block + (index % block)[:, None, :]
+        self.k_pool.view(-1, d).index_put_((flat.reshape(-1),), k.reshape(-1, d))  # (B*KV*L, d)
+        self.v_pool.view(-1, d).index_put_((flat.reshape(-1),), v.reshape(-1, d))
+
+    def _entries(self, buf: torch.Tensor, entries: int, nP: int) -> torch.Tensor:
+        _, KV, block, d = buf.shape
+        return buf[:entries * nP].view(entries, KV, nP * block, d)  # (E, KV, nP * block, d)
+
+    def write_prefix(self, entries: torch.Tensor, nP: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (U, KV, P, d) as the prefixes of entries `entries` (U,)."""
+        E = int(self.k_pool.shape[0] - 1) // nP
+        P = k.shape[2]
+        self._entries(self.k_pool, E, nP)[:, :, :P].index_copy_(0, entries, k)
+        self._entries(self.v_pool, E, nP)[:, :, :P].index_copy_(0, entries, v)
+
+    def prefixes(self, entries: int, nP: int, P: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Entries 0..entries-1 as views (E, KV, P, d) (no copy); P None: the whole runs
+        (E, KV, nP * block, d), contiguous (CPU matmul is far slower on the sliced view)."""
+        k, v = self._entries(self.k_pool, entries, nP), self._entries(self.v_pool, entries, nP)
+        return (k, v) if P is None else (k[:, :, :P], v[:, :, :P])
+
+    def gather(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows' blocks (B, nb) -> their columns (B, KV, nb * block, d) (a copy of those blocks only)."""
+        B, nb = blocks.shape
+        _, KV, block, d = self.k_pool.shape
+        flat = blocks.reshape(-1)
+        k = self.k_pool.index_select(0, flat).view(B, nb, KV, block, d).transpose(1, 2).reshape(B, KV, nb * block, d)
+        v = self.v_pool.index_select(0, flat).view(B, nb, KV, block, d).transpose(1, 2).reshape(B, KV, nb * block, d)
+        return k, v
+
+
+class BlockAllocator:
+    """Which blocks hold what: prefix entries (with lanes and holders) and row suffixes.
+
+    `blocks` usable blocks (the trash block is `blocks`), `P` prefix columns, `lanes` rows per
+    entry decoding at once. Free suffix blocks come off a max-heap (the top of the pool first);
+    entries off a min-heap of runs with no block in use (lazy: stale heap items are skipped)."""
+
+    def __init__(self, blocks: int, block: int, P: int, lanes: int) -> None:
+        self.blocks, self.block, self.P, self.lanes = blocks, block, P, lanes
+        self.nP = math.ceil(P / block)
+        self.trash = blocks
+        self.max_entries = blocks // self.nP
+        self.owner = bytearray(blocks)  # 0 free, 1 prefix, 2 suffix
+        self.run_used = [0] * self.max_entries  # blocks in use in each entry's run
+        self.n_free = blocks
+        self._free_heap = [-b for b in range(blocks)]  # max-heap of free blocks
+        heapq.heapify(self._free_heap)
+        self._run_heap = list(range(self.max_entries))  # min-heap of runs that may be wholly free
+        self.entry_lanes: dict[int, list[bool]] = {}  # entry -> lane taken
+        self.entry_holds: dict[int, int] = {}  # entry -> holders (its rows + its waiting prompts)
+        self.row_blocks: dict[int, list[int]] = {}
+
+    # accounting --------------------------------------------------------------------------------
+    @property
+    def used(self) -> int:
+        return self.blocks - self.n_free
+
+    def blocks_for(self, columns: int) -> int:
+        return -(-columns // self.block)
+
+    @property
+    def entries_in_use(self) -> int:
+        return len(self.entry_holds)
+
+    @property
+    def entry_bound(self) -> int:
+        """1 + the highest entry in use (0 if none): decode reads entries below it."""
+        return max(self.entry_holds) + 1 if self.entry_holds else 0
+
+    def _take_block(self, b: int, kind: int) -> None:
+        self.owner[b] = kind
+        self.n_free -= 1
+        e = b // self.nP
+        if e < self.max_entries:
+            self.run_used[e] += 1
+
+    def _give_block(self, b: int) -> None:
+        self.owner[b] = 0
+        self.n_free += 1
+        heapq.heappush(self._free_heap, -b)
+        e = b // self.nP
+        if e < self.max_entries:
+            self.run_used[e] -= 1
+            if not self.run_used[e]:
+                heapq.heappush(self._run_heap, e)
+
+    # prefix entries ----------------------------------------------------------------------------
+    def alloc_entry(self) -> int | None:
+        """The lowest entry whose blocks are all free, or None."""
+        while self._run_heap:
+            e = heapq.heappop(self._run_heap)
+            if self.run_used[e] == 0 and e not in self.entry_holds:
+                for b in range(e * self.nP, (e + 1) * self.nP):
+                    self._take_block(b, 1)
+                self.entry_lanes[e] = [False] * self.lanes
+                self.entry_holds[e] = 0
+                return e
+        return None
+
+    def hold(self, entry: int) -> None:
+        self.entry_holds[entry] += 1
+
+    def release(self, entry: int) -> None:
+        """One holder fewer; the entry's blocks are freed with its last holder."""
+        self.entry_holds[entry] -= 1
+        if self.entry_holds[entry] <= 0:
+            del self.entry_holds[entry], self.entry_lanes[entry]
+            for b in range(entry * self.nP, (entry + 1) * self.nP):
+                self._give_block(b)
+
+    def take_lane(self, entry: int) -> int | None:
+        lanes = self.entry_lanes[entry]
+        if all(lanes):
+            return None
+        lane = lanes.index(False)
+        lanes[lane] = True
+        return lane
+
+    def free_lane(self, entry: int, lane: int) -> None:
+        self.entry_lanes[entry][lane] = False
+
+    def has_lane(self, entry: int) -> bool:
+        return not all(self.entry_lanes[entry])
+
+    # row suffixes ------------------------------------------------------------------------------
+    def can_alloc(self, n: int, entries: int = 0) -> bool:
+        """Whether n suffix blocks and `entries` new prefix entries fit in the free count (an
+        entry also needs a wholly free run: `alloc_entry` says)."""
+        return n + entries * self.nP <= self.n_free
+
+    def alloc_row(self, row: int, n: int) -> list[int]:
+        """n suffix blocks for `row`, from the top of the pool."""
+        if n > self.n_free:
+            raise MemoryError(f"{n} KV blocks asked, {self.n_free} free")
+        got: list[int] = []
+        while len(got) < n:
+            b = -heapq.heappop(self._free_heap)
+            if self.owner[b] == 0:
+                self._take_block(b, 2)
+                got.append(b)
+        self.row_blocks[row] = got
+        return got
+
+    def free_row(self, row: int) -> None:
+        for b in self.row_blocks.pop(row, []):
+            self._give_block(b)
+
+    def move_row(self, src: int, dst: int) -> None:
+        if src in self.row_blocks:
+            self.row_blocks[dst] = self.row_blocks.pop(src)

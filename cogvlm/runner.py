@@ -1,0 +1,209 @@
+"""The engine's device work: the rows' decode state, the vision pass, prefills into the KV store,
+and the decode step (the function `torch.compile` captures)."""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .cascade import StoreBatch
+from .config import LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE
+from .decoder import CogVLMForCausalLM, ExpertRouting
+from .positions import build_position_ids
+from .sampling import sample
+from .sequences import Seq
+
+# positions of an image prefix: bos 0, boi 1, patches 2, eoi 3 (the spec); text starts at 4
+PREFIX_LAST_POSITION = 3
+
+
+def decode_step(model: CogVLMForCausalLM, tokens: torch.Tensor, positions: torch.Tensor, cols: torch.Tensor,
+                table: torch.Tensor, read: torch.Tensor, lane: torch.Tensor, entries: torch.Tensor,
+                block: int, lanes: int) -> torch.Tensor:
+    """One language token for each of rows 0..B-1 -> (B, V) logits.
+
+    tokens/positions/cols/lane (B,): the fed token, its position, its suffix column, its prefix
+    lane (or -1); `table` (B, MB + 1) the rows' suffix blocks (trash past their own), `read`
+    (B, nb) the blocks attention reads (the widest live row's); `entries` (E,): prefix entries
+    0..E-1 are read. Shapes depend on B, nb and E only, never on `max_len`."""
+    cfg = model.config
+    P = 1 + cfg.num_vision_tokens
+    nP = -(-P // block)
+    blk = table.gather(1, (cols // block)[:, None])  # (B, 1)
+    write = blk * block + (cols % block)[:, None]  # (B, 1) flat pool slot of the fed token
+    store = StoreBatch("decode", write, P, nP, lanes, blocks=read, length=cols + 1, lane=lane,
+                       entries=entries.shape[0])
+    embeds = model.model.embed_tokens(tokens[:, None])  # (B, 1, D)
+    logits = model.forward_embeds(embeds, torch.zeros_like(tokens)[:, None], positions[:, None], None,
+                                  routing=ExpertRouting(), store=store)
+    return logits[:, -1]
+
+
+def graphs() -> int:
+    """Graphs torch.compile has made in this process (none if it was never imported: importing
+    it takes seconds)."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    return utils.counters["stats"]["unique_graphs"] if utils is not None else 0
+
+
+def private_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The same function with its own code object: torch.compile keeps graphs (and counts them
+    against its recompile limit) per code object, so each engine's step gets its own."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def default_buckets(slots: int, smallest: int = 8) -> list[int]:
+    """Decode batch sizes: slots, then halves rounded up to multiples of 8, down to `smallest`."""
+    out = {slots}
+    b = slots
+    while len(out) < 7 and b > smallest:
+        b = max(smallest, -(-(b // 2) // 8) * 8 if b // 2 > 8 else b // 2)
+        out.add(min(b, slots))
+    return sorted(out)
+
+
+def size_bucket(n: int, cap: int) -> int:
+    """n rounded up to one of 1..8, 10, 12, 14, 16, 20, 24, 28, 32, 40, ... (four per octave:
+    at most 25% more than asked, few distinct sizes for CUDA graphs), at most `cap`."""
+    if n > 8:
+        step = 1 << (n - 1).bit_length() - 3
+        n = -(-n // step) * step
+    return max(1, min(n, cap))
+
+
+class Rows:
+    """Per-row decode state on the device, `slots` rows; `MB` table columns (+ one trash column)."""
+
+    def __init__(self, slots: int, max_new_cap: int, MB: int, trash: int, device: torch.device) -> None:
+        z = lambda dtype=torch.long: torch.zeros(slots, dtype=dtype, device=device)  # noqa: E731
+        self.tokens, self.positions, self.cols, self.lengths, self.max_new = z(), z(), z(), z(), z()
+        self.seeds, self.top_k = z(), z()
+        self.temperature, self.top_p = z(torch.float32), z(torch.float32)
+        self.live, self.stopped, self.ignore_eos = z(torch.bool), z(torch.bool), z(torch.bool)
+        self.lane = torch.full((slots,), -1, dtype=torch.long, device=device)
+        self.table = torch.full((slots, MB + 1), trash, dtype=torch.long, device=device)
+        self.out = torch.zeros(slots, max_new_cap + 1, dtype=torch.long, device=device)  # last: trash
+        self.trash = trash
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.tokens, self.positions, self.cols, self.lengths, self.max_new, self.seeds, self.top_k,
+                self.temperature, self.top_p, self.live, self.stopped, self.ignore_eos, self.lane, self.table,
+                self.out]
+
+    def move(self, src: Sequence[int], dst: Sequence[int]) -> None:
+        dev = self.tokens.device
+        s, d = torch.tensor(list(src), device=dev), torch.tensor(list(dst), device=dev)
+        for t in self.tensors():
+            t[d] = t[s]
+        self.clear(src)
+
+    def clear(self, rows: Sequence[int]) -> None:
+        if not rows:
+            return
+        idx = torch.tensor(list(rows), device=self.tokens.device)
+        self.live[idx] = False
+        self.lane[idx] = -1
+        self.table[idx] = self.trash
+
+
+def sample_first(rows: Rows, seqs: list[Seq], logits: torch.Tensor, eos: torch.Tensor, lanes: int,
+                 first_cols: list[int], first_pos: list[int], tables: list[list[int]]) -> None:
+    """Sample each admitted prompt's first token and set up its row's decode state."""
+    dev = logits.device
+    idx = torch.tensor([s.row for s in seqs], device=dev)
+    reqs = [s.req for s in seqs]
+    temp = torch.tensor([r.temperature for r in reqs], dtype=torch.float32, device=dev)
+    top_k = torch.tensor([r.top_k for r in reqs], device=dev)
+    top_p = torch.tensor([r.top_p for r in reqs], dtype=torch.float32, device=dev)
+    seeds = torch.tensor([r.seed for r in reqs], device=dev)
+    max_new = torch.tensor([r.max_new_tokens for r in reqs], device=dev)
+    ignore = torch.tensor([r.ignore_eos for r in reqs], device=dev)
+    tok = sample(logits.float(), temp if any(r.sampled for r in reqs) else None, top_k, top_p, seeds,
+                 torch.zeros_like(seeds), any(r.filtered for r in reqs))
+    hit = torch.isin(tok, eos) & ~ignore
+    rows.tokens[idx] = tok
+    rows.positions[idx] = torch.tensor(first_pos, device=dev)
+    rows.cols[idx] = torch.tensor(first_cols, device=dev)
+    rows.lengths[idx] = 1
+    rows.out[idx, 0] = tok
+    rows.max_new[idx] = max_new
+    rows.temperature[idx], rows.top_k[idx], rows.top_p[idx], rows.seeds[idx] = temp, top_k, top_p, seeds
+    rows.ignore_eos[idx] = ignore
+    rows.stopped[idx] = hit
+    rows.live[idx] = ~hit & (max_new > 1)
+    rows.lane[idx] = torch.tensor([s.group.entry * lanes + s.lane if s.group.has_image else -1 for s in seqs],
+                                  device=dev)
+    width = rows.table.shape[1]
+    table = torch.full((len(seqs), width), rows.trash, dtype=torch.long)
+    for i, t in enumerate(tables):
+        table[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+    rows.table[idx] = table.to(dev)
+
+
+def suffix_slots(blocks: list[int], start: int, n: int, T: int, block: int, trash: int) -> list[int]:
+    """Flat pool slots of suffix columns start..start+T-1 of a row: its own for the first n, the
+    trash block's for padding."""
+    out = []
+    for j in range(T):
+        c = start + j
+        out.append(blocks[c // block] * block + c % block if j < n else trash * block + c % block)
+    return out
+
+
+def prefill_prefixes(model: CogVLMForCausalLM, features: Sequence[torch.Tensor], entries: list[int],
+                     block: int) -> torch.Tensor:
+    """Each image's prefix [bos, boi, patches, eoi] once, into its prefix entry -> (U, V) last logits."""
+    cfg, dev = model.config, model.device
+    U, P = len(entries), 1 + cfg.num_vision_tokens
+    nP = -(-P // block)
+    types_ = torch.tensor([[LANGUAGE_TOKEN_TYPE] + [VISION_TOKEN_TYPE] * cfg.num_vision_tokens],
+                          device=dev).expand(U, P)
+    pos = build_position_ids(types_)  # (U, P): 0, 1, 2, ..., 2, 3
+    bos = model.model.embed_tokens(torch.full((U, 1), cfg.bos_token_id, device=dev))
+    embeds = torch.cat([bos, torch.stack(list(features)).to(dev, bos.dtype)], dim=1)  # (U, P, D)
+    store = StoreBatch("fresh", None, P, nP, prefix=torch.tensor(entries, device=dev))
+    return model.forward_embeds(embeds, types_, pos, None, logits_to_keep=1, store=store)[:, -1]
+
+
+def prefill_texts(model: CogVLMForCausalLM, seqs: list[Seq], tables: list[list[int]], block: int, trash: int,
+                  entries: int) -> torch.Tensor:
+    """Prompt texts after their images' stored prefixes, right-padded -> (R, V) last logits."""
+    cfg, dev = model.config, model.device
+    P = 1 + cfg.num_vision_tokens
+    R, T = len(seqs), max(len(s.req.text_ids) for s in seqs)
+    ids = torch.full((R, T), cfg.pad_token_id, dtype=torch.long)
+    write = []
+    for b, (s, t) in enumerate(zip(seqs, tables)):
+        n = len(s.req.text_ids)
+        ids[b, :n] = torch.tensor(s.req.text_ids)
+        write.append(suffix_slots(t, 0, n, T, block, trash))
+    ids = ids.to(dev)
+    pos = (PREFIX_LAST_POSITION + 1 + torch.arange(T, device=dev)).expand(R, T)
+    store = StoreBatch("text", torch.tensor(write, device=dev), P, -(-P // block),
+                       entry=torch.tensor([s.group.entry for s in seqs], device=dev), entries=entries)
+    last = torch.tensor([len(s.req.text_ids) - 1 for s in seqs], device=dev)
+    return model.forward_embeds(model.model.embed_tokens(ids), torch.zeros_like(ids), pos, None,
+                                routing=ExpertRouting(), logits_at=last, store=store)[:, -1]
+
+
+def prefill_fresh_texts(model: CogVLMForCausalLM, seqs: list[Seq], tables: list[list[int]], block: int,
+                        trash: int) -> torch.Tensor:
+    """Text-only prompts [bos, text] from suffix column 0, right-padded -> (R, V) last logits."""
+    cfg, dev = model.config, model.device
+    P = 1 + cfg.num_vision_tokens
+    R, T = len(seqs), 1 + max(len(s.req.text_ids) for s in seqs)
+    ids = torch.full((R, T), cfg.pad_token_id, dtype=torch.long)
+    write = []
+    for b, (s, t) in enumerate(zip(seqs, tables)):
+        n = 1 + len(s.req.text_ids)
+        ids[b, :n] = torch.tensor([cfg.bos_token_id] + s.req.text_ids)
+        write.append(suffix_slots(t, 0, n, T, block, trash))
+    ids = ids.to(dev)
+    pos = torch.arange(T, device=dev).expand(R, T)
+    store = StoreBatch("fresh", torch.tensor(write, device=dev), P, -(-P // block))
+    last = torch.tensor([len(s.req.text_ids) for s in seqs], device=dev)
+    return model.forward_embeds(model.model.embed_tokens(ids), torch.zeros_like(ids), pos, None,
+                                routing=ExpertRouting(), logits_at=last, store=store)[:, -1]
