@@ -7,7 +7,11 @@
                   ledger marker is written and the claim released; `result()` says what it did
 
 A shard with a transient failure left (network, throttling, out of memory, after retries) is not
-committed: the run ends non-zero naming it and a rerun redoes it.
+committed: the run ends non-zero naming it and a rerun redoes it. The same holds for a commit that
+fails transiently past `retry.deadline_s` (the output store throttles or is unreachable): its shard
+is left and the run goes on, unless STORE_DOWN_AFTER commits in a row failed so (the store is down:
+the run stops taking work, exit 3). A commit that cannot work (a full disk, no permission) stops
+the run (exit 1).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any, Callable
 
 from .claims import Claiming
 from .config import JobConfig
-from .errors import DOWNLOAD_ERROR, RunStopped, describe, redact, root_cause
+from .errors import DOWNLOAD_ERROR, OutputDown, RunStopped, describe, is_transient, redact, root_cause
 from .faults import kill_after_commits, kill_driver
 from .ledger import Ledger
 from .progress import Progress
@@ -33,6 +37,7 @@ from .sink import delete_parts
 log = logging.getLogger("pipeline")
 
 COMMIT_THREADS = 8  # shards merged and marked at once (each waits on a Ray task and two writes)
+STORE_DOWN_AFTER = 3  # commits in a row failing transiently past retry.deadline_s: the store is down
 
 
 @dataclasses.dataclass
@@ -158,6 +163,9 @@ class Committer:
         self.pool = ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="commit")
         self.running: set[Future] = set()
         self.lock = threading.Lock()
+        self.refused = 0  # commits failed transiently since the last one that worked
+        self.down: str | None = None  # why the output store is taken as down (OutputDown, raised once)
+        self.stopping = False
 
     def result(self) -> Commits:
         return self.commits
@@ -178,10 +186,12 @@ class Committer:
             self._judge()
 
     def check(self) -> None:
-        """Raise the first failed commit's error (RunStopped)."""
+        """Raise the first failed commit's error (RunStopped), or OutputDown once the store is down."""
         for f in [f for f in self.running if f.done()]:
             self.running.discard(f)
             f.result()
+        if self.down is not None and not self.stopping:
+            raise OutputDown(self.down)
 
     def stream_ended(self) -> None:
         if self.guard.ready(stream_ended=True):
@@ -195,6 +205,12 @@ class Committer:
         while self.running:
             wait(self.running, return_when=FIRST_COMPLETED)
             self.check()
+
+    def stop(self) -> None:
+        """The run stops taking work (StoppedShort): wait for the commits in flight."""
+        self.stopping = True
+        self.held = []
+        self.drain()
 
     def leave(self, shard_ids: list[str], why: str) -> None:
         """The run stops short: these shards, unless committed, are left for a rerun (their
@@ -234,12 +250,16 @@ class Committer:
             if _quietly(lambda: self.ledger.is_done(sid)):  # another run (that took the claim over) committed it
                 log.warning("shard %s was committed by another run meanwhile", sid)
                 return
+            if is_transient(e):  # the store throttles or is unreachable: the shard is left for a rerun
+                self._refused(sid, e)
+                return
             raise RunStopped(f"could not commit shard {sid} to {redact(out)}: {describe(e)}. "
                              f"{len(c.committed)} shards were committed by this run and are kept; "
                              f"rerun to finish") from None
         delete_parts(out, self.cfg.s3, sid)
         self.claiming.release(sid)
         with self.lock:
+            self.refused = 0
             c.counts.update(rec["status"])
             c.images += rec["images"]
             c.prompt_tokens += rec["prompt_tokens"]
@@ -255,6 +275,19 @@ class Committer:
         if self.progress is not None:
             self.progress.add_shard(rec["images"], Counter(rec["status"]), sid)
             self.progress.report()
+
+    def _refused(self, sid: str, e: BaseException) -> None:
+        """A commit failed transiently past the deadline: leave its shard (its parts stay for the
+        rerun's claim to sweep); STORE_DOWN_AFTER such failures in a row: the store is down."""
+        why = f"could not commit to {redact(self.cfg.output.path)} within retry.deadline_s={self.cfg.retry.deadline_s:g}: " \
+              f"{describe(e)}"
+        with self.lock:
+            self.commits.failed[sid] = why
+            self.refused += 1
+            if self.refused >= STORE_DOWN_AFTER and self.down is None:
+                self.down = f"the output store refused {self.refused} commits in a row ({describe(e)})"
+        log.error("shard %s left uncommitted (a rerun redoes it): %s", sid, why)
+        self.claiming.release(sid)
 
 
 def _quietly(check: Callable[[], bool]) -> bool:

@@ -81,8 +81,24 @@ class RunStopped(JobError):
     committed is kept and a rerun resumes."""
 
 
-class NoNodes(RunStopped):
+class StoppedShort(RunStopped):
+    """The run stopped taking work for a condition that passes (no nodes, the output store down):
+    what it committed stays, the other shards are left for a rerun (exit 3). `rerun_when` ends the
+    one-line message: when a rerun will finish them."""
+
+    rerun_when = "to finish them"
+
+
+class NoNodes(StoppedShort):
     """No node of the cluster could run the stages for longer than `model.wait_for_nodes_s`."""
+
+    rerun_when = "when the cluster has nodes for the stages to finish them"
+
+
+class OutputDown(StoppedShort):
+    """Commits in a row failed transiently past `retry.deadline_s`: the output store is down."""
+
+    rerun_when = "when the output store answers again to finish them"
 
 
 class IncompleteRun(RunStopped):

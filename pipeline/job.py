@@ -25,7 +25,7 @@ from .claims import MINE, Claiming
 from .commit import Committer, PartTracker, ShardParts
 from .config import JobConfig
 from .crashes import CrashLedger
-from .errors import JobError, NoNodes, RunStopped, describe, root_cause
+from .errors import JobError, RunStopped, StoppedShort, describe, root_cause
 from .fit import check_fit
 from .listing import Shard
 from .preflight import NodeWatch, Prepared, actor_wait_s, prepare, start_ray
@@ -68,7 +68,7 @@ def run(cfg: JobConfig) -> dict[str, Any]:
     committer = Committer(cfg, prepared.ledger(), claiming, prepared.run_id, t0, progress, carried)
     watch = NodeWatch(cfg, progress)
     final = "failed"
-    no_nodes = None
+    stopped = None
     try:
         with _ticking(progress, cfg.progress_interval_s):
             log.info("run %s: %d shards, %d already committed, %d to process (each claimed as it is read)",
@@ -76,12 +76,12 @@ def run(cfg: JobConfig) -> dict[str, Any]:
             try:
                 for shards in claiming.rounds(pending):
                     _execute(prepared, shards, committer, claiming, crash_ledger, sink, watch)
-            except NoNodes as e:  # what was committed stays; the rest is left for a rerun
-                no_nodes = str(e)
-                log.error("%s: stopping; the shards not committed are left for a rerun", no_nodes)
-                committer.drain()
+            except StoppedShort as e:  # no nodes, or the output store down: what was committed stays
+                stopped = e
+                log.error("%s: stopping; the shards not committed are left for a rerun", e)
+                committer.stop()
                 elsewhere = claiming.held_elsewhere()
-                committer.leave([s.shard_id for s in pending if s.shard_id not in elsewhere], no_nodes)
+                committer.leave([s.shard_id for s in pending if s.shard_id not in elsewhere], str(e))
             final = "incomplete" if committer.result().failed else "done"
     finally:
         committer.close()
@@ -95,7 +95,7 @@ def run(cfg: JobConfig) -> dict[str, Any]:
     commits = committer.result()
     summary = write_record(prepared, summarize(prepared, commits, crash_stats, len(claiming.elsewhere)))
     if commits.failed:
-        raise incomplete(commits, summary, no_nodes)
+        raise incomplete(commits, summary, stopped)
     return summary
 
 
@@ -148,7 +148,7 @@ def _execute(prepared: Prepared, shards: list[Shard], committer: Committer, clai
                 if sp is not None:
                     committer.shard_done(sp, source[sp.shard_id])
             committer.check()
-    except JobError:  # NoNodes included
+    except JobError:  # StoppedShort included
         raise
     except Exception as e:  # noqa: BLE001 - Ray's errors are pages long; the log has the details
         log.exception("the pipeline failed")

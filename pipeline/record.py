@@ -15,7 +15,7 @@ import cogvlm
 
 from .commit import Commits
 from .config import to_dict
-from .errors import IncompleteRun, describe, redact, retry
+from .errors import IncompleteRun, StoppedShort, describe, redact, retry
 from .preflight import Prepared, output_identity, read_output_identity
 from .storage import write_bytes_atomic
 
@@ -69,14 +69,14 @@ def summarize(prepared: Prepared, commits: Commits, crash_stats: dict[str, Any],
     return summary
 
 
-def incomplete(commits: Commits, summary: dict[str, Any], no_nodes: str | None) -> IncompleteRun:
-    """The one-line error of a run that left shards for a rerun (`no_nodes`: why the run stopped
-    waiting for nodes, if it did)."""
+def incomplete(commits: Commits, summary: dict[str, Any], stopped: StoppedShort | None) -> IncompleteRun:
+    """The one-line error of a run that left shards for a rerun (`stopped`: why the run stopped
+    taking work early, if it did: no nodes, the output store down)."""
     names = sorted(commits.failed)
     listed = f"{', '.join(names[:10])}{', ...' if len(names) > 10 else ''}"
-    if no_nodes is not None:
-        return IncompleteRun(f"{no_nodes}: {len(names)} shards left uncommitted ({listed}). Rerun the same config "
-                             f"when the cluster has nodes for the stages to finish them", summary)
+    if stopped is not None:
+        return IncompleteRun(f"{stopped}: {len(names)} shards left uncommitted ({listed}). Rerun the same config "
+                             f"{stopped.rerun_when}", summary)
     return IncompleteRun(f"{len(names)} shards left uncommitted after transient failures ({listed}): "
                          f"{redact(commits.failed[names[0]])[:300]}. Rerun the same config to finish them", summary)
 

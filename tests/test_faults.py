@@ -115,8 +115,9 @@ def test_transient_uri_fetch_failure_is_not_committed_as_a_read_error(
 
 
 def test_s3_outage_during_commits(ray_cluster, ckpt_v1, tokenizer_v1, flaky_s3, tmp_path):
-    """Commits retry through a short outage; a long one ends the CLI with one line and exit 1,
-    and the rerun finishes the job without duplicates."""
+    """Commits retry through a short outage; past `retry.deadline_s` a commit leaves its shard for
+    the rerun: the CLI ends with one line naming it and exit 3, and the rerun commits the rest
+    without committing a first-run shard again; every commit refused: the run stops short (exit 3)."""
     bucket, endpoint, proxy = flaky_s3
     expected = webdataset_shards(tmp_path / "in", n_shards=3, per_shard=2)
     out = f"s3://{bucket}/out"
@@ -127,25 +128,40 @@ def test_s3_outage_during_commits(ray_cluster, ckpt_v1, tokenizer_v1, flaky_s3, 
     assert proxy.outages and summary["shards_processed"] == 3
     keys_once(read_output_s3(endpoint, out), expected)
 
-    out2 = f"s3://{bucket}/out2"
-    proxy.outage_on(b"out2/data/00001.parquet", seconds=25)
+    out2 = f"s3://{bucket}/out2"  # one shard's data file is refused (503) past the deadline
+    proxy.answer_503 = lambda r: r.method == "PUT" and f"/{bucket}/out2/data/00001.parquet" in r.path
     cfg2 = dict(cfg, output={"path": out2}, retry={"deadline_s": 3, "backoff_s": 0.5})
     cfg_path = tmp_path / "job.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg2))
     env = dict(os.environ, RAY_ADDRESS=ray_cluster)
     proc = subprocess.run([sys.executable, "-m", "jobs.caption", "--config", str(cfg_path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.returncode == 3, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "could not commit shard 00001" in errors[0] and "rerun" in errors[0]
+    assert len(errors) == 1 and "1 shards left uncommitted" in errors[0] and "(00001)" in errors[0] \
+        and "Rerun the same config" in errors[0], errors
     assert "Traceback" not in proc.stderr
-    import time
-
-    while time.time() - proxy.outages[-1][1] < 26:  # wait for the network to come back
-        time.sleep(0.5)
+    first = json.loads(proc.stdout[proc.stdout.index("{"):])  # the run went on with the others
+    assert first["shards"] == ["00000", "00002"] and first["shards_failed"] == ["00001"], first
+    client = s3_client(endpoint)
+    markers = {sid: client.get_object(Bucket=bucket, Key=f"out2/_ledger/{sid}.json")["Body"].read()
+               for sid in first["shards"]}
+    proxy.answer_503 = None
     again = run(load_config(data=cfg2))
-    assert "00001" in again["shards"]
+    assert again["shards"] == ["00001"], again
+    for sid, before in markers.items():  # committed once: the rerun did not rewrite the marker
+        assert client.get_object(Bucket=bucket, Key=f"out2/_ledger/{sid}.json")["Body"].read() == before, sid
     keys_once(read_output_s3(endpoint, out2), expected)
+
+    out3 = f"s3://{bucket}/out3"  # every commit refused: the store is down, the run stops short
+    proxy.answer_503 = lambda r: r.method == "PUT" and f"/{bucket}/out3/data/" in r.path
+    cfg3 = load_config(data=dict(cfg2, output={"path": out3}))
+    with pytest.raises(IncompleteRun, match=r"the output store refused 3 commits in a row .*3 shards left "
+                                            r"uncommitted \(00000, 00001, 00002\)\. Rerun the same config when"):
+        run(cfg3)
+    proxy.answer_503 = None
+    assert run(cfg3)["shards"] == ["00000", "00001", "00002"]
+    keys_once(read_output_s3(endpoint, out3), expected)
 
 
 def test_throttled_output_commits_every_shard_once(ray_cluster, ckpt_v1, tokenizer_v1, flaky_s3, tmp_path):
