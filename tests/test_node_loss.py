@@ -2,8 +2,9 @@
 driver, its actors and the reads live there) and a `ray start` worker node with the CPUs, whose
 whole process group (raylet and every worker) is SIGKILLed after the run's first commit.
 
-The driver-side actors are pinned to the driver's node (pipeline.actors), so one kill per scenario
-shows what a lost node costs; the test does not repeat it."""
+The driver-side actors are pinned to the driver's node (pipeline.actors): the placement test shows
+every one of them lands there (and that unpinned they would not), so one kill per scenario shows
+what a lost node costs instead of repeating kills until every placement came up."""
 
 from __future__ import annotations
 
@@ -243,3 +244,42 @@ def test_no_node_left_ends_with_exit_3_naming_the_shards(cluster, ckpt_v1, token
     for sid in summary["shards"]:
         rec = json.loads((tmp_path / "out" / "_ledger" / f"{sid}.json").read_text())
         assert pd.read_parquet(tmp_path / "out" / rec["file"]).shape[0] == rec["rows"]
+
+
+PLACEMENT_PROBE = """
+import json, sys
+import ray
+from pipeline.actors import on_driver_node
+from pipeline.crashes import CrashLedger
+
+class Probe(CrashLedger):  # the crash ledger, asked where it lives
+    def node(self):
+        return ray.get_runtime_context().get_node_id()
+
+ray.init()
+pinned = sys.argv[1] == "pinned"
+actors = [on_driver_node(Probe) if pinned else ray.remote(num_cpus=0)(Probe).remote() for _ in range(16)]
+print("placement", json.dumps({"driver": ray.get_runtime_context().get_node_id(),
+                  "actors": ray.get([a.node.remote() for a in actors])}))
+"""
+
+
+def test_driver_side_actors_live_on_the_drivers_node(cluster, tmp_path):
+    """Every placement a run's own actors can get: 16 of them started as the run starts its claim
+    keeper and crash ledger (`pipeline.actors.on_driver_node`) on a head without CPUs and two
+    worker nodes all land on the driver's node (so losing a worker node never takes one), where
+    the same actors started without the pin spread over the workers."""
+    cluster.add_worker(cpus=2)
+    cluster.add_worker(cpus=2)
+
+    def placements(how: str) -> tuple[str, set[str]]:
+        proc = subprocess.run([sys.executable, "-c", PLACEMENT_PROBE, how], cwd=ROOT, capture_output=True, text=True,
+                              env=dict(cluster.env, RAY_ADDRESS=cluster.gcs), timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        seen = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("placement "))[10:])
+        return seen["driver"], set(seen["actors"])
+
+    driver, nodes = placements("pinned")
+    assert nodes == {driver}
+    driver, nodes = placements("unpinned")  # the probe can tell: unpinned, they leave the driver's node
+    assert nodes - {driver}, "unpinned actors stayed on the driver's node: the probe proves nothing"
