@@ -25,7 +25,7 @@ from .claims import MINE, Claiming
 from .commit import Committer, PartTracker, ShardParts
 from .config import JobConfig
 from .crashes import CrashLedger
-from .errors import JobError, RunStopped, StoppedShort, describe, root_cause
+from .errors import JobError, NoNodes, RunStopped, StoppedShort, describe, root_cause
 from .fit import check_fit
 from .listing import Shard
 from .preflight import NodeWatch, Prepared, actor_wait_s, prepare, start_ray
