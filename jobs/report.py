@@ -352,7 +352,7 @@ def build_report(uri: str, s3: S3Config, sample: int = 8, seed: int = 0) -> str:
     now = dt.datetime.now(dt.timezone.utc)
     return templates().get_template("report.html.j2").render(
         title=f"Job report: {redact(uri)}", uri=redact(uri), generated=now.strftime("%Y-%m-%d %H:%M UTC"),
-        totals={"rows": len(rows), "images": images, "shards": len(out.commits)},
+        totals={"rows": len(rows), "images": images, "shards": len({c.shard_id for c in out.commits})},
         uncommitted=out.uncommitted_files, runs=runs_view(out.runs, now.timestamp(), rows), status=status_view(rows),
         charts=[{"run_id": run.run_id, "chart": throughput_chart(run, out.commits)} for run in out.runs],
         sample=sample, seed=seed, gallery=gallery_sections(out, sample, seed, s3))

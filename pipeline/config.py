@@ -143,6 +143,10 @@ class ModelConfig:
 @dataclass
 class OutputConfig:
     path: str = ""  # Parquet dataset prefix, local or s3://
+    # a rerun whose config enables tasks the output does not have (all else equal) adds them to
+    # the output: only the new tasks run, over every image, as a pass of their own (README "Adding
+    # a task"); without it such a rerun refuses, naming the difference. CLI: --add-tasks
+    add_tasks: bool = False
 
 
 @dataclass

@@ -16,7 +16,7 @@ import cogvlm
 from .commit import Commits
 from .config import to_dict
 from .errors import IncompleteRun, describe, redact, retry
-from .preflight import Prepared, output_identity, read_output_identity
+from .preflight import Prepared, output_identity, read_output_manifest
 from .storage import write_bytes_atomic
 
 log = logging.getLogger("pipeline")
@@ -31,6 +31,7 @@ def base_summary(prepared: Prepared) -> dict[str, Any]:
     """What every summary holds, whether or not the run had work."""
     listing = prepared.listing
     return {"run_id": prepared.run_id, "mode": prepared.cfg.mode, "project_version": cogvlm.__version__,
+            "tasks": list(prepared.cfg.tasks.enabled()), "tasks_pass": prepared.layout.tasks_pass,
             "shards_total": len(listing.shards), "shards_skipped": len(listing.shards) - len(prepared.pending),
             "files_skipped": listing.skipped_files, "files_skipped_examples": listing.skipped_examples,
             "files_skipped_reasons": listing.skipped_reasons}
@@ -96,11 +97,18 @@ def engine_summary(crash_stats: dict[str, Any]) -> dict[str, Any]:
 
 def write_output_manifest(prepared: Prepared) -> None:
     """At an output's first run: `_output.json` with the config that makes its rows (what
-    `preflight.check_output_config` compares later runs with)."""
-    if read_output_identity(prepared) is not None:
-        return
+    `preflight.check_output_config` compares later runs with); at a run that adds tasks, the
+    config with them, and their pass appended to `passes`."""
     cfg, layout = prepared.cfg, prepared.layout
-    body = json.dumps({"config": output_identity(cfg), "first_run": prepared.run_id,
+    recorded = read_output_manifest(prepared)
+    if recorded is not None and prepared.added is None:
+        return
+    recorded = recorded or {"first_run": prepared.run_id, "passes": []}
+    passes = [p for p in recorded.get("passes", []) if prepared.added is None or p["name"] != prepared.added.name]
+    if prepared.added is not None:
+        passes.append({"name": prepared.added.name, "tasks": list(prepared.added.tasks),
+                       "first_run": prepared.run_id})
+    body = json.dumps({"config": output_identity(cfg), "first_run": recorded["first_run"], "passes": passes,
                        "project_version": cogvlm.__version__}, indent=2, default=str).encode()
     retry(lambda: write_bytes_atomic(prepared.out_fs, layout.output_manifest, body, tmp_root=layout.root),
           "writing the output's _output.json", cfg.retry.deadline_s, cfg.retry.backoff_s)
