@@ -26,7 +26,7 @@ from pipeline.storage import ConfinedFetcher, filesystem, join, read_capped
 
 THUMB_SIDE = 256
 COLUMNS = ["key", "source_uri", "shard_id", "image_index", "task", "task_index", "prompt", "response",
-           "boxes", "box_errors", "status", "error_message", "width", "height", "run_id"]
+           "boxes", "box_errors", "status", "error_message", "width", "height", "run_id", "tasks_pass"]
 READ_POLICY = RetryConfig(deadline_s=30.0, backoff_s=0.5)
 
 
@@ -59,7 +59,7 @@ class Output:
     uri: str
     runs: list[RunRecord]
     commits: list[Commit]
-    rows: pd.DataFrame  # the committed shards' rows (COLUMNS)
+    rows: pd.DataFrame  # the committed shards' rows (COLUMNS; `tasks_pass`: the pass of tasks of their file)
     uncommitted_files: list[str]  # data files without a ledger marker (a crash between the writes)
 
 
@@ -171,7 +171,7 @@ def _rows(fs: Any, layout: OutputLayout, committed: set[tuple[str, str]]) -> tup
         with fs.open(layout.for_pass(tasks_pass).data_file(sid), "rb") as f:
             pf = pq.ParquetFile(f)
             cols = [c for c in COLUMNS if c in pf.schema_arrow.names]
-            frames.append(pf.read(columns=cols).to_pandas())
+            frames.append(pf.read(columns=cols).to_pandas().assign(tasks_pass=tasks_pass))
     if not frames:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS}), uncommitted
     return pd.concat(frames, ignore_index=True).reindex(columns=COLUMNS), uncommitted

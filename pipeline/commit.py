@@ -255,7 +255,7 @@ class Committer:
             if self.kill_after and len(c.committed) >= self.kill_after:
                 kill_driver()
         if self.progress is not None:
-            self.progress.add_shard(rec["images"], Counter(rec["status"]), sid)
+            self.progress.add_shard(rec["images"], Counter(rec["status"]), sid, c.first_commit)
             self.progress.report()
 
 

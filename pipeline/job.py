@@ -87,7 +87,7 @@ def _run_pass(prepared: Prepared, t0: float) -> dict[str, Any]:
     progress = Progress(prepared.out_fs, prepared.layout.root, prepared.run_id, shards=len(pending), t0=t0)
     committer = Committer(cfg, prepared.ledger(), claiming, prepared.run_id, t0, progress, carried)
     watch = NodeWatch(cfg, progress)
-    final = "failed"
+    final, wall_s = "failed", None
     no_nodes = None
     try:
         with _ticking(progress, cfg.progress_interval_s):
@@ -109,11 +109,12 @@ def _run_pass(prepared: Prepared, t0: float) -> dict[str, Any]:
         crash_stats = _close_crash_ledger(crash_ledger)
         try:
             progress.report(final)
+            wall_s = progress.wall_s  # the summary's too: one clock, one reading
         except Exception as e:  # noqa: BLE001 - never hide the run's own outcome
             log.warning("no final progress report: %s", describe(e))
 
     commits = committer.result()
-    summary = write_record(prepared, summarize(prepared, commits, crash_stats, len(claiming.elsewhere)))
+    summary = write_record(prepared, summarize(prepared, commits, crash_stats, len(claiming.elsewhere), wall_s))
     if commits.failed:
         raise incomplete(commits, summary, no_nodes)
     return summary

@@ -17,14 +17,10 @@ from .commit import Commits
 from .config import to_dict
 from .errors import IncompleteRun, describe, redact, retry
 from .preflight import Prepared, output_identity, read_output_manifest
+from .progress import RATES_NOTE, run_rates
 from .storage import write_bytes_atomic
 
 log = logging.getLogger("pipeline")
-
-
-RATES_NOTE = ("wall_s: from the run's start (listing, Ray start-up, model load included; progress.json's "
-              "wall_s uses the same start); images_per_s, output_tokens_per_s: over wall_s; steady_images_per_s: "
-              "after the first commit (first_commit_s), the pipeline's rate once running")
 
 
 def base_summary(prepared: Prepared) -> dict[str, Any]:
@@ -39,16 +35,16 @@ def base_summary(prepared: Prepared) -> dict[str, Any]:
 
 def nothing_to_do(prepared: Prepared, t0: float) -> dict[str, Any]:
     return dict(base_summary(prepared), shards_processed=0, shards=[], images=0, rows=0, status_counts={},
-                message="nothing new to process", wall_s=round(time.perf_counter() - t0, 3))
+                message="nothing new to process", **run_rates(0, time.perf_counter() - t0, None))
 
 
 def summarize(prepared: Prepared, commits: Commits, crash_stats: dict[str, Any],
-              elsewhere: int) -> dict[str, Any]:
-    """The summary of a run that worked: counts, rates, start-up, what was left. `elsewhere`:
-    shards other runs held at the end (enrich: left to them; batch: committed by them)."""
+              elsewhere: int, wall_s: float | None = None) -> dict[str, Any]:
+    """The summary of a run that worked: counts, rates (`progress.run_rates`), start-up, what was
+    left. `elsewhere`: shards other runs held at the end (enrich: left to them; batch: committed by
+    them); `wall_s`: the run's wall time as its final progress report had it (default: now)."""
     c = commits
-    wall = time.perf_counter() - c.t0
-    first = c.first_commit
+    wall = time.perf_counter() - c.t0 if wall_s is None else wall_s
     summary = dict(
         base_summary(prepared), shards_claimed_elsewhere=elsewhere,
         shards_processed=len(c.committed), shards=sorted(c.committed),
@@ -57,12 +53,9 @@ def summarize(prepared: Prepared, commits: Commits, crash_stats: dict[str, Any],
         prompt_tokens=c.prompt_tokens, output_tokens=c.output_tokens,
         batches_retried_after_worker_death=crash_stats.get("retried_batches", 0),
         engine=engine_summary(crash_stats),
-        wall_s=round(wall, 3), images_per_s=round(c.images / wall, 4) if wall else None,
+        # wall_s, images_per_s (wall); first_commit_s (start-up: actors, model load), steady_images_per_s
+        **run_rates(c.images, wall, c.first_commit),
         output_tokens_per_s=round(c.output_tokens / wall, 2) if wall else None,
-        # time to the first committed shard (startup: actors, model load), and the rate after it
-        first_commit_s=round(first[0], 3) if first else None,
-        steady_images_per_s=(round((c.images - first[1]) / (wall - first[0]), 4)
-                             if first and wall > first[0] else None),
         rates=RATES_NOTE,
     )
     if prepared.cfg.mode == "enrich" and elsewhere and not c.committed and not c.failed:

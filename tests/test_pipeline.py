@@ -482,11 +482,16 @@ def test_add_tasks_to_an_existing_output_exactly_once(ray_cluster, ckpt_v1, toke
         run(load_config(data=dict(union, tasks=dict(union["tasks"], grounding={})),
                         overrides=["model.dtype=bf16", "output.add_tasks=true"]))
 
+    from jobs.report import build_report
     from jobs.report_data import load_output
     from pipeline.config import S3Config
 
     report = load_output(str(out), S3Config())
     assert len(report.rows) == len(df) and not report.uncommitted_files
+    assert {r.summary["tasks_pass"] for r in report.runs if r.summary and r.summary.get("images")} == {"", "vqa"}
+    html = build_report(str(out), S3Config(), sample=0)  # the runs count each image once per pass, and say so
+    assert 'data-images="6" data-images-per-pass="12"' in html  # (the killed run left no record)
+    assert "with rows from 2 passes of tasks" in html
 
 
 def test_caption_help_examples_parse():
