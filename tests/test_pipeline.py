@@ -456,7 +456,13 @@ def test_add_tasks_to_an_existing_output_exactly_once(ray_cluster, ckpt_v1, toke
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-3000:]  # killed after the add pass's first commit
     pass_ledger = out / "_passes" / "vqa" / "_ledger"
-    assert 1 <= len(list(pass_ledger.glob("*.json"))) < 3
+    vqa_done = len(list(pass_ledger.glob("*.json")))
+    assert 1 <= vqa_done < 3
+    # the cost plan is the added pass's: its shards left
+    planned = subprocess.run([sys.executable, "-m", "jobs.plan", "--config", str(cfg_path), "--json"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert planned.returncode == 0, planned.stderr[-2000:]
+    assert json.loads(planned.stdout)["ledger"]["pending_shards"] == 3 - vqa_done
     manifest = json.loads((out / "_output.json").read_text())
     assert manifest["config"]["tasks.vqa"] == "on" and [p["tasks"] for p in manifest["passes"]] == [["vqa"]]
 
