@@ -89,6 +89,9 @@ class GroundingTask(GenerationSettings):
     max_new_tokens: int = 128
 
 
+TASK_NAMES = ("caption", "vqa", "grounding")  # the tasks, in the order of an image's prompts
+
+
 @dataclass
 class TasksConfig:
     caption: CaptionTask | None = field(default_factory=CaptionTask)
@@ -97,8 +100,7 @@ class TasksConfig:
 
     def enabled(self) -> dict[str, GenerationSettings]:
         """The enabled tasks by name, in their fixed order (caption, vqa, grounding)."""
-        return {name: task for name in ("caption", "vqa", "grounding")
-                if (task := getattr(self, name)) is not None}
+        return {name: task for name in TASK_NAMES if (task := getattr(self, name)) is not None}
 
 
 @dataclass

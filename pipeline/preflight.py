@@ -31,7 +31,7 @@ from typing import Any, Callable
 import cogvlm
 from cogvlm.weights import CheckpointError, check_checkpoint, read_config, resolve_source
 
-from .config import JobConfig
+from .config import TASK_NAMES, JobConfig
 from .errors import METADATA_DEADLINE_S, JobError, NoNodes, describe, redact, retry
 from .fit import PREPROCESS_CPUS, PREPROCESS_MIN_ACTORS, check_fit, pools_minimum
 from .layout import OutputLayout
@@ -41,9 +41,6 @@ from .progress import Progress, duration
 from .storage import filesystem, is_s3, s3_options, to_uri, write_bytes_atomic
 
 log = logging.getLogger("pipeline")
-
-
-TASK_NAMES = ("caption", "vqa", "grounding")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +69,6 @@ class Prepared:
     # the output's passes under this config (`check_output_config`), and the one this run adds
     passes: list[TaskPass] = dataclasses.field(default_factory=list)
     added: TaskPass | None = None
-    manifest: dict[str, Any] | None = None  # the output's _output.json as it was read
 
     @property
     def pending(self) -> list[Shard]:
@@ -146,7 +142,7 @@ def output_identity(cfg: JobConfig) -> dict[str, Any]:
     (`tasks.<name>`: on or off), the questions column, the model and its weights format."""
     ident: dict[str, Any] = {}
     enabled = cfg.tasks.enabled()
-    for name in ("caption", "vqa", "grounding"):
+    for name in TASK_NAMES:
         ident[f"tasks.{name}"] = "on" if name in enabled else "off"
         if name not in enabled:
             continue
@@ -180,7 +176,7 @@ def check_output_config(prepared: Prepared) -> None:
     adds them as a new pass (`prepared.added`) under `output.add_tasks`, and is refused without."""
     cfg = prepared.cfg
     enabled = tuple(cfg.tasks.enabled())
-    manifest = prepared.manifest = read_output_manifest(prepared)
+    manifest = read_output_manifest(prepared)
     if manifest is None:
         prepared.passes = [TaskPass("", enabled)]
         return
