@@ -363,6 +363,13 @@ def test_claims_respect_live_leases_and_take_over_expired_ones(tmp_path):
     assert json.loads((tmp_path / "_claims" / "s2.json").read_text())["run_id"] == "run-b"
     a.release("s1")
     assert b.acquire("s1")
+    # a pass of added tasks has claims of its own: the same shard, held in both, apart; within
+    # the pass, exclusive as above
+    c = Claims(fs, str(tmp_path), "run-c", ttl_s=60, tasks_pass="vqa")
+    d = Claims(fs, str(tmp_path), "run-d", ttl_s=60, tasks_pass="vqa")
+    assert c.acquire("s1") and not d.acquire("s1")
+    assert json.loads((tmp_path / "_passes" / "vqa" / "_claims" / "s1.json").read_text())["run_id"] == "run-c"
+    assert json.loads((tmp_path / "_claims" / "s1.json").read_text())["run_id"] == "run-b"
 
 
 def test_enrich_rejects_folder_input(ckpt_v1, tokenizer_v1, tmp_path):
