@@ -2,6 +2,7 @@
 
     python -m jobs.caption --config my.yaml [key=value ...]
     python -m jobs.caption --config my.yaml --mode enrich      # scheduled runs over a growing prefix
+    python -m jobs.caption --config more-tasks.yaml --add-tasks  # add tasks to an existing output
     ray job submit --working-dir . -- python -m jobs.caption --config my.yaml
 
 Overrides use dotted keys, values parsed as YAML (quote strings with `?` or `:`):
@@ -35,13 +36,17 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"YAML job config (default: the YAML text in ${CONFIG_ENV}, as jobs.submit sends it)")
     p.add_argument("--mode", choices=["batch", "enrich"], default=None,
                    help="enrich: process only shards not yet in the ledger, safe to overlap (same as mode=enrich)")
+    p.add_argument("--add-tasks", action="store_true",
+                   help="add the config's tasks that the existing output lacks: only they run, over every "
+                        "image (same as output.add_tasks=true; README: Adding a task)")
     p.add_argument("--debug", action="store_true", help="print tracebacks with errors")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if a.debug:  # the pipeline's tracebacks (a failed commit's) too
         logging.getLogger("pipeline").setLevel(logging.DEBUG)
-    overrides = list(a.overrides) + ([f"mode={a.mode}"] if a.mode else [])
+    overrides = (list(a.overrides) + ([f"mode={a.mode}"] if a.mode else [])
+                 + (["output.add_tasks=true"] if a.add_tasks else []))
     try:
         if a.config is None:
             text = os.environ.get(CONFIG_ENV)

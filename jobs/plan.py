@@ -26,7 +26,7 @@ from pipeline import ConfigError, InputError, JobConfig, JobError, load_config, 
 from pipeline.calibration import calibration_config, calibration_result
 from pipeline.listing import COUNT_SHARDS
 from pipeline.plan import make_plan, render
-from pipeline.preflight import prepare
+from pipeline.preflight import Prepared, prepare
 
 
 def calibrate(cfg: JobConfig, images: int) -> dict[str, Any]:
@@ -35,6 +35,17 @@ def calibrate(cfg: JobConfig, images: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="cogvlm-calibrate-") as workdir:
         summary = run(calibration_config(cfg, images, workdir))
     return calibration_result(cfg, summary, images)
+
+
+def _first_with_work(prepared: Prepared) -> Prepared:
+    """The pass of the output's tasks the run would do first (README: Adding a task): with tasks
+    added to the output, the plan is that pass's (its tasks, its ledger); else the run's own."""
+    if prepared.ledger_error or len(prepared.passes) < 2:
+        return prepared
+    try:
+        return next((p for p in prepared.pass_runs() if p.pending), prepared)
+    except Exception:  # noqa: BLE001 - a pass's ledger could not be read: plan the first tasks
+        return prepared
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # noqa: BLE001 - JobError/RunStopped and the rest: one line
                 print(f"error: the calibration run failed: {e}", file=sys.stderr)
                 return 1
-        plan = make_plan(prepare(cfg, writable=False), a.replicas, a.gpu_hour_price, calibration,
-                         count_shards=a.count_shards)
+        plan = make_plan(_first_with_work(prepare(cfg, writable=False)), a.replicas, a.gpu_hour_price,
+                         calibration, count_shards=a.count_shards)
     except (ConfigError, InputError, JobError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

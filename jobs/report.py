@@ -76,8 +76,15 @@ RUN_COLUMNS = (("run", None), ("mode", None), ("state", None),
                                     "progress.json): a shard that two runs processed counts in both"),
                ("in the data now", "distinct images in the committed data whose rows this run wrote: these add "
                                    "up to the page's count of distinct images"),
-               ("rows", None), ("status counts", None), ("wall", None), ("images/s", None),
-               ("shards processed", None), ("shards failed", None), ("progress", None))
+               ("rows", None), ("status counts", None),
+               ("wall", "from the run's start: listing, Ray start-up and model load included"),
+               ("images/s wall", "images over the wall time, as the run recorded it (summary.json; while it "
+                                 "runs, progress.json)"),
+               ("images/s steady", "images after the first commit over the time after it, as the run "
+                                   "recorded it: the pipeline's rate once running, start-up excluded"),
+               ("shards processed", None), ("shards failed", None), ("progress", None),
+               ("tasks", "the tasks the run made rows for: the output's first tasks, or a pass of tasks added "
+                         "to it later (--add-tasks), whose runs count the same images again"))
 
 
 STALE_S = 600.0  # a live run rewrites progress.json every progress_interval_s (60 s by default)
@@ -117,7 +124,7 @@ def runs_view(runs: list[RunRecord], now: float, rows: pd.DataFrame) -> dict[str
             if p.get("eta_s") is not None and state == "running":
                 progress += f", ETA {duration(float(p['eta_s']))}"
         failed = s.get("shards_failed")
-        wall = s.get("wall_s", p.get("elapsed_s"))
+        wall = (s or p).get("wall_s")
         images = s.get("images", p.get("images_done"))
         committed += images if isinstance(images, int) else 0
         cells = {
@@ -125,18 +132,24 @@ def runs_view(runs: list[RunRecord], now: float, rows: pd.DataFrame) -> dict[str
             "images": _num(images), "images_in_data": str(int(in_data.get(r.run_id, 0))), "rows": _num(s.get("rows")),
             "status_counts": _counts(s.get("status_counts") or p.get("status_counts") or p.get("rows_by_status")),
             "wall_s": duration(float(wall)) if isinstance(wall, (int, float)) else "–",
-            "images_per_s": _num(s.get("images_per_s", p.get("images_per_s")), 3),
+            "images_per_s": _num((s or p).get("images_per_s"), 3),
+            "steady_images_per_s": _num((s or p).get("steady_images_per_s"), 3),
             "shards_processed": (f"{_num(s.get('shards_processed', p.get('shards_done')))} of "
                                  f"{_num(s.get('shards_total', p.get('shards_total')))}" if s or p else "–"),
             "shards_failed": str(len(failed)) if isinstance(failed, list) else "–",
             "progress": progress,
+            "tasks": ", ".join(s.get("tasks") or []) or "–",
         }
         out.append({"run_id": r.run_id, "state": state, "state_note": note, "cells": list(cells.items()),
                     "failed": [str(f) for f in failed] if isinstance(failed, list) else []})
     distinct = rows.groupby(["source_uri", "key"]).ngroups if len(rows) else 0
+    # runs count an image once per pass of tasks they made its rows for (README: Adding a task)
+    passes = rows.tasks_pass.nunique() if len(rows) else 1
+    per_pass = rows.groupby(["tasks_pass", "source_uri", "key"]).ngroups if len(rows) else 0
     attributed = sum(int(in_data.get(r.run_id, 0)) for r in runs)
-    return {"head": [{"text": h, "title": t} for h, t in RUN_COLUMNS], "runs": out,
-            "images": distinct, "committed": committed, "attributed": attributed, "unattributed": distinct - attributed}
+    return {"head": [{"text": h, "title": t} for h, t in RUN_COLUMNS], "runs": out, "images": distinct,
+            "passes": passes, "per_pass": per_pass, "committed": committed, "attributed": attributed,
+            "unattributed": per_pass - attributed}
 
 
 def _task_key(task: str) -> tuple[int, str]:
@@ -352,7 +365,7 @@ def build_report(uri: str, s3: S3Config, sample: int = 8, seed: int = 0) -> str:
     now = dt.datetime.now(dt.timezone.utc)
     return templates().get_template("report.html.j2").render(
         title=f"Job report: {redact(uri)}", uri=redact(uri), generated=now.strftime("%Y-%m-%d %H:%M UTC"),
-        totals={"rows": len(rows), "images": images, "shards": len(out.commits)},
+        totals={"rows": len(rows), "images": images, "shards": len({c.shard_id for c in out.commits})},
         uncommitted=out.uncommitted_files, runs=runs_view(out.runs, now.timestamp(), rows), status=status_view(rows),
         charts=[{"run_id": run.run_id, "chart": throughput_chart(run, out.commits)} for run in out.runs],
         sample=sample, seed=seed, gallery=gallery_sections(out, sample, seed, s3))

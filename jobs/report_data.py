@@ -26,7 +26,7 @@ from pipeline.storage import ConfinedFetcher, filesystem, join, read_capped
 
 THUMB_SIDE = 256
 COLUMNS = ["key", "source_uri", "shard_id", "image_index", "task", "task_index", "prompt", "response",
-           "boxes", "box_errors", "status", "error_message", "width", "height", "run_id"]
+           "boxes", "box_errors", "status", "error_message", "width", "height", "run_id", "tasks_pass"]
 READ_POLICY = RetryConfig(deadline_s=30.0, backoff_s=0.5)
 
 
@@ -51,6 +51,7 @@ class Commit:
     run_id: str | None
     images: int
     at: float | None  # epoch seconds
+    tasks_pass: str = ""  # the pass of added tasks it committed ("" : the output's first tasks)
 
 
 @dataclasses.dataclass
@@ -58,7 +59,7 @@ class Output:
     uri: str
     runs: list[RunRecord]
     commits: list[Commit]
-    rows: pd.DataFrame  # the committed shards' rows (COLUMNS)
+    rows: pd.DataFrame  # the committed shards' rows (COLUMNS; `tasks_pass`: the pass of tasks of their file)
     uncommitted_files: list[str]  # data files without a ledger marker (a crash between the writes)
 
 
@@ -136,32 +137,41 @@ def _run_start(fs: Any, summary_path: str, summary: dict[str, Any] | None, commi
     return first
 
 
+def _passes(fs: Any, layout: OutputLayout) -> list[str]:
+    """The output's passes of tasks: "" (its first tasks) and those added (its _output.json)."""
+    manifest = _json(fs, layout.output_manifest) or {}
+    return ["", *(str(p.get("name")) for p in manifest.get("passes", []) if isinstance(p, dict))]
+
+
 def _commits(fs: Any, layout: OutputLayout) -> list[Commit]:
-    ledger = Ledger(fs, layout.root, READ_POLICY)
     out = []
-    for sid in sorted(ledger.done()):
-        try:
-            marker = ledger.read(sid) or {}
-        except Exception as e:  # noqa: BLE001 - one unreadable record never stops the report
-            print(f"jobs.report: cannot read the marker of {sid}: {describe(e)}", file=sys.stderr)
-            marker = {}
-        at = epoch(marker["committed_at"]) if marker.get("committed_at") else _mtime(fs, layout.marker(sid))
-        out.append(Commit(sid, marker.get("run_id"), int(marker.get("images") or 0), at))
+    for tasks_pass in _passes(fs, layout):
+        ledger = Ledger(fs, layout.root, READ_POLICY, tasks_pass)
+        for sid in sorted(ledger.done()):
+            try:
+                marker = ledger.read(sid) or {}
+            except Exception as e:  # noqa: BLE001 - one unreadable record never stops the report
+                print(f"jobs.report: cannot read the marker of {sid}: {describe(e)}", file=sys.stderr)
+                marker = {}
+            at = (epoch(marker["committed_at"]) if marker.get("committed_at")
+                  else _mtime(fs, ledger.layout.marker(sid)))
+            out.append(Commit(sid, marker.get("run_id"), int(marker.get("images") or 0), at, tasks_pass))
     return out
 
 
-def _rows(fs: Any, layout: OutputLayout, committed: set[str]) -> tuple[pd.DataFrame, list[str]]:
+def _rows(fs: Any, layout: OutputLayout, committed: set[tuple[str, str]]) -> tuple[pd.DataFrame, list[str]]:
     frames, uncommitted = [], []
     for name in _names(fs, layout.data_dir):
         if not name.endswith(".parquet"):
             continue
-        if name[: -len(".parquet")] not in committed:
+        sid, tasks_pass = OutputLayout.data_name_shard(name)
+        if (sid, tasks_pass) not in committed:
             uncommitted.append(name)
             continue
-        with fs.open(layout.data_file(name[: -len(".parquet")]), "rb") as f:
+        with fs.open(layout.for_pass(tasks_pass).data_file(sid), "rb") as f:
             pf = pq.ParquetFile(f)
             cols = [c for c in COLUMNS if c in pf.schema_arrow.names]
-            frames.append(pf.read(columns=cols).to_pandas())
+            frames.append(pf.read(columns=cols).to_pandas().assign(tasks_pass=tasks_pass))
     if not frames:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS}), uncommitted
     return pd.concat(frames, ignore_index=True).reindex(columns=COLUMNS), uncommitted
@@ -171,7 +181,7 @@ def load_output(uri: str, s3: S3Config) -> Output:
     fs, root = filesystem(uri, s3)
     layout = OutputLayout(root)
     commits = _commits(fs, layout)
-    rows, uncommitted = _rows(fs, layout, {c.shard_id for c in commits})
+    rows, uncommitted = _rows(fs, layout, {(c.shard_id, c.tasks_pass) for c in commits})
     runs = _runs(fs, layout, commits)
     if not runs and not commits and not uncommitted:
         raise NotAnOutput(f"{redact(uri)} holds no job output (no _runs/, _ledger/ or data/)")

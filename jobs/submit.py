@@ -91,7 +91,9 @@ def pending_shards(cfg) -> list[str] | None:
         print(f"note: could not read the ledger from here ({prepared.ledger_error}); submitting a new "
               f"enrich job", flush=True)
         return None
-    return [s.shard_id for s in prepared.pending]
+    # every pass of the output's tasks (README "Adding a task") counts: its shards left
+    return [s.shard_id + (f"+{one.layout.tasks_pass}" if one.layout.tasks_pass else "")
+            for one in prepared.pass_runs() for s in one.pending]
 
 
 async def _stream(client, sid: str) -> None:
@@ -161,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--demo", action="store_true",
                    help="run jobs.demo on the cluster: builds its tiny checkpoint where the job runs")
     p.add_argument("--mode", choices=["batch", "enrich"], default="batch")
+    p.add_argument("--add-tasks", action="store_true",
+                   help="add the config's new tasks to the existing output (same as output.add_tasks=true)")
     p.add_argument("--env", action="append", default=[], metavar="NAME",
                    help="copy this variable from the local environment into the job's")
     p.add_argument("--working-dir", default=str(ROOT))
@@ -175,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give --config FILE or --demo")
     if a.demo and a.mode != "batch":
         p.error("--demo runs in batch mode")
+    if a.add_tasks:  # travels to the job as an override
+        a.overrides = [*a.overrides, "output.add_tasks=true"]
     try:
         return _main(a)
     except SubmitError as e:

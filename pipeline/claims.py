@@ -53,10 +53,10 @@ class Claims:
     """
 
     def __init__(self, fs: Any, root: str, run_id: str, ttl_s: float = 600.0,
-                 threads: int = REFRESH_THREADS) -> None:
+                 threads: int = REFRESH_THREADS, tasks_pass: str = "") -> None:
         self.fs, self.root, self.run_id, self.ttl_s = fs, root, run_id, ttl_s
         self.threads = max(1, threads)
-        self.layout = OutputLayout(root)
+        self.layout = OutputLayout(root, tasks_pass)
         self.held: set[str] = set()
         self._lock = threading.Lock()  # guards `held`
         # the heartbeat must not rewrite a claim being released: one lock per shard (striped)
@@ -216,11 +216,12 @@ class ClaimKeeper:
     Methods may be called from many threads at once (the actor's `max_concurrency`).
     """
 
-    def __init__(self, output_path: str, s3: S3Config, run_id: str, ttl_s: float, retry: RetryConfig) -> None:
+    def __init__(self, output_path: str, s3: S3Config, run_id: str, ttl_s: float, retry: RetryConfig,
+                 tasks_pass: str = "") -> None:
         fs, root = filesystem(output_path, s3)
         self.output_path = output_path
-        self.claims = Claims(fs, root, run_id, ttl_s)
-        self.ledger = Ledger(fs, root)
+        self.claims = Claims(fs, root, run_id, ttl_s, tasks_pass=tasks_pass)
+        self.ledger = Ledger(fs, root, tasks_pass=tasks_pass)
         self.interval_s = max(1.0, ttl_s / 3)
         self._retry = retry
         self._lock = threading.Lock()  # guards _outcome and _stats
@@ -330,11 +331,11 @@ class Claiming:
 
     WAIT_ROUND_S = 60.0  # a log line per round of waiting for shards other runs hold
 
-    def __init__(self, cfg: JobConfig, run_id: str) -> None:
+    def __init__(self, cfg: JobConfig, run_id: str, tasks_pass: str = "") -> None:
         self.batch = cfg.mode == "batch"
         self.poll_s = max(1.0, min(10.0, cfg.claim_ttl_s / 3))
         self.keeper = on_driver_node(ClaimKeeper, cfg.output.path, cfg.s3, run_id, cfg.claim_ttl_s, cfg.retry,
-                                     max_concurrency=32)
+                                     tasks_pass, max_concurrency=32)
         self.elsewhere: list[Shard] = []  # shards other runs held at the last round's end
 
     def rounds(self, pending: list[Shard]) -> Iterator[list[Shard]]:

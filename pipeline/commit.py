@@ -153,7 +153,9 @@ class Committer:
 
         from .sink import merge_parts
 
-        self.merge_options = {"carry": carry, "skip_failed_downloads": cfg.input.failed_downloads == "skip"}
+        self.tasks_pass = ledger.layout.tasks_pass  # the pass of added tasks this run commits, if any
+        self.merge_options = {"carry": carry, "skip_failed_downloads": cfg.input.failed_downloads == "skip",
+                              "tasks_pass": self.tasks_pass}
         self.cfg, self.ledger, self.claiming, self.run_id, self.progress = cfg, ledger, claiming, run_id, progress
         self.commits = Commits(t0)
         self.merge = ray.remote(num_cpus=0, max_retries=3)(merge_parts)
@@ -256,7 +258,7 @@ class Committer:
             raise RunStopped(f"could not commit shard {sid} to {redact(out)}: {describe(e)}. "
                              f"{len(c.committed)} shards were committed by this run and are kept; "
                              f"rerun to finish") from None
-        delete_parts(out, self.cfg.s3, sid)
+        delete_parts(out, self.cfg.s3, sid, tasks_pass=self.tasks_pass)
         self.claiming.release(sid)
         with self.lock:
             self.refused = 0
@@ -273,7 +275,7 @@ class Committer:
             if self.kill_after and len(c.committed) >= self.kill_after:
                 kill_driver()
         if self.progress is not None:
-            self.progress.add_shard(rec["images"], Counter(rec["status"]), sid)
+            self.progress.add_shard(rec["images"], Counter(rec["status"]), sid, c.first_commit)
             self.progress.report()
 
     def _refused(self, sid: str, e: BaseException) -> None:

@@ -89,6 +89,9 @@ class GroundingTask(GenerationSettings):
     max_new_tokens: int = 128
 
 
+TASK_NAMES = ("caption", "vqa", "grounding")  # the tasks, in the order of an image's prompts
+
+
 @dataclass
 class TasksConfig:
     caption: CaptionTask | None = field(default_factory=CaptionTask)
@@ -97,8 +100,7 @@ class TasksConfig:
 
     def enabled(self) -> dict[str, GenerationSettings]:
         """The enabled tasks by name, in their fixed order (caption, vqa, grounding)."""
-        return {name: task for name in ("caption", "vqa", "grounding")
-                if (task := getattr(self, name)) is not None}
+        return {name: task for name in TASK_NAMES if (task := getattr(self, name)) is not None}
 
 
 @dataclass
@@ -143,6 +145,10 @@ class ModelConfig:
 @dataclass
 class OutputConfig:
     path: str = ""  # Parquet dataset prefix, local or s3://
+    # a rerun whose config enables tasks the output does not have (all else equal) adds them to
+    # the output: only the new tasks run, over every image, as a pass of their own (README "Adding
+    # a task"); without it such a rerun refuses, naming the difference. CLI: --add-tasks
+    add_tasks: bool = False
 
 
 @dataclass

@@ -42,32 +42,52 @@ log = logging.getLogger("pipeline")
 def run(cfg: JobConfig) -> dict[str, Any]:
     """Run the job to the end (or raise JobError/InputError before any work); returns the summary.
 
-    Raises IncompleteRun (after writing the summary) if shards were left for a rerun."""
-    import cogvlm
-
+    The output's tasks run pass by pass (`Prepared.pass_runs`: its first tasks, then each pass of
+    added tasks), each with its own ledger and run record; the summary returned is the last pass's
+    that had work, with `passes` naming the run of each. Raises IncompleteRun (after writing the
+    summary) if shards were left for a rerun."""
     t0 = time.perf_counter()
     prepared = prepare(cfg)
-    cfg, pending, listing = prepared.cfg, prepared.pending, prepared.listing
-    if not pending:
+    passes = [p for p in prepared.pass_runs() if p.pending]
+    if not passes:
         log.info("run %s: all %d shards are already committed; nothing new to process", prepared.run_id,
                  len(prepared.listing.shards))
         return write_record(prepared, nothing_to_do(prepared, t0))
-    listing.log_skipped(cfg.input.format)
-    if cfg.model.gpu_memory_gb is not None:  # before Ray: the GPU's size is configured
-        check_fit(cfg, prepared.mcfg)
-    plan.log_one_line(prepared)
+    prepared.listing.log_skipped(prepared.cfg.input.format)
+    if prepared.cfg.model.gpu_memory_gb is not None:  # before Ray: the GPU's size is configured
+        check_fit(prepared.cfg, prepared.mcfg)
+    plan.log_one_line(passes[0])
     start_ray(prepared)
     write_output_manifest(prepared)  # every check passed: this config makes the output's rows
+    summaries = []
+    for one in passes:
+        if one.layout.tasks_pass:
+            log.info("run %s: tasks %s, added to this output: %d of %d shards to process", one.run_id,
+                     ", ".join(one.cfg.tasks.enabled()), len(one.pending), len(one.listing.shards))
+        if one is not passes[0]:
+            plan.log_one_line(one)
+        summaries.append(_run_pass(one, t0 if not summaries else time.perf_counter()))
+    if len(summaries) > 1:
+        summaries[-1]["passes"] = [s["run_id"] for s in summaries]
+    return summaries[-1]
 
-    claiming = Claiming(cfg, prepared.run_id)
+
+def _run_pass(prepared: Prepared, t0: float) -> dict[str, Any]:
+    """Claim, execute, commit and record one pass of the output's tasks."""
+    import cogvlm
+
+    cfg, pending, listing = prepared.cfg, prepared.pending, prepared.listing
+    tasks_pass = prepared.layout.tasks_pass
+    claiming = Claiming(cfg, prepared.run_id, tasks_pass)
     carried = carried_schema(cfg.input, cfg.s3, pending)
-    sink = PartSink(cfg.output.path, cfg.s3, cfg.retry, prepared.run_id, cogvlm.__version__, carry=carried)
-    sweep_parts(prepared.out_fs, prepared.layout.root, prepared.done, cfg.retry)
+    sink = PartSink(cfg.output.path, cfg.s3, cfg.retry, prepared.run_id, cogvlm.__version__, carry=carried,
+                    tasks_pass=tasks_pass)
+    sweep_parts(prepared.out_fs, prepared.layout.root, prepared.done, cfg.retry, tasks_pass)
     crash_ledger = on_driver_node(CrashLedger)
     progress = Progress(prepared.out_fs, prepared.layout.root, prepared.run_id, shards=len(pending), t0=t0)
     committer = Committer(cfg, prepared.ledger(), claiming, prepared.run_id, t0, progress, carried)
     watch = NodeWatch(cfg, progress)
-    final = "failed"
+    final, wall_s = "failed", None
     stopped = None
     try:
         with _ticking(progress, cfg.progress_interval_s):
@@ -89,11 +109,12 @@ def run(cfg: JobConfig) -> dict[str, Any]:
         crash_stats = _close_crash_ledger(crash_ledger)
         try:
             progress.report(final)
+            wall_s = progress.wall_s  # the summary's too: one clock, one reading
         except Exception as e:  # noqa: BLE001 - never hide the run's own outcome
             log.warning("no final progress report: %s", describe(e))
 
     commits = committer.result()
-    summary = write_record(prepared, summarize(prepared, commits, crash_stats, len(claiming.elsewhere)))
+    summary = write_record(prepared, summarize(prepared, commits, crash_stats, len(claiming.elsewhere), wall_s))
     if commits.failed:
         raise incomplete(commits, summary, stopped)
     return summary
@@ -115,7 +136,7 @@ def build_dataset(prepared: Prepared, shards: list[Shard], claiming: Claiming, c
         sid = str(shard["shard_id"])
         if ray.get(keeper.claim.remote(sid)) != MINE:
             return
-        delete_parts(out, s3, sid, keep_run=sink.run_id)  # a killed run's parts: never to be merged
+        delete_parts(out, s3, sid, keep_run=sink.run_id, tasks_pass=sink.tasks_pass)  # a killed run's parts
         files = [str(f) for f in (shard["files"] if shard["files"] is not None else [])]
         yield from blocks(Shard(sid, str(shard["uri"]), files))
 

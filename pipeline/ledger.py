@@ -20,11 +20,11 @@ log = logging.getLogger("pipeline")
 
 
 class Ledger:
-    """The committed shards of one output. Listing and marking retry transient store failures for
+    """The committed shards of one output (of one pass of its tasks: `tasks_pass`). Listing and marking retry transient store failures for
     `policy.deadline_s`, then raise TransientError; permanent failures are raised at once."""
 
-    def __init__(self, fs: Any, root: str, policy: RetryConfig | None = None) -> None:
-        self.fs, self.layout = fs, OutputLayout(root)
+    def __init__(self, fs: Any, root: str, policy: RetryConfig | None = None, tasks_pass: str = "") -> None:
+        self.fs, self.layout = fs, OutputLayout(root, tasks_pass)
         self.policy = policy or RetryConfig()
 
     def done(self) -> set[str]:

@@ -3,7 +3,8 @@
     prepare(cfg) -> Prepared      the checkpoint and tokenizer load (check_model), paths made
                                   absolute, output writable, input listed, Parquet columns
                                   checked, the ledger read, the output's config compared
-                                  (`_output.json`)
+                                  (`_output.json`: refused, or tasks added as a pass of their own)
+    prepared.pass_runs()          one Prepared per pass of the output's tasks, each with its ledger
     start_ray(prepared)           join or start Ray, check the cluster's resources and the GPU fit
     for_dataset(cfg, input_root)  the same model checks for the library API (no input, no output)
     check_cluster(cfg)            the stages' smallest actor pools fit the connected cluster
@@ -30,7 +31,7 @@ from typing import Any, Callable
 import cogvlm
 from cogvlm.weights import CheckpointError, check_checkpoint, read_config, resolve_source
 
-from .config import JobConfig
+from .config import TASK_NAMES, JobConfig
 from .errors import METADATA_DEADLINE_S, JobError, NoNodes, describe, redact, retry
 from .fit import PREPROCESS_CPUS, PREPROCESS_MIN_ACTORS, check_fit, pools_minimum
 from .layout import OutputLayout
@@ -40,6 +41,15 @@ from .progress import Progress, duration
 from .storage import filesystem, is_s3, s3_options, to_uri, write_bytes_atomic
 
 log = logging.getLogger("pipeline")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskPass:
+    """Tasks of an output made together: its first tasks (name "") or tasks added later
+    (`output.add_tasks`), named by them (`vqa`, `vqa-grounding`); each pass has its own ledger."""
+
+    name: str
+    tasks: tuple[str, ...]
 
 
 @dataclasses.dataclass
@@ -56,6 +66,9 @@ class Prepared:
     done: set[str] = dataclasses.field(default_factory=set)
     ledger_error: str | None = None  # the ledger could not be read (the cost plan says so)
     _mcfg: cogvlm.CogVLMConfig | None = None
+    # the output's passes under this config (`check_output_config`), and the one this run adds
+    passes: list[TaskPass] = dataclasses.field(default_factory=list)
+    added: TaskPass | None = None
 
     @property
     def pending(self) -> list[Shard]:
@@ -69,7 +82,21 @@ class Prepared:
         return self._mcfg
 
     def ledger(self) -> Ledger:
-        return Ledger(self.out_fs, self.layout.root, self.cfg.retry)
+        return Ledger(self.out_fs, self.layout.root, self.cfg.retry, self.layout.tasks_pass)
+
+    def pass_runs(self) -> list["Prepared"]:
+        """One Prepared per pass of the output's tasks (`passes`), in order: its tasks only, its
+        ledger (read afresh) and layout, its own run id (`<run_id>.<pass>` for added tasks)."""
+        out = []
+        for p in self.passes:
+            tasks = dataclasses.replace(self.cfg.tasks, **{n: None for n in TASK_NAMES if n not in p.tasks})
+            one = dataclasses.replace(self, cfg=dataclasses.replace(self.cfg, tasks=tasks),
+                                      run_id=f"{self.run_id}.{p.name}" if p.name else self.run_id,
+                                      layout=self.layout.for_pass(p.name), passes=[p])
+            if p.name:
+                one.done = one.ledger().done()
+            out.append(one)
+        return out
 
 
 def new_run_id() -> str:
@@ -115,7 +142,7 @@ def output_identity(cfg: JobConfig) -> dict[str, Any]:
     (`tasks.<name>`: on or off), the questions column, the model and its weights format."""
     ident: dict[str, Any] = {}
     enabled = cfg.tasks.enabled()
-    for name in ("caption", "vqa", "grounding"):
+    for name in TASK_NAMES:
         ident[f"tasks.{name}"] = "on" if name in enabled else "off"
         if name not in enabled:
             continue
@@ -127,8 +154,9 @@ def output_identity(cfg: JobConfig) -> dict[str, Any]:
     return ident
 
 
-def read_output_identity(prepared: Prepared) -> dict[str, Any] | None:
-    """The identity recorded in the output's `_output.json`; None where there is none yet."""
+def read_output_manifest(prepared: Prepared) -> dict[str, Any] | None:
+    """The output's `_output.json` (`config`: the identity; `passes`: tasks added since); None
+    where there is none yet."""
     cfg = prepared.cfg
 
     def read() -> bytes | None:
@@ -139,23 +167,42 @@ def read_output_identity(prepared: Prepared) -> dict[str, Any] | None:
 
     raw = retry(read, "reading the output's _output.json", min(METADATA_DEADLINE_S, cfg.retry.deadline_s),
                 cfg.retry.backoff_s)
-    return None if raw is None else json.loads(raw)["config"]
+    return None if raw is None else json.loads(raw)
 
 
 def check_output_config(prepared: Prepared) -> None:
-    """Refuse (JobError, one line) a run whose config would make other rows than the output holds."""
-    recorded = read_output_identity(prepared)
-    if recorded is None:
+    """Refuse (JobError, one line) a run whose config would make other rows than the output holds;
+    set `prepared.passes`. A config that only enables tasks the output lacks (all else equal)
+    adds them as a new pass (`prepared.added`) under `output.add_tasks`, and is refused without."""
+    cfg = prepared.cfg
+    enabled = tuple(cfg.tasks.enabled())
+    manifest = read_output_manifest(prepared)
+    if manifest is None:
+        prepared.passes = [TaskPass("", enabled)]
         return
-    mine = output_identity(prepared.cfg)
+    recorded = manifest["config"]
+    added = [TaskPass(str(p["name"]), tuple(p["tasks"])) for p in manifest.get("passes", [])]
+    mine = output_identity(cfg)
     switched = {k for k in mine if k.count(".") == 1 and k.startswith("tasks.") and recorded.get(k) != mine[k]}
-    diffs = [f"{k}: {recorded.get(k, '(absent)')!r} there, {mine.get(k, '(absent)')!r} here"
-             for k in sorted(set(recorded) | set(mine))
-             if recorded.get(k) != mine.get(k) and k.rsplit(".", 1)[0] not in switched]
-    if diffs:
-        raise JobError(f"output {redact(prepared.cfg.output.path)} was made with another config "
-                       f"({'; '.join(diffs[:4])}{'; ...' if len(diffs) > 4 else ''}); its rows would mix "
+    keys = [k for k in sorted(set(recorded) | set(mine))
+            if recorded.get(k) != mine.get(k) and k.rsplit(".", 1)[0] not in switched]
+    diffs = [f"{k}: {recorded.get(k, '(absent)')!r} there, {mine.get(k, '(absent)')!r} here" for k in keys]
+    said = f"{'; '.join(diffs[:4])}{'; ...' if len(diffs) > 4 else ''}"
+    new = tuple(n for n in TASK_NAMES if recorded.get(f"tasks.{n}") == "off" and mine.get(f"tasks.{n}") == "on")
+    only_new = bool(new) and set(keys) == {f"tasks.{n}" for n in new}
+    where = redact(cfg.output.path)
+    if keys and only_new and cfg.output.add_tasks:
+        prepared.added = TaskPass("-".join(new), new)
+        added.append(prepared.added)
+    elif keys and only_new:
+        raise JobError(f"output {where} was made with another config ({said}): to add "
+                       f"{' and '.join(new)} to it (only the new tasks run, over every image), rerun with "
+                       f"--add-tasks (output.add_tasks=true); or use a new output.path")
+    elif keys:
+        raise JobError(f"output {where} was made with another config ({said}); its rows would mix "
                        f"two configs: use a new output.path, or this output's config (its _output.json)")
+    later = {t for p in added for t in p.tasks}
+    prepared.passes = [TaskPass("", tuple(n for n in enabled if n not in later)), *added]
 
 
 def for_dataset(cfg: JobConfig, input_root: str) -> Prepared:

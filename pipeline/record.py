@@ -16,21 +16,18 @@ import cogvlm
 from .commit import Commits
 from .config import to_dict
 from .errors import IncompleteRun, StoppedShort, describe, redact, retry
-from .preflight import Prepared, output_identity, read_output_identity
+from .preflight import Prepared, output_identity, read_output_manifest
+from .progress import RATES_NOTE, run_rates
 from .storage import write_bytes_atomic
 
 log = logging.getLogger("pipeline")
-
-
-RATES_NOTE = ("wall_s: from the run's start (listing, Ray start-up, model load included; progress.json's "
-              "wall_s uses the same start); images_per_s, output_tokens_per_s: over wall_s; steady_images_per_s: "
-              "after the first commit (first_commit_s), the pipeline's rate once running")
 
 
 def base_summary(prepared: Prepared) -> dict[str, Any]:
     """What every summary holds, whether or not the run had work."""
     listing = prepared.listing
     return {"run_id": prepared.run_id, "mode": prepared.cfg.mode, "project_version": cogvlm.__version__,
+            "tasks": list(prepared.cfg.tasks.enabled()), "tasks_pass": prepared.layout.tasks_pass,
             "shards_total": len(listing.shards), "shards_skipped": len(listing.shards) - len(prepared.pending),
             "files_skipped": listing.skipped_files, "files_skipped_examples": listing.skipped_examples,
             "files_skipped_reasons": listing.skipped_reasons}
@@ -38,16 +35,16 @@ def base_summary(prepared: Prepared) -> dict[str, Any]:
 
 def nothing_to_do(prepared: Prepared, t0: float) -> dict[str, Any]:
     return dict(base_summary(prepared), shards_processed=0, shards=[], images=0, rows=0, status_counts={},
-                message="nothing new to process", wall_s=round(time.perf_counter() - t0, 3))
+                message="nothing new to process", **run_rates(0, time.perf_counter() - t0, None))
 
 
 def summarize(prepared: Prepared, commits: Commits, crash_stats: dict[str, Any],
-              elsewhere: int) -> dict[str, Any]:
-    """The summary of a run that worked: counts, rates, start-up, what was left. `elsewhere`:
-    shards other runs held at the end (enrich: left to them; batch: committed by them)."""
+              elsewhere: int, wall_s: float | None = None) -> dict[str, Any]:
+    """The summary of a run that worked: counts, rates (`progress.run_rates`), start-up, what was
+    left. `elsewhere`: shards other runs held at the end (enrich: left to them; batch: committed by
+    them); `wall_s`: the run's wall time as its final progress report had it (default: now)."""
     c = commits
-    wall = time.perf_counter() - c.t0
-    first = c.first_commit
+    wall = time.perf_counter() - c.t0 if wall_s is None else wall_s
     summary = dict(
         base_summary(prepared), shards_claimed_elsewhere=elsewhere,
         shards_processed=len(c.committed), shards=sorted(c.committed),
@@ -56,12 +53,9 @@ def summarize(prepared: Prepared, commits: Commits, crash_stats: dict[str, Any],
         prompt_tokens=c.prompt_tokens, output_tokens=c.output_tokens,
         batches_retried_after_worker_death=crash_stats.get("retried_batches", 0),
         engine=engine_summary(crash_stats),
-        wall_s=round(wall, 3), images_per_s=round(c.images / wall, 4) if wall else None,
+        # wall_s, images_per_s (wall); first_commit_s (start-up: actors, model load), steady_images_per_s
+        **run_rates(c.images, wall, c.first_commit),
         output_tokens_per_s=round(c.output_tokens / wall, 2) if wall else None,
-        # time to the first committed shard (startup: actors, model load), and the rate after it
-        first_commit_s=round(first[0], 3) if first else None,
-        steady_images_per_s=(round((c.images - first[1]) / (wall - first[0]), 4)
-                             if first and wall > first[0] else None),
         rates=RATES_NOTE,
     )
     if prepared.cfg.mode == "enrich" and elsewhere and not c.committed and not c.failed:
@@ -96,11 +90,18 @@ def engine_summary(crash_stats: dict[str, Any]) -> dict[str, Any]:
 
 def write_output_manifest(prepared: Prepared) -> None:
     """At an output's first run: `_output.json` with the config that makes its rows (what
-    `preflight.check_output_config` compares later runs with)."""
-    if read_output_identity(prepared) is not None:
-        return
+    `preflight.check_output_config` compares later runs with); at a run that adds tasks, the
+    config with them, and their pass appended to `passes`."""
     cfg, layout = prepared.cfg, prepared.layout
-    body = json.dumps({"config": output_identity(cfg), "first_run": prepared.run_id,
+    recorded = read_output_manifest(prepared)
+    if recorded is not None and prepared.added is None:
+        return
+    recorded = recorded or {"first_run": prepared.run_id, "passes": []}
+    passes = [p for p in recorded.get("passes", []) if prepared.added is None or p["name"] != prepared.added.name]
+    if prepared.added is not None:
+        passes.append({"name": prepared.added.name, "tasks": list(prepared.added.tasks),
+                       "first_run": prepared.run_id})
+    body = json.dumps({"config": output_identity(cfg), "first_run": recorded["first_run"], "passes": passes,
                        "project_version": cogvlm.__version__}, indent=2, default=str).encode()
     retry(lambda: write_bytes_atomic(prepared.out_fs, layout.output_manifest, body, tmp_root=layout.root),
           "writing the output's _output.json", cfg.retry.deadline_s, cfg.retry.backoff_s)

@@ -48,6 +48,7 @@ class PartSink:
     run_id: str
     project_version: str
     carry: Any = None  # the pa.Schema of input.carry_columns (pipeline.carry), appended to each row
+    tasks_pass: str = ""  # the pass of added tasks the rows belong to ("" : the output's first tasks)
 
     def write(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """One part per shard among `rows` (Generate's output rows of one batch): their records."""
@@ -58,7 +59,7 @@ class PartSink:
 
     def _write_part(self, sid: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
         fs, root = filesystem(self.output_path, self.s3)
-        layout = OutputLayout(root)
+        layout = OutputLayout(root, self.tasks_pass)
         images = sorted({int(r["image_index"]) for r in rows})
         first = {}
         for r in sorted(rows, key=lambda r: int(r["task_index"])):
@@ -93,8 +94,8 @@ class PartSink:
 
 
 def merge_parts(output_path: str, s3: S3Config, policy: RetryConfig, shard_id: str, source_uri: str,
-                parts: list[str], run_id: str, carry: Any = None, skip_failed_downloads: bool = False
-                ) -> dict[str, Any]:
+                parts: list[str], run_id: str, carry: Any = None, skip_failed_downloads: bool = False,
+                tasks_pass: str = "") -> dict[str, Any]:
     """Write data/<shard_id>.parquet from the shard's parts (one row per (image, task), sorted);
     returns the ledger record. Runs as a Ray task, so that no row passes through the driver.
     `carry`: the carried columns' schema (PartSink.carry); `skip_failed_downloads`: leave out the
@@ -114,7 +115,7 @@ def merge_parts(output_path: str, s3: S3Config, policy: RetryConfig, shard_id: s
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf, compression="zstd")
     data = buf.getvalue().to_pybytes()
-    rel = OutputLayout.data_rel(shard_id)
+    rel = OutputLayout(root, tasks_pass).data_rel(shard_id)
     retry(lambda: write_bytes_atomic(fs, join(root, rel), data, tmp_root=root), f"writing shard {shard_id}",
           policy.deadline_s, policy.backoff_s)
     status = Counter(table.column("status").to_pylist())
@@ -147,11 +148,12 @@ def _one_row_per_task(table: pa.Table) -> pa.Table:
     return table.take(keep) if len(keep) < table.num_rows else table
 
 
-def delete_parts(output_path: str, s3: S3Config, shard_id: str, keep_run: str | None = None) -> None:
+def delete_parts(output_path: str, s3: S3Config, shard_id: str, keep_run: str | None = None,
+                 tasks_pass: str = "") -> None:
     """Remove the shard's parts (all, once it is committed; at its claim, those of other runs
     but `keep_run`'s, which a re-run read task must not take from under the driver); never raises."""
     fs, root = filesystem(output_path, s3)
-    path = OutputLayout(root).parts_dir(shard_id)
+    path = OutputLayout(root, tasks_pass).parts_dir(shard_id)
     try:
         fs.invalidate_cache(path)
         if not fs.exists(path):
@@ -169,10 +171,10 @@ def delete_parts(output_path: str, s3: S3Config, shard_id: str, keep_run: str | 
         log.warning("could not delete the parts of shard %s: %s", shard_id, describe(e))
 
 
-def sweep_parts(fs: Any, root: str, committed: set[str], policy: RetryConfig) -> None:
+def sweep_parts(fs: Any, root: str, committed: set[str], policy: RetryConfig, tasks_pass: str = "") -> None:
     """Delete the parts left under committed shards (a batch re-run after its shard's merge, a
     run killed between its marker and the deletion); never raises."""
-    base = OutputLayout(root).parts_root
+    base = OutputLayout(root, tasks_pass).parts_root
     try:
         fs.invalidate_cache(base)
         if not fs.exists(base):

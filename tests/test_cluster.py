@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
@@ -316,3 +317,16 @@ def test_enrich_submits_again_when_a_shard_lands_in_the_same_hour(ray_head, ckpt
     assert sorted(df.key) == sorted(expected) and not df.key.duplicated().any()
     third = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert third.returncode == 0 and "nothing pending" in third.stdout and "submitted job" not in third.stdout
+
+    # a task added through the submit entrypoint (--add-tasks): its pass is pending, then done
+    union = _config(ckpt_v1, tokenizer_v1, inp, tmp_path / "out")
+    union["tasks"] = dict(union["tasks"], vqa={"questions": ["What color?"], "max_new_tokens": 3})
+    union_path = tmp_path / "enrich-vqa.yaml"
+    union_path.write_text(yaml.safe_dump(union))
+    add = [*cmd[:cmd.index("--config") + 1], str(union_path), *cmd[cmd.index("--config") + 2:], "--add-tasks"]
+    added = subprocess.run(add, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert added.returncode == 0 and "submitted job" in added.stdout, added.stdout[-3000:] + added.stderr[-3000:]
+    df = pd.read_parquet(tmp_path / "out" / "data")
+    assert Counter(zip(df.key, df.task)) == Counter({(k, t): 1 for k in expected for t in ("caption", "vqa")})
+    last = subprocess.run(add, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert last.returncode == 0 and "nothing pending" in last.stdout and "submitted job" not in last.stdout

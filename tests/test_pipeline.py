@@ -363,6 +363,13 @@ def test_claims_respect_live_leases_and_take_over_expired_ones(tmp_path):
     assert json.loads((tmp_path / "_claims" / "s2.json").read_text())["run_id"] == "run-b"
     a.release("s1")
     assert b.acquire("s1")
+    # a pass of added tasks has claims of its own: the same shard, held in both, apart; within
+    # the pass, exclusive as above
+    c = Claims(fs, str(tmp_path), "run-c", ttl_s=60, tasks_pass="vqa")
+    d = Claims(fs, str(tmp_path), "run-d", ttl_s=60, tasks_pass="vqa")
+    assert c.acquire("s1") and not d.acquire("s1")
+    assert json.loads((tmp_path / "_passes" / "vqa" / "_claims" / "s1.json").read_text())["run_id"] == "run-c"
+    assert json.loads((tmp_path / "_claims" / "s1.json").read_text())["run_id"] == "run-b"
 
 
 def test_enrich_rejects_folder_input(ckpt_v1, tokenizer_v1, tmp_path):
@@ -428,6 +435,76 @@ def test_rerun_with_another_config_refuses_naming_the_difference(ray_cluster, ck
     assert cli.returncode == 2, cli.stderr[-2000:]
     errors = [ln for ln in cli.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "model.dtype: 'fp32' there, 'bf16' here" in errors[0], cli.stderr[-2000:]
+
+
+def test_add_tasks_to_an_existing_output_exactly_once(ray_cluster, ckpt_v1, tokenizer_v1, tmp_path):
+    """A caption-only output gets VQA added (`--add-tasks`): only the new task runs, with its own
+    ledger; the caption files are not rewritten; a driver killed mid-pass is finished by a plain
+    rerun of the union config, each (image, task) row exactly once; then nothing is left to do.
+    A changed setting of an existing task still refuses, flag or not."""
+    import yaml
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    expected = webdataset_shards(inp, n_shards=3, per_shard=2)
+    first = job(ckpt_v1, tokenizer_v1, inp, out)
+    run(load_config(data=first))
+    caption_files = {p.name: p.stat().st_mtime_ns for p in (out / "data").glob("*.parquet")}
+    markers = {p.name: p.read_text() for p in (out / "_ledger").glob("*.json")}
+    assert len(caption_files) == 3 and len(markers) == 3
+
+    union = dict(first, tasks={"caption": {"max_new_tokens": 6},
+                               "vqa": {"questions": ["What color?", "How many?"], "max_new_tokens": 4}})
+    with pytest.raises(JobError, match=r"\(tasks\.vqa: 'off' there, 'on' here\): to add vqa .*--add-tasks"):
+        run(load_config(data=union))
+    cfg_path = tmp_path / "union.yaml"
+    cfg_path.write_text(yaml.safe_dump(union))
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster, **{KILL_AFTER_ENV: "1"})
+    proc = subprocess.run([sys.executable, "-m", "jobs.caption", "--config", str(cfg_path), "--add-tasks"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-3000:]  # killed after the add pass's first commit
+    pass_ledger = out / "_passes" / "vqa" / "_ledger"
+    vqa_done = len(list(pass_ledger.glob("*.json")))
+    assert 1 <= vqa_done < 3
+    # the cost plan is the added pass's: its shards left
+    planned = subprocess.run([sys.executable, "-m", "jobs.plan", "--config", str(cfg_path), "--json"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert planned.returncode == 0, planned.stderr[-2000:]
+    assert json.loads(planned.stdout)["ledger"]["pending_shards"] == 3 - vqa_done
+    manifest = json.loads((out / "_output.json").read_text())
+    assert manifest["config"]["tasks.vqa"] == "on" and [p["tasks"] for p in manifest["passes"]] == [["vqa"]]
+
+    summary = run(load_config(data=union))  # a plain rerun of the union config finishes the pass
+    assert summary["tasks"] == ["vqa"] and summary["tasks_pass"] == "vqa"
+    assert summary["shards_skipped"] >= 1 and summary["shards_processed"] + summary["shards_skipped"] == 3
+    df = pd.read_parquet(out / "data")
+    assert Counter(zip(df.key, df.task)) == Counter(
+        {(k, t): n for k in expected for t, n in (("caption", 1), ("vqa", 2))})
+    assert not df.duplicated(["key", "task", "task_index"]).any()
+    assert sorted(df[df.task == "vqa"].prompt.unique()) == ["How many?", "What color?"]
+    # the caption rows were not recomputed: their files and markers are untouched
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "data").glob("*.parquet") if "+" not in p.name} \
+        == caption_files
+    assert {p.name: p.read_text() for p in (out / "_ledger").glob("*.json")} == markers
+    assert len(list(pass_ledger.glob("*.json"))) == 3
+    assert not [p for p in (out / "_passes").rglob("_parts/**/*") if p.is_file()]
+
+    assert run(load_config(data=union))["message"] == "nothing new to process"
+    with pytest.raises(JobError, match=r"tasks\.vqa\.max_new_tokens: 4 there, 8 here"):
+        run(load_config(data=union, overrides=["tasks.vqa.max_new_tokens=8", "output.add_tasks=true"]))
+    with pytest.raises(JobError, match=r"model\.dtype: 'fp32' there, 'bf16' here"):
+        run(load_config(data=dict(union, tasks=dict(union["tasks"], grounding={})),
+                        overrides=["model.dtype=bf16", "output.add_tasks=true"]))
+
+    from jobs.report import build_report
+    from jobs.report_data import load_output
+    from pipeline.config import S3Config
+
+    report = load_output(str(out), S3Config())
+    assert len(report.rows) == len(df) and not report.uncommitted_files
+    assert {r.summary["tasks_pass"] for r in report.runs if r.summary and r.summary.get("images")} == {"", "vqa"}
+    html = build_report(str(out), S3Config(), sample=0)  # the runs count each image once per pass, and say so
+    assert 'data-images="6" data-images-per-pass="12"' in html  # (the killed run left no record)
+    assert "with rows from 2 passes of tasks" in html
 
 
 def test_caption_help_examples_parse():

@@ -1,4 +1,4 @@
-"""Progress numbers: totals extrapolated until every shard is seen, the rate over a recent window, ETA."""
+"""Progress numbers: totals extrapolated until every shard is seen, the run's rates (wall, steady), ETA."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from collections import Counter
 
 import fsspec
 
-from pipeline.progress import RATE_WINDOW_S, Progress
+from pipeline.progress import RATES_NOTE, Progress, run_rates
+
+LATER = 600.0
 
 
 class Clock:
@@ -27,13 +29,16 @@ def test_progress_extrapolates_rates_and_writes_progress_json(tmp_path):
     p.add_shard(10, Counter(ok=18, decode_error=2))
     snap = p.report()
     assert snap["images_total"] == 40 and not snap["images_total_exact"]  # 10 per shard x 4 shards
-    assert snap["images_per_s"] == 1.0 and snap["eta_s"] == 30.0  # one commit: the run's average
+    assert snap["images_per_s"] == 1.0 and snap["eta_s"] == 30.0  # one commit: no steady rate yet, the wall's
+    assert snap["steady_images_per_s"] is None and snap["first_commit_s"] == 10.0 and snap["rates"] == RATES_NOTE
     assert snap["errors_by_status"] == {"decode_error": 2}
     line = p.line(snap)
-    assert "10/~40 images" in line and "1/4 shards" in line and "decode_error 2" in line and "ETA 0:00:30" in line and "1.00 images/s" in line
+    assert "10/~40 images" in line and "1/4 shards" in line and "decode_error 2" in line and "ETA 0:00:30" in line
+    assert "1.00 images/s wall," in line and "steady" not in line
     assert json.loads((tmp_path / "_runs" / "run-1" / "progress.json").read_text()) == snap
-    # the rate follows the last minutes, not the whole run: a slow start is forgotten
-    clock.t += 2 * RATE_WINDOW_S
+    # two rates, each labelled, defined once (`run_rates`, as the summary's): over the wall time,
+    # and after the first commit (the start-up excluded); the ETA follows the steady one
+    clock.t += LATER
     p.add_shard(10, Counter(ok=20))
     clock.t += 10
     p.add_shard(20, Counter(ok=40))
@@ -44,10 +49,16 @@ def test_progress_extrapolates_rates_and_writes_progress_json(tmp_path):
     snap = p.report("done")
     assert json.loads((tmp_path / "_runs" / "run-1" / "progress.json").read_text()) == snap
     assert snap["images_total"] == 45 and snap["images_total_exact"] and snap["state"] == "done"
-    assert snap["images_per_s"] == round(35 / RATE_WINDOW_S, 3) and snap["eta_s"] == 0.0  # the last 5 min
-    clock.t += 2 * RATE_WINDOW_S  # nothing committed for a while: the run's average
+    wall = LATER + 20
+    assert snap["wall_s"] == snap["elapsed_s"] == wall and snap["eta_s"] == 0.0
+    assert snap["images_per_s"] == round(45 / wall, 4) and snap["steady_images_per_s"] == round(35 / (wall - 10), 4)
+    assert {k: snap[k] for k in ("wall_s", "images_per_s", "first_commit_s", "steady_images_per_s")} == \
+        run_rates(45, wall, (10.0, 10))
+    assert "0.07 images/s wall, 0.06 steady" in p.line(snap)
+    clock.t += LATER  # nothing committed for a while: both rates fall
     snap = p.snapshot()
-    assert snap["images_per_s"] == round(45 / (clock.t - 1000.0), 3)
+    assert snap["images_per_s"] == round(45 / (clock.t - 1000.0), 4)
+    assert snap["steady_images_per_s"] == round(35 / (clock.t - 1010.0), 4)
 
 
 def test_progress_counts_images_as_parts_are_written_on_the_run_clock(tmp_path):

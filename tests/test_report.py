@@ -153,6 +153,14 @@ def test_report_of_a_real_run(chromium, ray_cluster, ckpt_v1, tokenizer_v1, s3_b
     assert field["images"] == str(summary["images"]) == str(len(expected))
     assert field["rows"] == str(len(df))
     assert field["shards_processed"] == "2 of 2" and field["shards_failed"] == "0"
+    # one definition of the rates: the final progress.json and summary.json read the same clock
+    # once, and the page shows both rates as the run recorded them, labelled
+    final = json.loads((out / "_runs" / summary["run_id"] / "progress.json").read_text())
+    assert final["state"] == "done" and final["images_done"] == summary["images"]
+    rates = ("wall_s", "images_per_s", "first_commit_s", "steady_images_per_s")
+    assert {k: final[k] for k in rates} == {k: summary[k] for k in rates} and summary["steady_images_per_s"]
+    assert field["images_per_s"] == f"{summary['images_per_s']:.3f}"
+    assert field["steady_images_per_s"] == f"{summary['steady_images_per_s']:.3f}"
 
     # status counts by task and status equal the Parquet's
     want = df.groupby(["task", "status"]).size()
@@ -411,6 +419,28 @@ def test_run_states_are_the_readmes(tmp_path):
     assert cell["f-killed"]["state"] == "stopped (no summary, no progress for 2.0 h)"
     assert cell["e-running"]["progress"] == "3 / 9, ETA 30 s" and cell["f-killed"]["progress"] == "3 / 9"
     assert "finished" not in dom.text()
+
+
+def test_rates_are_the_runs_own_and_labelled(tmp_path):
+    """The report computes no rate: it shows the wall and steady rates each run recorded (its
+    summary, or while it runs its progress.json), under labelled columns (issue 20)."""
+    now = dt.datetime.now(dt.timezone.utc).isoformat()
+    out = tmp_path / "out"
+    write_output(out, {
+        "a-demo": {"summary": {"images": 4, "wall_s": 25.7, "images_per_s": 0.1559, "first_commit_s": 25.6,
+                               "steady_images_per_s": 82.9, "shards_failed": []},
+                   "progress": {"state": "done", "wall_s": 25.7, "images_per_s": 0.1559,
+                                "steady_images_per_s": 82.9}},
+        "b-running": {"progress": {"state": "running", "updated_at": now, "images_done": 30, "wall_s": 60.0,
+                                   "images_per_s": 0.5, "steady_images_per_s": 2.5}},
+    }, [])
+    dom = report_dom(out, tmp_path)
+    heads = [th.text() for th in dom.all("table", "runs")[0].all("th")]
+    assert "images/s wall" in heads and "images/s steady" in heads
+    cell = {tr.attrs["data-run-id"]: {td.attrs["data-field"]: td.text() for td in tr.all("td")}
+            for tr in dom.all("tr", "run")}
+    assert {r: (c["images_per_s"], c["steady_images_per_s"], c["wall_s"]) for r, c in cell.items()} == \
+        {"a-demo": ("0.156", "82.900", "26 s"), "b-running": ("0.500", "2.500", "60 s")}
 
 
 def test_image_counts_agree_or_say_why_not(tmp_path):
