@@ -17,6 +17,7 @@ CUDA device.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import tempfile
@@ -30,7 +31,7 @@ from cogvlm.config import preset  # noqa: E402
 from cogvlm.decoder import CogVLMForCausalLM  # noqa: E402
 from cogvlm.generate import generate  # noqa: E402
 from cogvlm.processor import Sample, collate  # noqa: E402
-from cogvlm.quantization import fp8_gemm_error, module_bytes, weight_bytes  # noqa: E402
+from cogvlm.quantization import Fp8Linear, fp8_gemm_error, module_bytes, quantize_linear_, weight_bytes  # noqa: E402
 from cogvlm.tiny import write_checkpoint  # noqa: E402
 
 # (name, dtype, quantization, quantize_vision)
@@ -88,6 +89,27 @@ def token_agreement(ref: list[list[int]], got: list[list[int]]) -> tuple[float, 
     return same / total, prefix / total
 
 
+@torch.no_grad()
+def gemm_errors(seed: int = 0) -> dict[str, float]:
+    """Relative error (Frobenius norm) of one linear layer's output against fp32, per format: a
+    (512, 256) x (256, 688) GEMM (the `small` MLP's shape), Gaussian inputs and weights, bf16
+    activations; int8 / int4 quantize the weight only, fp8 the weight and each input row."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, 256, generator=g)
+    fp32 = torch.nn.Linear(256, 688, bias=False)
+    fp32.weight.copy_(torch.randn(688, 256, generator=g) / 16)
+    exact = fp32(x)
+    errors = {}
+    for name in ("bf16", "bf16+int8", "bf16+int4", "bf16+fp8"):
+        layer = copy.deepcopy(fp32).to(torch.bfloat16)
+        if name in ("bf16+int8", "bf16+int4"):
+            quantize_linear_(layer, name[5:])
+        elif name == "bf16+fp8":
+            layer = Fp8Linear.from_linear(layer, reference=True)
+        errors[name] = ((layer(x.bfloat16()).float() - exact).norm() / exact.norm()).item()
+    return errors
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="small", choices=["tiny", "small"])
@@ -127,6 +149,11 @@ def main() -> None:
             print(f"| {name} | {mx:.4f} | {mean:.4f} | {agree:.1%} | {mean_b:.4f} | {agree_b:.1%} | {same:.1%} | "
                   f"{prefix:.1%} | {module_bytes(model) / 1e6:.2f} | {len(model.quantization.skipped)} |", flush=True)
             del model
+    print("\nOne GEMM's relative error against fp32 (CPU, fp8 by the reference path):")
+    print("| weights | relative error |")
+    print("|---|---|")
+    for name, err in gemm_errors().items():
+        print(f"| {name} | {err:.4f} |")
     print("\nWeight memory of the full shapes on a CUDA device (computed from the shapes):")
     print("| weights | v1 GB | v2 GB |")
     print("|---|---|---|")

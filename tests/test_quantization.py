@@ -114,6 +114,7 @@ DRIFT = {  # weights: (max mean abs diff, min top-1 agreement, mean must exceed)
     "bf16": (0.05, 0.85, 0.0),
     "int8": (0.12, 0.75, 0.03),  # measured 0.059 / 88.2%
     "int4": (0.75, 0.10, 0.25),  # measured 0.480 / 24.0% (random weights are int4's worst case)
+    "fp8": (0.40, 0.35, 0.12),  # measured 0.262 / 51.6% (reference path: weights and activations in e4m3)
 }
 
 
@@ -127,13 +128,13 @@ def test_logits_drift_against_fp32_is_bounded(small_ckpt):
     batch, real = drift_batch(cfg.config, 4)
     ref = logits(cfg, batch, real)
     seen = {}
-    for name, q in (("bf16", None), ("int8", "int8"), ("int4", "int4")):
-        model = load_model(small_ckpt, dtype=torch.bfloat16, quantization=q)
+    for name, q in (("bf16", None), ("int8", "int8"), ("int4", "int4"), ("fp8", "fp8")):
+        model = load_model(small_ckpt, dtype=torch.bfloat16, quantization=q, fp8_reference=q == "fp8")
         mx, mean, agree = drift(ref, logits(model, batch, real))
         seen[name] = (mx, mean, agree)
         top, low_agree, floor = DRIFT[name]
         assert floor <= mean <= top and agree >= low_agree, (name, seen)
-    assert seen["bf16"][1] < seen["int8"][1] < seen["int4"][1], seen
+    assert seen["bf16"][1] < seen["int8"][1] < seen["fp8"][1] < seen["int4"][1], seen
 
 
 def test_fit_check_for_full_v1_and_v2_shapes_from_checkpoint_headers(tmp_path):
@@ -335,6 +336,17 @@ def test_fp8_converts_the_vision_tower_and_visual_expert_only(ckpts, version):
     out = generate(model, batch.input_ids, batch.token_type_ids, batch.attention_mask, batch.images,
                    max_new_tokens=6, ignore_eos=True)
     assert [len(t) for t in out.tokens] == [6, 6]
+
+
+def test_fp8_engine_generates_what_each_prompt_generates_alone(ckpts):
+    """Activations are scaled per token, so a token's fp8 rounding does not depend on what else
+    is in the batch: the engine (images batched through the vision tower, prompts sharing a
+    prefix) gives each prompt's tokens alone, as in bf16 / fp32."""
+    model = load_model(ckpts / "v2", dtype=torch.float32, quantization="fp8", fp8_reference=True)
+    reqs, images = _workload(model, 4, seed=7)
+    out = Engine(model, max_prompt_tokens=24, max_new_tokens=12).generate(reqs, images)
+    for i, r in enumerate(reqs):
+        assert out.tokens[i] == _alone(model, r, images, model.config.eos_token_ids).tokens[0], i
 
 
 def test_fp8_is_refused_without_fp8_gemms_in_one_line(ckpts, tmp_path, capsys):
