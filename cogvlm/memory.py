@@ -239,7 +239,9 @@ def estimate_replica(cfg: "CogVLMConfig", dtype: torch.dtype, quantization: str 
         margin = CUDA_CONTEXT_BYTES + (int(min(0.05 * device_bytes, 2 * GB)) if device_bytes else int(2 * GB))
     name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
     label = f"CogVLM v{cfg.version} ({params / 1e9:.1f}B parameters) in {name}"
-    if quantization:
+    if quantization == "fp8":
+        label += " with fp8 " + ("vision tower and visual expert" if quantize_vision else "visual expert")
+    elif quantization:
         label += f" with {quantization} weights" + ("" if quantize_vision else " (decoder only)")
     if min_slots is None:  # the least a replica may start with: one image's prompts at once, and 4
         min_slots = max(MIN_SLOTS, prompts_per_image)

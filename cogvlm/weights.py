@@ -24,7 +24,8 @@ from torch import nn
 
 from .config import CogVLMConfig
 from .decoder import CogVLMForCausalLM
-from .quantization import QuantizationReport, check_quantization, module_bytes, quantize_linear_, target_modules
+from .quantization import (QuantizationReport, check_quantization, fp8_gemm_error, module_bytes, quantize_module_,
+                           target_modules)
 
 log = logging.getLogger(__name__)
 
@@ -435,7 +436,7 @@ def check_checkpoint(ckpt_dir: str | os.PathLike) -> CogVLMConfig:
 
 def load_state_dict_into(model: CogVLMForCausalLM, files: dict[str, Path], dtype: torch.dtype,
                          device: torch.device, quantization: str | None = None,
-                         quantize_vision: bool = True) -> QuantizationReport:
+                         quantize_vision: bool = True, fp8_reference: bool = False) -> QuantizationReport:
     """Check every key and shape, then assign converted tensors one by one.
 
     With `quantization`, each target linear weight is quantized as soon as it is on the device,
@@ -443,8 +444,8 @@ def load_state_dict_into(model: CogVLMForCausalLM, files: dict[str, Path], dtype
     """
     present = check_keys(model, files)
     quantization = check_quantization(quantization)
-    report = QuantizationReport(quantization, quantize_vision)
-    targets = {f"{name}.weight": module for name, module in target_modules(model, quantize_vision)} \
+    report = QuantizationReport(quantization, quantize_vision, fp8_reference=fp8_reference)
+    targets = {f"{name}.weight": module for name, module in target_modules(model, quantize_vision, quantization)} \
         if quantization else {}
     state: dict[str, torch.Tensor] = {}
     for k, t in _iter_tensors(files, present):
@@ -452,7 +453,8 @@ def load_state_dict_into(model: CogVLMForCausalLM, files: dict[str, Path], dtype
             linear = targets[k]
             linear.weight = nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
             name = k[: -len(".weight")]
-            (report.quantized if quantize_linear_(linear, quantization) else report.skipped).append(name)
+            done = quantize_module_(model, name, linear, quantization, fp8_reference)
+            (report.quantized if done else report.skipped).append(name)
         else:
             state[k] = t.to(device=device, dtype=dtype)
         del t
@@ -468,12 +470,16 @@ def load_state_dict_into(model: CogVLMForCausalLM, files: dict[str, Path], dtype
 def load_model(source: str | os.PathLike, dtype: torch.dtype | str = torch.bfloat16,
                device: torch.device | str = "cpu", *, quantization: str | None = None,
                quantize_vision: bool = True, cache_dir: str | os.PathLike | None = None,
-               storage_options: dict[str, Any] | None = None) -> CogVLMForCausalLM:
+               storage_options: dict[str, Any] | None = None, fp8_reference: bool = False) -> CogVLMForCausalLM:
     """Load a release checkpoint (local dir, `s3://bucket/prefix`, or hub id) in eval mode.
 
     `quantization` ("int8" / "int4", see `cogvlm.quantization`) quantizes the linear layers of the
-    decoder, and of the vision tower unless `quantize_vision=False`, while loading. The model's
-    `quantization` attribute holds what was done (a `QuantizationReport`).
+    decoder, and of the vision tower unless `quantize_vision=False`, while loading. "fp8" runs the
+    visual expert's linear layers, and the vision tower's unless `quantize_vision=False`, as float8
+    GEMMs; it needs a CUDA GPU of compute capability >= 8.9 (ValueError before anything is read
+    otherwise), unless `fp8_reference=True`: the same rounding by a float32 matmul on any device,
+    for tests and drift measurements only. The model's `quantization` attribute holds what was
+    done (a `QuantizationReport`).
     """
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -481,13 +487,15 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | str = torch.bfloa
         dtype = DTYPES[dtype]
     quantization = check_quantization(quantization)
     device = torch.device(device)
+    if quantization == "fp8" and not fp8_reference and (err := fp8_gemm_error(device)):
+        raise ValueError(err)
     ckpt_dir = resolve_source(source, cache_dir, storage_options)
     files = weight_files(ckpt_dir)
     check_weight_files(files)
     config = read_config(ckpt_dir, files)
     with torch.device("meta"):
         model = CogVLMForCausalLM(config)
-    report = load_state_dict_into(model, files, dtype, device, quantization, quantize_vision)
+    report = load_state_dict_into(model, files, dtype, device, quantization, quantize_vision, fp8_reference)
     model.reset_buffers()
     model.source = str(source)  # type: ignore[attr-defined]
     model.checkpoint_dir = ckpt_dir  # type: ignore[attr-defined]

@@ -108,8 +108,10 @@ class ModelConfig:
     source: str = ""  # local dir, s3:// prefix or hub id
     tokenizer: str | None = None  # path, s3:// prefix or hub id; default: the checkpoint's own
     dtype: str = "bf16"
-    # weight-only quantization of the linear layers, applied while loading: int8 (about half the
-    # bf16 weight memory) or int4 (about a quarter); null: none. See README "24 GB GPUs".
+    # quantization of the linear layers, applied while loading: int8 (weight-only, about half the
+    # bf16 weight memory) or int4 (about a quarter), see README "24 GB GPUs"; fp8: float8 GEMMs for
+    # the vision tower and the visual expert (GPUs of compute capability >= 8.9 only), see README
+    # "fp8 on H100 / L40S / L4"; null: none
     quantization: str | None = None
     quantize_vision: bool = True  # quantize the vision tower too (its 4.4B parameters), not only the decoder
     # memory of each GPU, to check before starting that a replica fits; null: from the Ray nodes'
@@ -221,11 +223,16 @@ class JobConfig:
             self.model.quantization = q = None
         elif q is not None:
             self.model.quantization = q = str(q).lower()
-        if q not in (None, "int8", "int4"):
-            raise ConfigError(f"model.quantization must be int8, int4 or null, got {q!r}")
-        if self.model.quantization == "int4" and self.model.dtype != "bf16":
-            # torchao's int4 kernels: bf16 only on GPUs; on CPUs fp32 works but ran 60x slower
-            raise ConfigError(f"model.quantization int4 needs model.dtype bf16, got {self.model.dtype!r}")
+        if q not in (None, "int8", "int4", "fp8"):
+            raise ConfigError(f"model.quantization must be int8, int4, fp8 or null, got {q!r}")
+        if q in ("int4", "fp8") and self.model.dtype != "bf16":
+            # torchao's int4 kernels: bf16 only on GPUs; on CPUs fp32 works but ran 60x slower.
+            # fp8: torch._scaled_mm with row-wise scales writes bf16 only
+            raise ConfigError(f"model.quantization {q} needs model.dtype bf16, got {self.model.dtype!r}")
+        if q == "fp8" and self.model.gpus_per_replica <= 0:
+            raise ConfigError("model.quantization fp8 needs a CUDA GPU of compute capability 8.9 or newer (L4, "
+                              "L40S, RTX 40xx, H100, H200) for its float8 GEMMs; this job runs on CPUs "
+                              "(model.gpus_per_replica 0): use int8, int4 or null")
         if self.model.wait_for_nodes_s <= 0:
             raise ConfigError(f"model.wait_for_nodes_s must be > 0, got {self.model.wait_for_nodes_s:g}")
         if self.progress_interval_s <= 0:

@@ -16,6 +16,7 @@ from typing import Any
 
 from cogvlm.config import CogVLMConfig
 from cogvlm.memory import fit_error
+from cogvlm.quantization import FP8_MIN_CAPABILITY
 from cogvlm.weights import DTYPES
 
 from .config import JobConfig
@@ -29,6 +30,13 @@ log = logging.getLogger("pipeline")
 GPU_MEMORY_MIB = {"T4": 15360, "A10G": 23028, "A10": 23028, "L4": 23034, "L40S": 46068, "L40": 46068,
                   "A40": 46068, "RTX-A5000": 24564, "RTX-A6000": 49140, "GeForce-RTX-3090": 24576,
                   "GeForce-RTX-4090": 24564, "H100": 81559, "H200": 143771}
+
+# compute capability of each accelerator type's GPUs: fp8 GEMMs need 8.9 or newer
+# (`cogvlm.quantization.FP8_MIN_CAPABILITY`). Types not listed are checked by each replica.
+GPU_CAPABILITY = {"T4": (7, 5), "V100": (7, 0), "A100": (8, 0), "A100-40G": (8, 0), "A100-80G": (8, 0),
+                  "A10G": (8, 6), "A10": (8, 6), "A40": (8, 6), "RTX-A5000": (8, 6), "RTX-A6000": (8, 6),
+                  "GeForce-RTX-3090": (8, 6), "L4": (8, 9), "L40S": (8, 9), "L40": (8, 9),
+                  "GeForce-RTX-4090": (8, 9), "H100": (9, 0), "H200": (9, 0)}
 
 # the engine settings the memory estimate depends on (`cogvlm.memory.estimate_replica`)
 _ESTIMATED = ("max_prompt_tokens", "max_new_tokens", "admission_images", "prompts_per_image", "max_slots")
@@ -83,9 +91,8 @@ def replica_fit_error(cfg: JobConfig, mcfg: CogVLMConfig, device_bytes: int, whe
     return fit_error(mcfg, DTYPES[m.dtype], m.quantization, device_bytes, where, **replica_kwargs(cfg, mcfg))
 
 
-def cluster_gpu_bytes() -> tuple[int | None, str]:
-    """The smallest GPU memory among the cluster's GPU nodes by accelerator type, and a description;
-    None when there are no GPU nodes yet or a type is not in the table."""
+def cluster_gpu_types() -> set[str]:
+    """The accelerator types of the connected cluster's live GPU nodes ("unknown" where a node has none)."""
     import ray
 
     types = set()
@@ -94,6 +101,13 @@ def cluster_gpu_bytes() -> tuple[int | None, str]:
         if node.get("Alive") and res.get("GPU", 0) > 0:
             names = [k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")]
             types.add(names[0] if names else "unknown")
+    return types
+
+
+def cluster_gpu_bytes() -> tuple[int | None, str]:
+    """The smallest GPU memory among the cluster's GPU nodes by accelerator type, and a description;
+    None when there are no GPU nodes yet or a type is not in the table."""
+    types = cluster_gpu_types()
     if not types:
         return None, "no GPU nodes are up yet"
     unknown = sorted(t for t in types if t not in GPU_MEMORY_MIB)
@@ -131,11 +145,37 @@ def replica_gpu_budget(cfg: JobConfig) -> tuple[int | None, int | None, str]:
     return gpu, share, where
 
 
+def fp8_error(cfg: JobConfig) -> str | None:
+    """Why `model.quantization: fp8` cannot run on the job's GPUs, as far as their accelerator type
+    (`model.accelerator_type`, else the connected cluster's) tells; None when it can or nothing
+    tells (then each replica's `load_model` checks its own GPU). CPUs are refused by the config."""
+    if cfg.model.quantization != "fp8":
+        return None
+    if cfg.model.accelerator_type is not None:
+        types, where = {cfg.model.accelerator_type}, "model.accelerator_type is"
+    else:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        types, where = cluster_gpu_types(), "the cluster's GPUs are"
+    old = sorted(t for t in types if GPU_CAPABILITY.get(t, FP8_MIN_CAPABILITY) < FP8_MIN_CAPABILITY)
+    if not old:
+        return None
+    named = ", ".join(f"{t} (compute capability {GPU_CAPABILITY[t][0]}.{GPU_CAPABILITY[t][1]})" for t in old)
+    return (f"model.quantization fp8 needs GPUs of compute capability 8.9 or newer (L4, L40S, RTX 40xx, H100, "
+            f"H200) for its float8 GEMMs; {where} {named}: use int8, int4 or null")
+
+
 def check_fit(cfg: JobConfig, mcfg: CogVLMConfig) -> None:
-    """Refuse (JobError), before any actor starts, a GPU that cannot hold one replica; CPU
-    replicas, and GPUs whose size is not known yet, pass (each replica checks its own device)."""
+    """Refuse (JobError), before any actor starts, GPUs that cannot run `model.quantization` (fp8)
+    or hold one replica; CPU replicas, and GPUs whose size is not known yet, pass (each replica
+    checks its own device)."""
     if cfg.model.gpus_per_replica <= 0:
         return
+    err = fp8_error(cfg)
+    if err:
+        raise JobError(err)
     _, share, where = replica_gpu_budget(cfg)
     if share is None:
         log.info("GPU memory not checked before the start (%s; set model.gpu_memory_gb to check it); "

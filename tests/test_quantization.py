@@ -114,6 +114,7 @@ DRIFT = {  # weights: (max mean abs diff, min top-1 agreement, mean must exceed)
     "bf16": (0.05, 0.85, 0.0),
     "int8": (0.12, 0.75, 0.03),  # measured 0.059 / 88.2%
     "int4": (0.75, 0.10, 0.25),  # measured 0.480 / 24.0% (random weights are int4's worst case)
+    "fp8": (0.40, 0.35, 0.12),  # measured 0.262 / 51.6% (reference path: weights and activations in e4m3)
 }
 
 
@@ -127,13 +128,13 @@ def test_logits_drift_against_fp32_is_bounded(small_ckpt):
     batch, real = drift_batch(cfg.config, 4)
     ref = logits(cfg, batch, real)
     seen = {}
-    for name, q in (("bf16", None), ("int8", "int8"), ("int4", "int4")):
-        model = load_model(small_ckpt, dtype=torch.bfloat16, quantization=q)
+    for name, q in (("bf16", None), ("int8", "int8"), ("int4", "int4"), ("fp8", "fp8")):
+        model = load_model(small_ckpt, dtype=torch.bfloat16, quantization=q, fp8_reference=q == "fp8")
         mx, mean, agree = drift(ref, logits(model, batch, real))
         seen[name] = (mx, mean, agree)
         top, low_agree, floor = DRIFT[name]
         assert floor <= mean <= top and agree >= low_agree, (name, seen)
-    assert seen["bf16"][1] < seen["int8"][1] < seen["int4"][1], seen
+    assert seen["bf16"][1] < seen["int8"][1] < seen["fp8"][1] < seen["int4"][1], seen
 
 
 def test_fit_check_for_full_v1_and_v2_shapes_from_checkpoint_headers(tmp_path):
@@ -232,3 +233,191 @@ def test_pipeline_runs_end_to_end_with_int8(ray_cluster, ckpt_v1, tokenizer_v1, 
     assert len(ok) and ok.response.notna().all() and (ok.output_tokens > 0).all()
     assert {json.loads(s)["weights"] for s in df.generation_settings} == {"fp32+int8"}
     assert summary["images"] == len(expected)
+
+
+# --- fp8: float8 GEMMs for the vision tower and the visual expert ------------------------------
+
+def _fp8_round(t: torch.Tensor) -> torch.Tensor:
+    """What fp8 makes of each row of `t`, written out: scale the row's largest magnitude to 448,
+    round to e4m3, scale back (float32)."""
+    scale = t.float().abs().amax(-1, keepdim=True).clamp(min=1e-12) / 448.0
+    return (t.float() / scale).to(torch.float8_e4m3fn).float() * scale
+
+
+def test_fp8_linear_applies_the_rounding_it_says():
+    from cogvlm.quantization import Fp8Linear
+
+    g = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(64, 48, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(48, 64, generator=g) * torch.logspace(-2, 1, 48)[:, None])  # rows of varied scale
+        linear.bias.copy_(torch.randn(48, generator=g))
+    x = torch.randn(2, 5, 64, generator=g) * 3
+    x[0, 1] = 0  # an all-zero token stays zero
+    layer = Fp8Linear.from_linear(linear, reference=True)
+    assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight_scale.dtype == torch.float32
+    want = _fp8_round(x.reshape(10, 64)) @ _fp8_round(linear.weight).t() + linear.bias
+    got = layer(x)
+    assert got.shape == (2, 5, 48) and torch.isfinite(got).all()
+    torch.testing.assert_close(got.reshape(10, 48), want, rtol=1e-4, atol=1e-4)  # fp32 sums, other order
+    torch.testing.assert_close(layer.dequantized_weight(), _fp8_round(linear.weight), rtol=0, atol=0)
+    exact = linear(x).detach()
+    err = (got - exact).abs().max() / exact.abs().max()
+    assert 1e-4 < err < 0.1, err  # rounded (e4m3 keeps 3 mantissa bits), not broken
+    # bf16 in, bf16 out; the kernel path (torch._scaled_mm: this torch has a CPU kernel) computes
+    # exactly what the reference path computes
+    lb = torch.nn.Linear(64, 48, bias=True).to(torch.bfloat16)
+    with torch.no_grad():
+        lb.weight.copy_(linear.weight)
+        lb.bias.copy_(linear.bias)
+    xb = x.to(torch.bfloat16)
+    ref = Fp8Linear.from_linear(lb, reference=True)(xb)
+    assert ref.dtype == torch.bfloat16
+    try:
+        kernel = Fp8Linear.from_linear(lb, reference=False)(xb)
+    except (RuntimeError, NotImplementedError) as e:  # a torch without a CPU kernel
+        pytest.skip(f"torch._scaled_mm on CPU: {e}")
+    assert torch.equal(kernel, ref)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        Fp8Linear.from_linear(torch.nn.Linear(64, 40), reference=True)
+    with pytest.raises(ValueError, match="bf16"):
+        Fp8Linear.from_linear(linear, reference=False)
+
+
+def _fp8_names(model) -> set[str]:
+    """The checkpoint-true names fp8 must take: every linear layer of the vision tower and its
+    adapter, and the visual expert's QKV, dense and MLP in each decoder layer."""
+    names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.vision.")}
+    for i in range(model.config.num_hidden_layers):
+        names |= {f"model.layers.{i}.self_attn.vision_expert_query_key_value", f"model.layers.{i}.self_attn.vision_expert_dense"}
+        names |= {f"model.layers.{i}.mlp.vision_mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+    return names
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_fp8_converts_the_vision_tower_and_visual_expert_only(ckpts, version):
+    from cogvlm.generate import generate
+    from cogvlm.processor import Sample, collate
+    from cogvlm.quantization import Fp8Linear
+
+    plain = load_model(ckpts / f"v{version}", dtype=torch.bfloat16)
+    expected = _fp8_names(plain)
+    assert len(expected) == 4 * 2 + 4 + 5 * 2  # tower: 2 layers x 4; adapter: 4; 2 decoder layers x 5
+    for vision in (True, False):
+        model = load_model(ckpts / f"v{version}", dtype=torch.bfloat16, quantization="fp8", quantize_vision=vision,
+                           fp8_reference=True)
+        want = expected if vision else {n for n in expected if not n.startswith("model.vision.")}
+        fp8 = {n for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
+        assert fp8 == want and sorted(want) == sorted(model.quantization.quantized) and not model.quantization.skipped
+        plain_modules = dict(plain.named_modules())
+        for n, m in model.named_modules():
+            if isinstance(m, Fp8Linear):  # the checkpoint's weight, rounded row by row; its bias as loaded
+                torch.testing.assert_close(m.dequantized_weight(), _fp8_round(plain_modules[n].weight), rtol=0, atol=0)
+                if m.bias is not None:
+                    assert torch.equal(m.bias, plain_modules[n].bias)
+            elif isinstance(m, torch.nn.Linear):  # the language expert, lm_head, the rest: untouched
+                assert m.weight.dtype == torch.bfloat16 and torch.equal(m.weight, plain_modules[n].weight), n
+        # the fit check's count: one byte per fp8 weight and a float32 scale per row
+        with torch.device("meta"):
+            meta = CogVLMForCausalLM(model.config)
+        assert weight_bytes(meta, torch.bfloat16, "fp8", "cpu", vision) == module_bytes(model)
+        assert "fp8 GEMMs" in model.quantization.describe()
+    # only rows with an image see fp8: a text-only row's logits are bf16's exactly; image rows
+    # differ by the rounding, and generation runs
+    cfg = model.config
+    n = cfg.num_vision_tokens
+    img = torch.randn(3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(version))
+    batch = collate([Sample([cfg.bos_token_id] + [cfg.pad_token_id] * n + [5, 6, 7], [0] + [1] * n + [0] * 3, img),
+                     Sample([cfg.bos_token_id, 8, 9, 10, 11], [0] * 5, None)], cfg.pad_token_id)
+    model = load_model(ckpts / f"v{version}", dtype=torch.bfloat16, quantization="fp8", fp8_reference=True)
+    with torch.no_grad():
+        a, b = plain(**batch.as_kwargs()), model(**batch.as_kwargs())
+    assert torch.equal(a[1, -5:], b[1, -5:]) and not torch.equal(a[0, -3:], b[0, -3:])
+    out = generate(model, batch.input_ids, batch.token_type_ids, batch.attention_mask, batch.images,
+                   max_new_tokens=6, ignore_eos=True)
+    assert [len(t) for t in out.tokens] == [6, 6]
+
+
+def test_fp8_engine_generates_what_each_prompt_generates_alone(ckpts):
+    """Activations are scaled per token, so a token's fp8 rounding does not depend on what else
+    is in the batch: the engine (images batched through the vision tower, prompts sharing a
+    prefix) gives each prompt's tokens alone, as in bf16 / fp32."""
+    model = load_model(ckpts / "v2", dtype=torch.float32, quantization="fp8", fp8_reference=True)
+    reqs, images = _workload(model, 4, seed=7)
+    out = Engine(model, max_prompt_tokens=24, max_new_tokens=12).generate(reqs, images)
+    for i, r in enumerate(reqs):
+        assert out.tokens[i] == _alone(model, r, images, model.config.eos_token_ids).tokens[0], i
+
+
+def test_fp8_is_refused_without_fp8_gemms_in_one_line(ckpts, tmp_path, capsys):
+    from jobs.caption import main
+    from pipeline import ConfigError
+    from pipeline.fit import check_fit, fp8_error
+
+    with pytest.raises(ValueError, match="compute capability 8.9") as e:  # before reading any weight
+        load_model(ckpts / "v1", dtype=torch.bfloat16, quantization="fp8")
+    assert "this device is cpu" in str(e.value)
+    data = {"input": {"path": "/in"}, "output": {"path": "/out"}, "model": {"source": "/m", "quantization": "fp8"}}
+    assert load_config(data=data).model.quantization == "fp8"  # a GPU job: accepted
+    for model, match in (({"gpus_per_replica": 0}, "compute capability 8.9 or newer"), ({"dtype": "fp32"}, "model.dtype bf16")):
+        with pytest.raises(ConfigError, match=match) as e:
+            load_config(data=dict(data, model=dict(data["model"], **model)))
+        assert "\n" not in str(e.value)
+    # GPUs whose type says they have no fp8 GEMMs are refused on the driver before any actor starts
+    for gpu in ("L4", "H100", "H200", "Foo"):  # fp8 GEMMs, or a type the driver does not know (replicas check)
+        assert fp8_error(load_config(data=dict(data, model=dict(data["model"], accelerator_type=gpu)))) is None, gpu
+    for gpu, cc in (("A10G", "8.6"), ("A100", "8.0"), ("T4", "7.5")):
+        cfg = load_config(data=dict(data, model=dict(data["model"], accelerator_type=gpu)))
+        with pytest.raises(JobError, match=rf"accelerator_type is {gpu} \(compute capability {cc}\)") as e:
+            check_fit(cfg, preset("v1"))
+        assert "\n" not in str(e.value)
+    # the CLI: exit 2 with one line, nothing written
+    cfg_file = tmp_path / "job.yaml"
+    cfg_file.write_text(json.dumps(dict(data, output={"path": str(tmp_path / "out")},
+                                        model=dict(data["model"], gpus_per_replica=0))))
+    assert main(["--config", str(cfg_file)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.quantization fp8 needs a CUDA GPU" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_fp8_rows_record_their_format(ckpt_v1, tokenizer_v1, tmp_path, monkeypatch):
+    """The Generate stage's rows say `bf16+fp8`. CPUs have no fp8 GEMMs, so the job is refused
+    there; here the stage runs the reference path to show what a GPU replica records."""
+    import functools
+
+    import pipeline.stages as stages
+    from cogvlm.quantization import Fp8Linear
+    from cogvlm.weights import read_config
+    from pipeline.listing import Shard
+    from pipeline.readers import read_shard
+
+    webdataset_shards(tmp_path / "in", n_shards=1, per_shard=2)
+    cfg = load_config(data=job(ckpt_v1, tokenizer_v1, tmp_path / "in", tmp_path / "o", model={"dtype": "bf16"}))
+    cfg.model.quantization = "fp8"  # past the config's CPU check
+    monkeypatch.setattr(stages, "load_model", functools.partial(load_model, fp8_reference=True))
+    rows = pd.DataFrame(read_shard(Shard("00000", str(tmp_path / "in" / "00000.tar")), cfg.input, cfg.s3))
+    pre = stages.Preprocess.__call__(stages.Preprocess(cfg, read_config(ckpt_v1)), rows)
+    gen = stages.Generate(cfg, read_config(ckpt_v1))
+    assert any(isinstance(m, Fp8Linear) for m in gen.model.modules())
+    out = gen.run(pre)
+    assert len(out) == 2 and (out.status == "ok").all()
+    assert {json.loads(s)["weights"] for s in out.generation_settings} == {"bf16+fp8"}
+
+
+def test_fp8_weight_bytes_of_the_full_shapes():
+    """fp8 stores the vision tower's and the visual expert's weights in one byte each (+ a float32
+    scale per row); everything else stays bf16."""
+    for v in ("v1", "v2"):
+        cfg = preset(v)
+        with torch.device("meta"):
+            meta = CogVLMForCausalLM(cfg)
+        targets = [m for n, m in meta.named_modules() if n in _fp8_names(meta)]
+        values = sum(m.weight.numel() for m in targets)
+        rows = sum(m.out_features for m in targets)
+        bf16 = weight_bytes(meta, torch.bfloat16, None, "cuda")
+        fp8 = weight_bytes(meta, torch.bfloat16, "fp8", "cuda")
+        assert fp8 == bf16 - values + 4 * rows
+        assert 10.5e9 < values < 11.5e9 or v == "v2", values  # v1: 4.28B tower + 0.14B adapter + 6.48B expert
+        est = estimate_replica(cfg, torch.bfloat16, "fp8")
+        assert est.weights_bytes == fp8 and "with fp8 vision tower and visual expert" in est.describe()
