@@ -27,6 +27,20 @@ import torch
 from torch import nn
 
 
+def pool_rows(index: torch.Tensor, KV: int, block: int) -> torch.Tensor:
+    """Flat suffix slots `index` (B, L) (block * block_size + offset) -> rows (B, KV, L) of a
+    pool seen as (blocks * KV * block, d). Computed once per forward, used by every layer."""
+    heads = torch.arange(KV, device=index.device)
+    return ((index // block)[:, None, :] * KV + heads[None, :, None]) * block + (index % block)[:, None, :]
+
+
+def block_runs(blocks: torch.Tensor, KV: int) -> torch.Tensor:
+    """Rows' blocks (B, nb) -> the (block, d) runs to gather, head-major, (B * KV * nb,): with a
+    pool seen as (blocks * KV, block, d), run `b * KV + h` is head h of block b."""
+    heads = torch.arange(KV, device=blocks.device)
+    return (blocks[:, None, :] * KV + heads[None, :, None]).reshape(-1)
+
+
 class KVPool(nn.Module):
     """One layer's blocks: k and v `(blocks + 1, KV, block, d)`, the last block the trash.
 
@@ -42,15 +56,13 @@ class KVPool(nn.Module):
         self.register_buffer("k_pool", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_pool", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def write(self, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v (B, KV, L, d) in suffix blocks at flat slots `index` (B, L) (block * block_size
-        + offset). One `index_put_` on the whole buffer (torch.compile makes it an in-place scatter)."""
-        _, KV, block, d = self.k_pool.shape
-        heads = torch.arange(KV, device=k.device)
-        # one flat row index per (token, head) into the pool seen as (blocks * KV * block, d)
-        flat = ((index // block)[:, None, :] * KV + heads[None, :, None]) * block + (index % block)[:, None, :]
-        self.k_pool.view(-1, d).index_put_((flat.reshape(-1),), k.reshape(-1, d))  # (B*KV*L, d)
-        self.v_pool.view(-1, d).index_put_((flat.reshape(-1),), v.reshape(-1, d))
+    def write(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (B, KV, L, d) at the pool rows `rows` (B, KV, L) (`pool_rows`). One `index_put_`
+        on the whole buffer (torch.compile makes it an in-place scatter)."""
+        d = self.k_pool.shape[-1]
+        flat = rows.reshape(-1)
+        self.k_pool.view(-1, d).index_put_((flat,), k.reshape(-1, d))  # (B*KV*L, d)
+        self.v_pool.view(-1, d).index_put_((flat,), v.reshape(-1, d))
 
     def _entries(self, buf: torch.Tensor, entries: int, nP: int) -> torch.Tensor:
         _, KV, block, d = buf.shape
@@ -69,13 +81,12 @@ class KVPool(nn.Module):
         k, v = self._entries(self.k_pool, entries, nP), self._entries(self.v_pool, entries, nP)
         return (k, v) if P is None else (k[:, :, :P], v[:, :, :P])
 
-    def gather(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows' blocks (B, nb) -> their columns (B, KV, nb * block, d) (a copy of those blocks only)."""
-        B, nb = blocks.shape
+    def gather(self, runs: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The runs of `block_runs` (B * KV * nb,) -> the rows' columns (B, KV, nb * block, d): one copy of those
+        blocks only, already head-major (no transpose)."""
         _, KV, block, d = self.k_pool.shape
-        flat = blocks.reshape(-1)
-        k = self.k_pool.index_select(0, flat).view(B, nb, KV, block, d).transpose(1, 2).reshape(B, KV, nb * block, d)
-        v = self.v_pool.index_select(0, flat).view(B, nb, KV, block, d).transpose(1, 2).reshape(B, KV, nb * block, d)
+        k = self.k_pool.view(-1, block, d).index_select(0, runs).view(B, KV, -1, d)
+        v = self.v_pool.view(-1, block, d).index_select(0, runs).view(B, KV, -1, d)
         return k, v
 
 

@@ -12,6 +12,7 @@ import torch
 from .cascade import StoreBatch
 from .config import LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE
 from .decoder import CogVLMForCausalLM, ExpertRouting
+from .kv_store import block_runs, pool_rows
 from .positions import build_position_ids
 from .sampling import sample
 from .sequences import Seq
@@ -30,12 +31,12 @@ def decode_step(model: CogVLMForCausalLM, tokens: torch.Tensor, positions: torch
     (B, nb) the blocks attention reads (the widest live row's); `entries` (E,): prefix entries
     0..E-1 are read. Shapes depend on B, nb and E only, never on `max_len`."""
     cfg = model.config
-    P = 1 + cfg.num_vision_tokens
+    P, KV = 1 + cfg.num_vision_tokens, cfg.num_kv_heads
     nP = -(-P // block)
     blk = table.gather(1, (cols // block)[:, None])  # (B, 1)
-    write = blk * block + (cols % block)[:, None]  # (B, 1) flat pool slot of the fed token
-    store = StoreBatch("decode", write, P, nP, lanes, blocks=read, length=cols + 1, lane=lane,
-                       entries=entries.shape[0])
+    write = pool_rows(blk * block + (cols % block)[:, None], KV, block)  # (B, KV, 1) pool rows of the fed token
+    store = StoreBatch.decode(write, P, nP, lanes, block_runs(read, KV), cols + 1, read.shape[1] * block, lane,
+                              entries.shape[0], block)
     embeds = model.model.embed_tokens(tokens[:, None])  # (B, 1, D)
     logits = model.forward_embeds(embeds, torch.zeros_like(tokens)[:, None], positions[:, None], None,
                                   routing=ExpertRouting(), store=store)
@@ -164,7 +165,7 @@ def prefill_prefixes(model: CogVLMForCausalLM, features: Sequence[torch.Tensor],
     pos = build_position_ids(types_)  # (U, P): 0, 1, 2, ..., 2, 3
     bos = model.model.embed_tokens(torch.full((U, 1), cfg.bos_token_id, device=dev))
     embeds = torch.cat([bos, torch.stack(list(features)).to(dev, bos.dtype)], dim=1)  # (U, P, D)
-    store = StoreBatch("fresh", None, P, nP, prefix=torch.tensor(entries, device=dev))
+    store = StoreBatch.fresh(None, P, nP, prefix=torch.tensor(entries, device=dev))
     return model.forward_embeds(embeds, types_, pos, None, logits_to_keep=1, store=store)[:, -1]
 
 
@@ -182,8 +183,8 @@ def prefill_texts(model: CogVLMForCausalLM, seqs: list[Seq], tables: list[list[i
         write.append(suffix_slots(t, 0, n, T, block, trash))
     ids = ids.to(dev)
     pos = (PREFIX_LAST_POSITION + 1 + torch.arange(T, device=dev)).expand(R, T)
-    store = StoreBatch("text", torch.tensor(write, device=dev), P, -(-P // block),
-                       entry=torch.tensor([s.group.entry for s in seqs], device=dev), entries=entries)
+    store = StoreBatch.text(pool_rows(torch.tensor(write, device=dev), cfg.num_kv_heads, block), P, -(-P // block),
+                            torch.tensor([s.group.entry for s in seqs], device=dev), entries)
     last = torch.tensor([len(s.req.text_ids) - 1 for s in seqs], device=dev)
     return model.forward_embeds(model.model.embed_tokens(ids), torch.zeros_like(ids), pos, None,
                                 routing=ExpertRouting(), logits_at=last, store=store)[:, -1]
@@ -203,7 +204,7 @@ def prefill_fresh_texts(model: CogVLMForCausalLM, seqs: list[Seq], tables: list[
         write.append(suffix_slots(t, 0, n, T, block, trash))
     ids = ids.to(dev)
     pos = torch.arange(T, device=dev).expand(R, T)
-    store = StoreBatch("fresh", torch.tensor(write, device=dev), P, -(-P // block))
+    store = StoreBatch.fresh(pool_rows(torch.tensor(write, device=dev), cfg.num_kv_heads, block), P, -(-P // block))
     last = torch.tensor([len(s.req.text_ids) for s in seqs], device=dev)
     return model.forward_embeds(model.model.embed_tokens(ids), torch.zeros_like(ids), pos, None,
                                 routing=ExpertRouting(), logits_at=last, store=store)[:, -1]
