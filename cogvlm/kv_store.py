@@ -15,16 +15,24 @@ prompt about the image) followed by the row's own suffix; a text-only row is all
 - one extra block at the end is the trash: rows that are not live, padding and pad tokens write
   there, and unused table cells point there.
 
-`BlockAllocator` is the host-side accounting (no torch); `KVPool` the per-layer buffers.
+`BlockAllocator` is the host-side accounting of blocks and entries (no torch); its `reserve`,
+`hold_for_waiting` and `give_back` book them for the engine's prompts (a row, its suffix blocks,
+its image's entry and lane). `KVPool` holds the per-layer buffers.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from .scheduler import Room
+
+if TYPE_CHECKING:
+    from .sequences import Group, RowBook, Seq
 
 
 def pool_rows(index: torch.Tensor, KV: int, block: int) -> torch.Tensor:
@@ -210,3 +218,55 @@ class BlockAllocator:
     def move_row(self, src: int, dst: int) -> None:
         if src in self.row_blocks:
             self.row_blocks[dst] = self.row_blocks.pop(src)
+
+    # prompts (the engine's view) ---------------------------------------------------------------
+    def reserve(self, s: Seq, rows: RowBook) -> Room:
+        """Book a row of `rows`, the suffix blocks `s` can fill, and for an image a prefix entry
+        (a fresh one if its image has none: `g.fresh`) and a lane."""
+        if not rows.free:
+            return Room.FULL
+        g = s.group
+        n = self.blocks_for(s.suffix_columns)
+        fresh = g.has_image and g.entry < 0
+        if g.has_image and not fresh and not self.has_lane(g.entry):
+            return Room.NO_LANE
+        if not self.can_alloc(n, 1 if fresh else 0):
+            return Room.FULL
+        if fresh:
+            entry = self.alloc_entry()
+            if entry is None:
+                return Room.FULL
+            g.entry, g.fresh = entry, True
+        rows.place(s)
+        self.alloc_row(s.row, n)
+        if g.has_image:
+            s.lane = self.take_lane(g.entry)
+            self.hold(g.entry)
+        return Room.OK
+
+    def hold_for_waiting(self, g: Group) -> None:
+        """An image's entry is held for its waiting prompts while it has any (`g.queued`)."""
+        want = bool(g.waiting) and g.entry >= 0
+        if want and not g.queued:
+            self.hold(g.entry)
+        elif g.queued and not want:
+            self.release(g.entry)
+        g.queued = want
+
+    def drop_waiting_hold(self, g: Group) -> None:
+        """Let go of the entry held for `g`'s waiting prompts (it is made again on admission)."""
+        if g.queued:
+            self.release(g.entry)
+            g.entry, g.queued = -1, False
+
+    def give_back(self, s: Seq) -> None:
+        """`s` leaves its row: its suffix blocks, its lane and its hold on its image's entry (the
+        entry goes with its last holder)."""
+        self.free_row(s.row)
+        g = s.group
+        if g.has_image and s.lane >= 0:
+            self.free_lane(g.entry, s.lane)
+            s.lane = -1
+            self.release(g.entry)
+            if g.entry not in self.entry_holds:
+                g.entry, g.queued = -1, False

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
+from .quantization import module_bytes
+
 if TYPE_CHECKING:
     from .config import CogVLMConfig
 
@@ -268,3 +270,17 @@ def fit_error(cfg: "CogVLMConfig", dtype: torch.dtype, quantization: str | None,
     advice = ("set " + " or ".join(options)) if options else \
         "no weight quantization fits: use a larger GPU, or lower model.admission_images, max_prompt_tokens or the tasks' max_new_tokens"
     return f"{est.describe()}; {where} {device_bytes / GB:.1f} GB: {advice}"
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
+                                            or "not enough memory" in text)
+
+
+def weights_bytes(model: Any) -> int:
+    """Parameters and buffers as stored (quantized ones at their real size), KV stores excluded."""
+    caches = [m for layer in model.model.layers for m in (layer.self_attn.kv_cache, layer.self_attn.kv_pool)]
+    return module_bytes(model) - sum(module_bytes(c) for c in caches if c is not None)

@@ -15,7 +15,7 @@ from .decoder import CogVLMForCausalLM, ExpertRouting
 from .kv_store import block_runs, pool_rows
 from .positions import build_position_ids
 from .sampling import sample
-from .sequences import Seq
+from .sequences import Group, Seq
 
 # positions of an image prefix: bos 0, boi 1, patches 2, eoi 3 (the spec); text starts at 4
 PREFIX_LAST_POSITION = 3
@@ -54,6 +54,16 @@ def private_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The same function with its own code object: torch.compile keeps graphs (and counts them
     against its recompile limit) per code object, so each engine's step gets its own."""
     return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def compiled_step(compile: bool | str, device: torch.device) -> Callable[..., torch.Tensor]:
+    """`decode_step` compiled (its own code object) with symbolic sizes: `compile` True (inductor;
+    CUDA graphs on a GPU) or a torch.compile backend name."""
+    backend = compile if isinstance(compile, str) else "inductor"
+    kw: dict[str, Any] = {"backend": backend, "fullgraph": True, "dynamic": True}
+    if backend == "inductor" and device.type == "cuda":
+        kw["mode"] = "reduce-overhead"  # CUDA graphs (one per shape met)
+    return torch.compile(private_copy(decode_step), **kw)
 
 
 def default_buckets(slots: int, smallest: int = 8) -> list[int]:
@@ -101,6 +111,18 @@ class Rows:
             t[d] = t[s]
         self.clear(src)
 
+    def finished(self, rows: Sequence[int]) -> list[tuple[int, bool, list[int]]]:
+        """Of `rows`, those no longer live, as (row, stopped at eos, generated tokens): the live
+        flags in one transfer, then the finished rows' outputs in one more."""
+        state = torch.stack([self.live, self.stopped]).cpu()
+        done = [i for i in rows if not state[0, i]]
+        if not done:
+            return []
+        idx = torch.tensor(done, device=self.tokens.device)
+        lengths = self.lengths[idx].tolist()
+        outs = self.out[idx].tolist()
+        return [(row, bool(state[1, row]), toks[:n]) for row, n, toks in zip(done, lengths, outs)]
+
     def clear(self, rows: Sequence[int]) -> None:
         if not rows:
             return
@@ -108,6 +130,29 @@ class Rows:
         self.live[idx] = False
         self.lane[idx] = -1
         self.table[idx] = self.trash
+
+
+def decode_steps(step_fn: Callable[..., torch.Tensor], args: tuple, rows: Rows, b: int, steps: int,
+                 sampled: bool, filtered: bool, eos: torch.Tensor, pad_token_id: int) -> None:
+    """`steps` decode steps of rows 0..b-1 (`step_fn(*args)` -> logits); each live row's token is
+    sampled, stored, fed back; rows stop at eos (unless ignored) or at their max_new_tokens. No
+    host sync."""
+    r = rows
+    live, lengths = r.live[:b], r.lengths[:b]
+    cap = r.out.shape[1] - 1
+    for _ in range(steps):
+        logits = step_fn(*args)
+        tok = sample(logits, r.temperature[:b] if sampled else None, r.top_k[:b], r.top_p[:b], r.seeds[:b],
+                     lengths, filtered)
+        tok = torch.where(live, tok, pad_token_id)
+        r.out[:b].scatter_(1, torch.where(live, lengths, cap)[:, None], tok[:, None])
+        lengths += live
+        hit = torch.isin(tok, eos) & live & ~r.ignore_eos[:b]
+        r.stopped[:b] |= hit
+        live &= ~hit & (lengths < r.max_new[:b])
+        r.tokens[:b] = tok
+        r.positions[:b] += live
+        r.cols[:b] += live
 
 
 def sample_first(rows: Rows, seqs: list[Seq], logits: torch.Tensor, eos: torch.Tensor, lanes: int,
@@ -142,6 +187,41 @@ def sample_first(rows: Rows, seqs: list[Seq], logits: torch.Tensor, eos: torch.T
     for i, t in enumerate(tables):
         table[i, :len(t)] = torch.tensor(t, dtype=torch.long)
     rows.table[idx] = table.to(dev)
+
+
+def encode_new(encode: Callable[[torch.Tensor], torch.Tensor], groups: Sequence[Group],
+               device: torch.device) -> int:
+    """One vision pass for the groups whose features are not known yet -> how many images it encoded."""
+    need = [g for g in groups if g.features is None]
+    if need:
+        pixels = torch.stack([g.pixels for g in need]).to(device, non_blocking=True)
+        for g, f in zip(need, encode(pixels)):  # (U, T, D)
+            g.features = f
+    return len(need)
+
+
+def prefill_round(model: CogVLMForCausalLM, seqs: list[Seq], fresh: list[Group], tables: list[list[int]],
+                  block: int, trash: int, entries: int) -> torch.Tensor:
+    """An admission round's prefills: each new image's prefix once into its entry (`fresh`), then
+    every prompt's own text into its suffix blocks (`tables`, in `seqs` order) -> (R, V) each
+    prompt's first-token logits, in `seqs` order."""
+    if fresh:
+        logits = prefill_prefixes(model, [g.features for g in fresh], [g.entry for g in fresh], block)
+        for g, lg in zip(fresh, logits):
+            g.prefix_logits = lg
+    first: dict[int, torch.Tensor] = {}
+    for i, s in enumerate(seqs):
+        if s.group.has_image and not s.req.text_ids:  # an empty prompt ends at eoi
+            first[i] = s.group.prefix_logits
+    with_text = [i for i, s in enumerate(seqs) if s.group.has_image and s.req.text_ids]
+    if with_text:
+        lg = prefill_texts(model, [seqs[i] for i in with_text], [tables[i] for i in with_text], block, trash, entries)
+        first.update(zip(with_text, lg))
+    text_only = [i for i, s in enumerate(seqs) if not s.group.has_image]
+    if text_only:
+        lg = prefill_fresh_texts(model, [seqs[i] for i in text_only], [tables[i] for i in text_only], block, trash)
+        first.update(zip(text_only, lg))
+    return torch.stack([first[i] for i in range(len(seqs))])
 
 
 def suffix_slots(blocks: list[int], start: int, n: int, T: int, block: int, trash: int) -> list[int]:

@@ -80,7 +80,7 @@ def test_small_blocks_and_a_full_pool_equal_each_prompt_alone(version, request):
 def test_no_block_leaks_over_a_thousand_requests(model_v1, monkeypatch):
     """1,000 requests with aborts and out-of-memory rounds in between: every block, entry and row
     comes back, and the allocator's books agree with a recount."""
-    import cogvlm.engine as engine_mod
+    import cogvlm.runner as runner_mod
 
     cfg = model_v1.config
     rng = random.Random(0)
@@ -89,7 +89,7 @@ def test_no_block_leaks_over_a_thousand_requests(model_v1, monkeypatch):
     eng = Engine(model_v1, max_prompt_tokens=8, max_new_tokens=3, max_slots=16, admission_images=4,
                  prompts_per_image=3, sync_every=2, block_size=4,
                  kv_cache_gb=60 * block_bytes(cfg, model_v1.dtype, 4) / 1e9)
-    real = engine_mod.prefill_texts
+    real = runner_mod.prefill_texts
     calls = {"n": 0}
 
     def flaky(*a, **kw):
@@ -98,7 +98,7 @@ def test_no_block_leaks_over_a_thousand_requests(model_v1, monkeypatch):
             raise torch.OutOfMemoryError("out of memory (injected)")
         return real(*a, **kw)
 
-    monkeypatch.setattr(engine_mod, "prefill_texts", flaky)
+    monkeypatch.setattr(runner_mod, "prefill_texts", flaky)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: per-op overhead, which a busy machine's threads only add to
     try:
