@@ -58,7 +58,7 @@ class StoreBatch:
     lanes: int = 1
     entry: torch.Tensor | None = None  # text: (B,) each row's prefix entry
     entries: int = 0  # text, decode: prefix entries 0..entries-1 are read
-    prefix: torch.Tensor | None = None  # fresh: (U,) the entries these rows' keys are the prefixes of
+    prefix: torch.Tensor | None = None  # fresh: (U,) the entries these rows' first P keys are the prefixes of
     # decode only
     runs: torch.Tensor | None = None  # (B * KV * nb,) the rows' suffix blocks, head-major runs (`block_runs`)
     hide: torch.Tensor | None = None  # (B, 1, 1, nb * block) gathered suffix columns past each row's own
@@ -91,8 +91,10 @@ class StoreBatch:
 
     def attend(self, pool: KVPool, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (B, H, L, d), k/v (B, KV, L, d) of this forward -> (B, H, L, d)."""
-        if self.prefix is not None:
-            pool.write_prefix(self.prefix, self.nP, k, v)
+        if self.prefix is not None:  # an image's prefix (the first P columns), maybe a prompt's text after it
+            pool.write_prefix(self.prefix, self.nP, k[:, :, :self.P], v[:, :, :self.P])
+            if self.write is not None:
+                pool.write(self.write, k[:, :, self.P:], v[:, :, self.P:])
         else:
             pool.write(self.write, k, v)
         gqa = k.shape[1] != q.shape[1]

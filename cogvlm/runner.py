@@ -202,18 +202,32 @@ def encode_new(encode: Callable[[torch.Tensor], torch.Tensor], groups: Sequence[
 
 def prefill_round(model: CogVLMForCausalLM, seqs: list[Seq], fresh: list[Group], tables: list[list[int]],
                   block: int, trash: int, entries: int) -> torch.Tensor:
-    """An admission round's prefills: each new image's prefix once into its entry (`fresh`), then
-    every prompt's own text into its suffix blocks (`tables`, in `seqs` order) -> (R, V) each
+    """An admission round's prefills: each new image's prefix once into its entry (`fresh`; with
+    its first prompt's text in the same pass where no prompt of the image is empty), then every
+    other prompt's own text into its suffix blocks (`tables`, in `seqs` order) -> (R, V) each
     prompt's first-token logits, in `seqs` order."""
-    if fresh:
-        logits = prefill_prefixes(model, [g.features for g in fresh], [g.entry for g in fresh], block)
-        for g, lg in zip(fresh, logits):
-            g.prefix_logits = lg
     first: dict[int, torch.Tensor] = {}
+    # an image whose prompts all have text: its prefix and its first prompt's text in one pass
+    # (no prefix logits are needed then: only an empty prompt starts from them)
+    together: dict[Group, int] = {}
+    for i, s in enumerate(seqs):
+        g = s.group
+        if g.fresh and g not in together and all(x.req.text_ids for x in seqs if x.group is g) \
+                and all(x.req.text_ids for x in g.waiting):
+            together[g] = i
+    if together:
+        idx = list(together.values())
+        lg = prefill_prefix_texts(model, [seqs[i] for i in idx], [tables[i] for i in idx], block, trash)
+        first.update(zip(idx, lg))
+    alone = [g for g in fresh if g not in together]
+    if alone:
+        logits = prefill_prefixes(model, [g.features for g in alone], [g.entry for g in alone], block)
+        for g, lg in zip(alone, logits):
+            g.prefix_logits = lg
     for i, s in enumerate(seqs):
         if s.group.has_image and not s.req.text_ids:  # an empty prompt ends at eoi
             first[i] = s.group.prefix_logits
-    with_text = [i for i, s in enumerate(seqs) if s.group.has_image and s.req.text_ids]
+    with_text = [i for i, s in enumerate(seqs) if s.group.has_image and s.req.text_ids and i not in first]
     if with_text:
         lg = prefill_texts(model, [seqs[i] for i in with_text], [tables[i] for i in with_text], block, trash, entries)
         first.update(zip(with_text, lg))
@@ -247,6 +261,33 @@ def prefill_prefixes(model: CogVLMForCausalLM, features: Sequence[torch.Tensor],
     embeds = torch.cat([bos, torch.stack(list(features)).to(dev, bos.dtype)], dim=1)  # (U, P, D)
     store = StoreBatch.fresh(None, P, nP, prefix=torch.tensor(entries, device=dev))
     return model.forward_embeds(embeds, types_, pos, None, logits_to_keep=1, store=store)[:, -1]
+
+
+def prefill_prefix_texts(model: CogVLMForCausalLM, seqs: list[Seq], tables: list[list[int]], block: int,
+                         trash: int) -> torch.Tensor:
+    """Each new image's prefix [bos, boi, patches, eoi] and one prompt's text after it, in one
+    causal pass (right-padded): the prefix into the image's entry, the text into the prompt's
+    suffix blocks -> (U, V) the prompts' last logits."""
+    cfg, dev = model.config, model.device
+    U, P = len(seqs), 1 + cfg.num_vision_tokens
+    nP = -(-P // block)
+    T = max(len(s.req.text_ids) for s in seqs)
+    ids = torch.full((U, T), cfg.pad_token_id, dtype=torch.long)
+    write = []
+    for b, (s, t) in enumerate(zip(seqs, tables)):
+        n = len(s.req.text_ids)
+        ids[b, :n] = torch.tensor(s.req.text_ids)
+        write.append(suffix_slots(t, 0, n, T, block, trash))
+    prefix_types = torch.tensor([[LANGUAGE_TOKEN_TYPE] + [VISION_TOKEN_TYPE] * cfg.num_vision_tokens], device=dev)
+    types_ = torch.cat([prefix_types, torch.full((1, T), LANGUAGE_TOKEN_TYPE, device=dev)], dim=1).expand(U, P + T)
+    pos = torch.cat([build_position_ids(prefix_types)[0], PREFIX_LAST_POSITION + 1 + torch.arange(T, device=dev)])
+    bos = model.model.embed_tokens(torch.full((U, 1), cfg.bos_token_id, device=dev))
+    feats = torch.stack([s.group.features for s in seqs]).to(dev, bos.dtype)
+    embeds = torch.cat([bos, feats, model.model.embed_tokens(ids.to(dev))], dim=1)  # (U, P + T, D)
+    store = StoreBatch.fresh(pool_rows(torch.tensor(write, device=dev), cfg.num_kv_heads, block), P, nP,
+                             prefix=torch.tensor([s.group.entry for s in seqs], device=dev))
+    last = torch.tensor([P + len(s.req.text_ids) - 1 for s in seqs], device=dev)
+    return model.forward_embeds(embeds, types_, pos.expand(U, P + T), None, logits_at=last, store=store)[:, -1]
 
 
 def prefill_texts(model: CogVLMForCausalLM, seqs: list[Seq], tables: list[list[int]], block: int, trash: int,
