@@ -63,7 +63,8 @@ class Engine:
     `kv_cache_gb` caps the pool and `max_slots` the rows. Each image in flight has `lanes` rows
     decoding at once (default `prompts_per_image`). `admission_images` images (and
     `prompts_per_image` prompts each) per admission round at most; `compile` is True (inductor;
-    CUDA graphs on a GPU) or a torch.compile backend name.
+    CUDA graphs on a GPU) or a torch.compile backend name. `kv_cache_dtype` "int8" stores the KV
+    in int8 with a scale per token and head (the plan counts those bytes: about half of bf16).
     """
 
     def __init__(self, model: Any, *, max_len: int | None = None, max_prompt_tokens: int = 256,
@@ -72,9 +73,13 @@ class Engine:
                  prompts_per_image: int = 1, sync_every: int = 8, buckets: Sequence[int] | None = None,
                  compile: bool | str = False, compile_vision: bool = False,
                  eos_token_ids: Iterable[int] | None = None, timed: bool = False,
-                 device_share: float = 1.0, block_size: int = 16, lanes: int | None = None) -> None:
+                 device_share: float = 1.0, block_size: int = 16, lanes: int | None = None,
+                 kv_cache_dtype: str | None = None) -> None:
         self.model = model
         cfg = model.config
+        if kv_cache_dtype not in (None, "auto", "int8"):
+            raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r}: choose 'int8' or leave it unset (the model's dtype)")
+        self.kv_dtype = torch.int8 if kv_cache_dtype == "int8" else None
         self.device = model.device
         self.P = 1 + cfg.num_vision_tokens
         self.max_len = max_len or self.P + max_prompt_tokens + max_new_tokens
@@ -117,7 +122,7 @@ class Engine:
         self.plan = plan_pool(cfg, model.dtype, budget=budget, margin=margin, prefill=prefill_bytes,
                               decode_per_row=decode_per_row, weights=weights, block=self.block, lanes=self.lanes,
                               max_len=self.max_len, max_new=self.max_new_cap, max_slots=max_slots,
-                              kv_cache_gb=kv_cache_gb)
+                              kv_cache_gb=kv_cache_gb, kv_dtype=self.kv_dtype)
         if self.plan.slots < 1 or self.plan.blocks < self.nP + self.MB:
             raise MemoryError(f"not even one KV slot (one prefix and one row of {self.max_len} columns) fits: "
                               f"{self.plan.describe()}; lower max_prompt_tokens / max_new_tokens or "
@@ -199,7 +204,7 @@ class Engine:
     # rows and the pool ----------------------------------------------------------------------------
     def _allocate(self, slots: int, blocks: int) -> None:
         """The KV pool, the block accounting and the rows' state, once (the decode step is compiled by `warm_up`)."""
-        self.model.setup_pool(blocks, self.block)
+        self.model.setup_pool(blocks, self.block, self.kv_dtype)
         self.slots = slots
         self.book = RowBook(slots)
         self.store = BlockAllocator(blocks, self.block, self.P, self.lanes)

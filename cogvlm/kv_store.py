@@ -49,28 +49,58 @@ def block_runs(blocks: torch.Tensor, KV: int) -> torch.Tensor:
     return (blocks[:, None, :] * KV + heads[None, :, None]).reshape(-1)
 
 
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., d) -> int8 values (..., d) and fp32 scales (..., 1): one scale per token and head,
+    symmetric, amax / 127."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12) / 127.0
+    return (x.float() / scale).round_().clamp_(-127, 127).to(torch.int8), scale
+
+
 class KVPool(nn.Module):
     """One layer's blocks: k and v `(blocks + 1, KV, block, d)`, the last block the trash.
 
     A prefix entry's run of nP blocks is read and written as one head-major tensor
     `(KV, nP * block, d)` (the same bytes, viewed differently): entries 0..E-1 are then one view
     `(E, KV, P, d)` whose rows are contiguous, which matmul reads without a copy. Suffix blocks
-    are used block by block."""
+    are used block by block.
+
+    `kv_dtype` int8: values stored as int8 with one fp32 scale per token and head (`k_scale`,
+    `v_scale`, `(blocks + 1, KV, block, 1)`, laid out like the values, so every view and index of
+    the values applies to them); reads give the model's dtype back (a dequantized copy: on the
+    CPU this simulates the rounding, it does not save bandwidth)."""
 
     def __init__(self, blocks: int, block: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, kv_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         shape = (blocks + 1, num_kv_heads, block, head_dim)
-        self.register_buffer("k_pool", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_pool", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.dtype = dtype
+        self.quantized = kv_dtype == torch.int8
+        store = torch.int8 if self.quantized else dtype
+        self.register_buffer("k_pool", torch.zeros(shape, dtype=store, device=device), persistent=False)
+        self.register_buffer("v_pool", torch.zeros(shape, dtype=store, device=device), persistent=False)
+        if self.quantized:
+            scales = (blocks + 1, num_kv_heads, block, 1)
+            self.register_buffer("k_scale", torch.zeros(scales, dtype=torch.float32, device=device), persistent=False)
+            self.register_buffer("v_scale", torch.zeros(scales, dtype=torch.float32, device=device), persistent=False)
+
+    def _parts(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        return [(self.k_pool, getattr(self, "k_scale", None)), (self.v_pool, getattr(self, "v_scale", None))]
+
+    def _read(self, x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        return x if scale is None else (x.float() * scale).to(self.dtype)
 
     def write(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v (B, KV, L, d) at the pool rows `rows` (B, KV, L) (`pool_rows`). One `index_put_`
         on the whole buffer (torch.compile makes it an in-place scatter)."""
-        d = self.k_pool.shape[-1]
         flat = rows.reshape(-1)
-        self.k_pool.view(-1, d).index_put_((flat,), k.reshape(-1, d))  # (B*KV*L, d)
-        self.v_pool.view(-1, d).index_put_((flat,), v.reshape(-1, d))
+        for (buf, scale), x in zip(self._parts(), (k, v)):
+            d = buf.shape[-1]
+            if scale is None:
+                buf.view(-1, d).index_put_((flat,), x.reshape(-1, d))  # (B*KV*L, d)
+            else:
+                q, sc = quantize_int8(x)
+                buf.view(-1, d).index_put_((flat,), q.reshape(-1, d))
+                scale.view(-1, 1).index_put_((flat,), sc.reshape(-1, 1))
 
     def _entries(self, buf: torch.Tensor, entries: int, nP: int) -> torch.Tensor:
         _, KV, block, d = buf.shape
@@ -80,21 +110,28 @@ class KVPool(nn.Module):
         """Store k, v (U, KV, P, d) as the prefixes of entries `entries` (U,)."""
         E = int(self.k_pool.shape[0] - 1) // nP
         P = k.shape[2]
-        self._entries(self.k_pool, E, nP)[:, :, :P].index_copy_(0, entries, k)
-        self._entries(self.v_pool, E, nP)[:, :, :P].index_copy_(0, entries, v)
+        for (buf, scale), x in zip(self._parts(), (k, v)):
+            if scale is None:
+                self._entries(buf, E, nP)[:, :, :P].index_copy_(0, entries, x)
+            else:
+                q, sc = quantize_int8(x)
+                self._entries(buf, E, nP)[:, :, :P].index_copy_(0, entries, q)
+                self._entries(scale, E, nP)[:, :, :P].index_copy_(0, entries, sc)
 
     def prefixes(self, entries: int, nP: int, P: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Entries 0..entries-1 as views (E, KV, P, d) (no copy); P None: the whole runs
-        (E, KV, nP * block, d), contiguous (CPU matmul is far slower on the sliced view)."""
-        k, v = self._entries(self.k_pool, entries, nP), self._entries(self.v_pool, entries, nP)
+        """Entries 0..entries-1 as views (E, KV, P, d) (no copy; int8: dequantized copies); P None:
+        the whole runs (E, KV, nP * block, d), contiguous (CPU matmul is far slower on the sliced view)."""
+        k, v = (self._read(self._entries(buf, entries, nP), None if sc is None else self._entries(sc, entries, nP))
+                for buf, sc in self._parts())
         return (k, v) if P is None else (k[:, :, :P], v[:, :, :P])
 
     def gather(self, runs: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The runs of `block_runs` (B * KV * nb,) -> the rows' columns (B, KV, nb * block, d): one copy of those
         blocks only, already head-major (no transpose)."""
         _, KV, block, d = self.k_pool.shape
-        k = self.k_pool.view(-1, block, d).index_select(0, runs).view(B, KV, -1, d)
-        v = self.v_pool.view(-1, block, d).index_select(0, runs).view(B, KV, -1, d)
+        k, v = (self._read(buf.view(-1, block, d).index_select(0, runs).view(B, KV, -1, d),
+                           None if sc is None else sc.view(-1, block, 1).index_select(0, runs).view(B, KV, -1, 1))
+                for buf, sc in self._parts())
         return k, v
 
 

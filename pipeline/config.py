@@ -122,6 +122,9 @@ class ModelConfig:
     admission_images: int = 8  # images per vision + prefill round between decode steps
     sync_every: int = 8  # decode steps between checks for rows that stopped at eos
     kv_cache_gb: float | None = None  # cap on the KV cache; None: what the memory plan leaves
+    # int8: the KV cache in int8 with a scale per token and head (about half of bf16's bytes, so
+    # about twice the rows); null: the model's dtype. Drift measured in docs/performance.md.
+    kv_cache_dtype: str | None = None
     memory_margin_gb: float | None = None  # kept free by the plan; None: 5% of free memory (<= 2 GB)
     compile: bool = False  # compile the decode step once per batch size at start-up (CUDA graphs on GPUs)
     compile_vision: bool = False  # compile the vision tower (one graph for any number of images)
@@ -220,6 +223,10 @@ class JobConfig:
         if self.model.quantization == "int4" and self.model.dtype != "bf16":
             # torchao's int4 kernels: bf16 only on GPUs; on CPUs fp32 works but ran 60x slower
             raise ConfigError(f"model.quantization int4 needs model.dtype bf16, got {self.model.dtype!r}")
+        kv = self.model.kv_cache_dtype
+        self.model.kv_cache_dtype = kv = None if kv is None or str(kv).lower() in ("none", "auto", "") else str(kv).lower()
+        if kv not in (None, "int8"):
+            raise ConfigError(f"model.kv_cache_dtype must be int8 or null, got {kv!r}")
         if self.model.wait_for_nodes_s <= 0:
             raise ConfigError(f"model.wait_for_nodes_s must be > 0, got {self.model.wait_for_nodes_s:g}")
         if self.progress_interval_s <= 0:
