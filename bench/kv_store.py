@@ -10,9 +10,14 @@ once (the queue is `--queue` x the engine's capacity), eos ignored:
    queue still has work (steady state), and the longest admission round.
 2. live columns: the same captions with `max_prompt_tokens` 1500 and 32, same KV memory: decode
    seconds and key columns read per step, long / short.
-3. sharing: caption + 3 questions per image (`--question-tokens` new tokens each; default 8-16)
-   against captions alone in the same KV memory: rows decoded per step, and KV blocks per image
-   in flight.
+3. sharing: caption + 3 questions per image against captions alone in the same KV memory: rows
+   decoded per step (over the whole run, ramp-up and drain included; and steady, as in 1: while
+   work waits, after the first quarter of the steps), and KV blocks per image in flight. Two
+   cases: the issue's (every question a
+   20-token prompt with the caption's `--new-tokens`, eos ignored), and short questions (12-token
+   prompts, `--question-tokens` new tokens each; default 8-16).
+
+`--parts 3` runs only the captions and the sharing cases (1's caption run is their reference).
 
 `--baseline-src DIR` (a checkout of the engine before the KV store, e.g. `git worktree add DIR
 main`) runs its engine on the same work in the same process for 1-3 (its capacity: slots).
@@ -48,12 +53,14 @@ def drive(engine: Any, request_cls: Any, images: torch.Tensor, prompts: list, ca
         engine.step()
         n = engine.stats["decode_steps"] - s0
         if waiting and n:
-            fill.append((engine.stats["decode_rows"] - r0) / n / cap)
+            fill.append((engine.stats["decode_rows"] - r0) / n)
         steps0 += n
     wall = time.perf_counter() - t0
     s, t = engine.stats, engine.timings
     half = fill[len(fill) // 4:] or [0.0]  # steady state: after the first quarter of the steps
-    return {"wall_s": wall, "fill": sum(half) / len(half), "rows_per_step": s["decode_rows"] / max(1, s["decode_steps"]),
+    steady = sum(half) / len(half)
+    return {"wall_s": wall, "fill": steady / cap, "steady_rows": steady,
+            "rows_per_step": s["decode_rows"] / max(1, s["decode_steps"]),
             "decode_s": t["decode_s"], "steps": s["decode_steps"], "stall_ms": 1000 * t["max_admission_s"],
             "columns_per_step": s.get("attn_columns", 0) / max(1, s["decode_steps"]),
             "blocks_per_step": s.get("kv_blocks_used", 0) / max(1, s["decode_steps"]),
@@ -104,14 +111,15 @@ def alternate(engines: list, rounds: int = 6, steps: int = 4) -> list[float]:
     return [t / (rounds * steps) for t in spent]
 
 
-def captions(cfg, n: int, new: int, questions: int = 0, seed: int = 0, question_tokens: int = 0):
-    """n images, one 20-token caption each (+ `questions` 12-token questions of
+def captions(cfg, n: int, new: int, questions: int = 0, seed: int = 0, question_tokens: int = 0,
+             question_len: int = 12):
+    """n images, one 20-token caption each (+ `questions` questions of `question_len` tokens and
     `question_tokens` new tokens, or 8-16 if 0)."""
     images, prompts = make_work(cfg, "caption", n, new, seed)
     if questions:
         g = torch.Generator().manual_seed(seed + 1)
         for i, ps in enumerate(prompts):
-            ps += [(torch.randint(3, 1000, (12,), generator=g).tolist(), question_tokens or 8 + (i + q) % 9)
+            ps += [(torch.randint(3, 1000, (question_len,), generator=g).tolist(), question_tokens or 8 + (i + q) % 9)
                    for q in range(questions)]
     return images, prompts
 
@@ -128,7 +136,9 @@ def main() -> None:
     p.add_argument("--sync-every", type=int, default=8)
     p.add_argument("--question-tokens", type=int, default=0, help="new tokens per question (0: 8-16)")
     p.add_argument("--baseline-src", default=None)
+    p.add_argument("--parts", default="1,2,3", help="which measurements (3 alone still runs 1's captions)")
     a = p.parse_args()
+    parts = {int(x) for x in a.parts.split(",")}
     device = torch.device(a.device)
     dtype = DTYPES[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     cfg = preset(a.config)
@@ -156,42 +166,54 @@ def main() -> None:
         images, prompts = captions(cfg, n_img, new)
         res["caption"] = drive(eng, R, images, prompts, min(eng.slots, a.rows) if name == "kv store" else eng.slots)
         res["caption"]["slots"] = eng.slots
-        # 2. live columns: the same work with max_prompt_tokens 1500
-        eng = E(model, max_prompt_tokens=1500, **kw)
-        res["long"] = drive(eng, R, images, prompts, max(1, eng.slots))
-        res["long"]["slots"] = eng.slots
-        rows_both = min(a.rows, eng.slots)  # what both settings hold (the engine before: fewer slots at 1500)
-        both = pair([lambda r, n=n: filled(E, R, model, images, prompts, min(r, rows_both), max_prompt_tokens=n, **kw)
-                     for n in ((1500, prompt) if name == "before" else (prompt, 1500))])
-        if name == "before":
-            both.reverse()
-        res["interleaved"] = alternate(both)
-        res["interleaved_rows"] = both[0].slots - len(both[0].free)
-        # 3. sharing: caption + 3 questions per image, the same KV memory
-        eng = E(model, max_prompt_tokens=prompt, prompts_per_image=4, **kw)
-        images, prompts = captions(cfg, n_img // 2, new, questions=3, question_tokens=a.question_tokens)
-        res["multi"] = drive(eng, R, images, prompts, max(1, eng.slots))
-        res["multi"]["slots"] = eng.slots
+        if 2 in parts:
+            # 2. live columns: the same work with max_prompt_tokens 1500
+            eng = E(model, max_prompt_tokens=1500, **kw)
+            res["long"] = drive(eng, R, images, prompts, max(1, eng.slots))
+            res["long"]["slots"] = eng.slots
+            rows_both = min(a.rows, eng.slots)  # what both settings hold (the engine before: fewer slots at 1500)
+            both = pair([lambda r, n=n: filled(E, R, model, images, prompts, min(r, rows_both), max_prompt_tokens=n, **kw)
+                         for n in ((1500, prompt) if name == "before" else (prompt, 1500))])
+            if name == "before":
+                both.reverse()
+            res["interleaved"] = alternate(both)
+            res["interleaved_rows"] = both[0].slots - len(both[0].free)
+        # 3. sharing: caption + 3 questions per image, the same KV memory: the issue's case (every
+        # prompt 20 tokens, the caption's new tokens), then short questions
+        if 3 in parts:
+            for key, qlen, qnew in (("multi", 20, new), ("multi_short", 12, a.question_tokens)):
+                eng = E(model, max_prompt_tokens=prompt, prompts_per_image=4, **kw)
+                images, prompts = captions(cfg, n_img // 2, new, questions=3, question_tokens=qnew, question_len=qlen)
+                res[key] = drive(eng, R, images, prompts, max(1, eng.slots))
+                res[key]["slots"] = eng.slots
         out[name] = res
-        c, lg, m = res["caption"], res["long"], res["multi"]
+        c = res["caption"]
         print(f"\n## {name}", flush=True)
         print(f"1. steady live rows / capacity ({a.rows} caption rows): {c['fill']:.2f}   rows/step "
               f"{c['rows_per_step']:.1f}   longest admission {c['stall_ms']:.0f} ms   slots {c['slots']}")
-        print(f"2. max_prompt_tokens 1500 vs 32: decode time {lg['decode_s'] / c['decode_s']:.2f}x "
-              f"({lg['decode_s']:.2f} s vs {c['decode_s']:.2f} s, {lg['steps']} vs {c['steps']} steps); "
-              f"columns read per step {lg['columns_per_step'] / max(1, c['columns_per_step']):.2f}x; "
-              f"rows/step {lg['rows_per_step']:.1f} vs {c['rows_per_step']:.1f}")
+        if 2 in parts:
+            lg = res["long"]
+            print(f"2. max_prompt_tokens 1500 vs 32: decode time {lg['decode_s'] / c['decode_s']:.2f}x "
+                  f"({lg['decode_s']:.2f} s vs {c['decode_s']:.2f} s, {lg['steps']} vs {c['steps']} steps); "
+                  f"columns read per step {lg['columns_per_step'] / max(1, c['columns_per_step']):.2f}x; "
+                  f"rows/step {lg['rows_per_step']:.1f} vs {c['rows_per_step']:.1f}")
+            s32, s1500 = res["interleaved"]
+            print(f"2b. the same {res['interleaved_rows']} rows, steps alternated: {1000 * s1500:.1f} ms vs "
+                  f"{1000 * s32:.1f} ms per step: {s1500 / s32:.2f}x")
         # KV per image in flight; the engine before kept a whole slot per row
         col = P + prompt + new
-        s32, s1500 = res["interleaved"]
-        print(f"2b. the same {res['interleaved_rows']} rows, steps alternated: {1000 * s1500:.1f} ms vs {1000 * s32:.1f} ms "
-              f"per step: {s1500 / s32:.2f}x")
         blocks_img_c = c["blocks_per_step"] / max(1e-9, c["images_per_step"]) if c["images_per_step"] else col / 16
-        blocks_img_m = m["blocks_per_step"] / max(1e-9, m["images_per_step"]) if m["images_per_step"] else 4 * col / 16
-        print(f"3. caption + 3 questions vs caption, same KV memory: rows/step {m['rows_per_step'] / c['rows_per_step']:.2f}x "
-              f"({m['rows_per_step']:.1f} vs {c['rows_per_step']:.1f}); KV blocks per image in flight "
-              f"{blocks_img_m / max(1e-9, blocks_img_c):.2f}x ({blocks_img_m:.1f} vs {blocks_img_c:.1f}); "
-              f"wall {m['wall_s']:.1f} s vs {c['wall_s']:.1f} s", flush=True)
+        for key, what in (("multi", f"20-token questions, {new} new tokens each (the issue's case)"),
+                          ("multi_short", f"12-token questions, {a.question_tokens or '8-16'} new tokens")):
+            if key not in res:
+                continue
+            m = res[key]
+            blocks_img_m = m["blocks_per_step"] / max(1e-9, m["images_per_step"]) if m["images_per_step"] else 4 * col / 16
+            print(f"3. caption + 3 questions ({what}) vs caption, same KV memory: rows/step "
+                  f"{m['rows_per_step'] / c['rows_per_step']:.2f}x over the whole run ({m['rows_per_step']:.1f} vs "
+                  f"{c['rows_per_step']:.1f}), {m['steady_rows'] / c['steady_rows']:.2f}x steady ({m['steady_rows']:.1f} "
+                  f"vs {c['steady_rows']:.1f}, while work waits, after the first quarter), slots {m['slots']}; KV blocks per image in flight {blocks_img_m / max(1e-9, blocks_img_c):.2f}x "
+                  f"({blocks_img_m:.1f} vs {blocks_img_c:.1f}); wall {m['wall_s']:.1f} s vs {c['wall_s']:.1f} s", flush=True)
     if len(out) == 2:
         images, prompts = captions(cfg, a.rows, new, seed=2)
         kv_e, before_e = pair([lambda r, E=E, R=R: filled(E, R, model, images, prompts, min(r, a.rows),
@@ -201,8 +223,11 @@ def main() -> None:
         print(f"\ndecode step, the same {rows} caption rows, steps alternated: kv store {1000 * kv:.1f} ms, "
               f"before {1000 * before:.1f} ms ({kv / before:.2f}x)")
         k, b = out["kv store"], out["before"]
-        print(f"\nkv store / before, caption images/s: {b['caption']['wall_s'] / k['caption']['wall_s']:.2f}; "
-              f"multi images/s: {b['multi']['wall_s'] / k['multi']['wall_s']:.2f}")
+        line = f"\nkv store / before, caption images/s: {b['caption']['wall_s'] / k['caption']['wall_s']:.2f}"
+        for key in ("multi", "multi_short"):
+            if key in k:
+                line += f"; {key} images/s: {b[key]['wall_s'] / k[key]['wall_s']:.2f}"
+        print(line)
 
 
 if __name__ == "__main__":

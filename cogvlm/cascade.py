@@ -22,54 +22,79 @@ import torch.nn.functional as F
 from .kv_store import KVPool
 
 
-def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hide: torch.Tensor,
                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention that also returns the log-sum-exp of the scores.
 
-    q (N, KV, M, d), k/v (N, KV, L, d), `valid` (N or 1, 1, 1, L) bool or None -> out (N, KV, M, d)
-    fp32, lse (N, KV, M, 1) fp32 (-inf where no key is valid)."""
-    s = (q @ k.transpose(-1, -2)).float() * scale  # (N, KV, M, L)
-    if valid is not None:
-        s = s.masked_fill(~valid, float("-inf"))
-    m = s.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m)
-    denom = p.sum(dim=-1, keepdim=True)  # (N, KV, M, 1)
-    out = (p.to(v.dtype) @ v).float() / denom.clamp_min(1e-30)
-    return out, m + torch.log(denom)
+    q (N, KV, M, d), k/v (N, KV, L, d), `hide` (N or 1, 1, 1, L) bool: keys not attended to; every
+    query attends to at least one key (decode: a row's own fed token; a prefix's P columns) ->
+    out (N, KV, M, d) fp32, lse (N, KV, M, 1) fp32 (finite). Few ops: on CPU each costs more
+    than its arithmetic at decode sizes."""
+    s = (q @ k.transpose(-1, -2)).float().mul_(scale).masked_fill_(hide, float("-inf"))  # (N, KV, M, L)
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)  # (N, KV, M, 1)
+    p = s.sub_(lse).exp_()  # the softmax, in place of the scores
+    return (p.to(v.dtype) @ v).float(), lse
 
 
 def merge(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
-    """Two attention results over disjoint key sets -> the result over their union."""
-    m = torch.maximum(l1, l2)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
-    return (o1 * w1 + o2 * w2) / (w1 + w2).clamp_min(1e-30)
+    """Two attention results over disjoint key sets -> the result over their union: the weight of
+    the first is exp(l1) / (exp(l1) + exp(l2)) = sigmoid(l1 - l2). `l1` is finite; `l2` = -inf
+    (no keys there) gives exactly o1 (lerp returns its end at weight 1)."""
+    return torch.lerp(o2, o1, torch.sigmoid(l1 - l2))
 
 
 @dataclass
 class StoreBatch:
-    """Where a forward's tokens live in the KV store, and what they attend to.
+    """Where a forward's tokens live in the KV store, and what they attend to. Built once per
+    forward (`fresh`, `text`, `decode`); every layer reuses its index tensors.
 
     `mode`: "fresh" (causal over the forward's own tokens), "text" (the row's prefix entry, then
     causal over its own tokens) or "decode" (one token per row: prefix lanes + suffix blocks)."""
 
     mode: str
-    write: torch.Tensor | None  # (B, L) flat suffix slots of this forward's tokens (block * size + offset)
+    write: torch.Tensor | None  # (B, KV, L) pool rows of this forward's tokens (`kv_store.pool_rows`)
     P: int  # prefix columns
     nP: int  # blocks per prefix entry
     lanes: int = 1
     entry: torch.Tensor | None = None  # text: (B,) each row's prefix entry
-    blocks: torch.Tensor | None = None  # decode: (B, nb) each row's suffix blocks
-    length: torch.Tensor | None = None  # decode: (B,) suffix columns to read (this token's included)
-    lane: torch.Tensor | None = None  # decode: (B,) entry * lanes + lane, or -1 (no prefix)
     entries: int = 0  # text, decode: prefix entries 0..entries-1 are read
-    prefix: torch.Tensor | None = None  # fresh: (U,) the entries these rows' keys are the prefixes of
+    prefix: torch.Tensor | None = None  # fresh: (U,) the entries these rows' first P keys are the prefixes of
+    # decode only
+    runs: torch.Tensor | None = None  # (B * KV * nb,) the rows' suffix blocks, head-major runs (`block_runs`)
+    hide: torch.Tensor | None = None  # (B, 1, 1, nb * block) gathered suffix columns past each row's own
+    past_prefix: torch.Tensor | None = None  # (1, 1, 1, nP * block) columns of a prefix run past P
+    slot: torch.Tensor | None = None  # (B,) the row's lane among E * lanes, or the spare lane E * lanes
+    lane_of: torch.Tensor | None = None  # (B,) the lane whose prefix result a row takes (any, if none)
+    no_prefix: torch.Tensor | None = None  # (B, 1, 1, 1) rows without an image
+
+    @classmethod
+    def fresh(cls, write: torch.Tensor | None, P: int, nP: int,
+              prefix: torch.Tensor | None = None) -> "StoreBatch":
+        return cls("fresh", write, P, nP, prefix=prefix)
+
+    @classmethod
+    def text(cls, write: torch.Tensor, P: int, nP: int, entry: torch.Tensor, entries: int) -> "StoreBatch":
+        return cls("text", write, P, nP, entry=entry, entries=entries)
+
+    @classmethod
+    def decode(cls, write: torch.Tensor, P: int, nP: int, lanes: int, runs: torch.Tensor, length: torch.Tensor,
+               width: int, lane: torch.Tensor, entries: int, block: int) -> "StoreBatch":
+        """One token per row: `runs` its suffix blocks (`block_runs`), `length` (B,) suffix
+        columns to read (this token's included), `width` columns gathered per row, `lane` (B,)
+        entry * lanes + lane or -1 (no prefix); prefix entries 0..entries-1 are read."""
+        dev = length.device
+        hide = (torch.arange(width, device=dev)[None, :] >= length[:, None])[:, None, None, :]
+        past_prefix = (torch.arange(nP * block, device=dev) >= P)[None, None, None, :]
+        slot = torch.where(lane >= 0, lane, entries * lanes)
+        return cls("decode", write, P, nP, lanes, entries=entries, runs=runs, hide=hide, past_prefix=past_prefix,
+                   slot=slot, lane_of=slot.clamp_max(entries * lanes - 1), no_prefix=(lane < 0)[:, None, None, None])
 
     def attend(self, pool: KVPool, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (B, H, L, d), k/v (B, KV, L, d) of this forward -> (B, H, L, d)."""
-        if self.prefix is not None:
-            pool.write_prefix(self.prefix, self.nP, k, v)
+        if self.prefix is not None:  # an image's prefix (the first P columns), maybe a prompt's text after it
+            pool.write_prefix(self.prefix, self.nP, k[:, :, :self.P], v[:, :, :self.P])
+            if self.write is not None:
+                pool.write(self.write, k[:, :, self.P:], v[:, :, self.P:])
         else:
             pool.write(self.write, k, v)
         gqa = k.shape[1] != q.shape[1]
@@ -83,30 +108,26 @@ class StoreBatch:
             cols = torch.arange(self.P + L, device=q.device)
             mask = cols[None, :] <= self.P + torch.arange(L, device=q.device)[:, None]  # (L, P + L)
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
-        return self._decode(pool, q, k)
+        return self._decode(pool, q)
 
-    def _decode(self, pool: KVPool, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def _decode(self, pool: KVPool, q: torch.Tensor) -> torch.Tensor:
         B, H, _, d = q.shape
-        KV = k.shape[1]
+        KV = pool.k_pool.shape[1]
         G = H // KV
         scale = d ** -0.5
         qg = q.view(B, KV, G, d)  # head h uses KV head h // G
         # the rows' own suffixes, up to the widest live one
-        ks, vs = pool.gather(self.blocks)  # (B, KV, W, d)
-        W = ks.shape[2]
-        valid = (torch.arange(W, device=q.device)[None, :] < self.length[:, None])[:, None, None, :]  # (B, 1, 1, W)
-        o_s, l_s = attend_lse(qg, ks, vs, valid, scale)  # (B, KV, G, d), (B, KV, G, 1)
-        # the prefixes, each read once for the rows in its lanes
+        ks, vs = pool.gather(self.runs, B)  # (B, KV, W, d)
+        o_s, l_s = attend_lse(qg, ks, vs, self.hide, scale)  # (B, KV, G, d), (B, KV, G, 1)
+        # the prefixes, each read once for the rows in its lanes (whole runs, the tail past P masked)
         E, R = self.entries, self.lanes
-        kp, vp = pool.prefixes(E, self.nP)  # (E, KV, nP * block, d): whole runs, the tail past P masked
-        in_prefix = (torch.arange(kp.shape[2], device=q.device) < self.P)[None, None, None, :]
-        slot = torch.where(self.lane >= 0, self.lane, E * R)  # (B,): rows without a prefix to a spare lane
-        qp = q.new_zeros(E * R + 1, KV, G, d)
-        qp.index_put_((slot,), qg)
-        qp = qp[:E * R].view(E, R, KV, G, d).transpose(1, 2).reshape(E, KV, R * G, d)
-        o_p, l_p = attend_lse(qp, kp, vp, in_prefix, scale)  # (E, KV, R*G, d), (E, KV, R*G, 1)
-        o_p = o_p.view(E, KV, R, G, d).transpose(1, 2).reshape(E * R, KV, G, d)
-        l_p = l_p.view(E, KV, R, G, 1).transpose(1, 2).reshape(E * R, KV, G, 1)
-        o_p = torch.cat([o_p, o_p.new_zeros(1, KV, G, d)])[slot]  # (B, KV, G, d)
-        l_p = torch.cat([l_p, l_p.new_full((1, KV, G, 1), float("-inf"))])[slot]
+        kp, vp = pool.prefixes(E, self.nP)  # (E, KV, nP * block, d)
+        qp = q.new_zeros(E * R + 1, KV, G, d)  # + the spare lane of rows without a prefix
+        qp.index_put_((self.slot,), qg)
+        qp = qp[:E * R].view(E, R, KV, G, d).transpose(1, 2).reshape(E, KV, R * G, d)  # a view if R == 1
+        o_p, l_p = attend_lse(qp, kp, vp, self.past_prefix, scale)  # (E, KV, R*G, d), (E, KV, R*G, 1)
+        # back to the rows: output and lse side by side, one gather
+        ol = torch.cat([o_p, l_p], dim=-1).view(E, KV, R, G, d + 1).transpose(1, 2).reshape(E * R, KV, G, d + 1)
+        ol = ol.index_select(0, self.lane_of)  # (B, KV, G, d + 1)
+        o_p, l_p = ol[..., :d], ol[..., d:].masked_fill(self.no_prefix, float("-inf"))
         return merge(o_s, l_s, o_p, l_p).to(q.dtype).view(B, H, 1, d)

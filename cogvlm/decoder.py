@@ -209,14 +209,15 @@ class CogVLMForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
 
-    def setup_pool(self, blocks: int, block_size: int) -> None:
-        """The engine's KV store: `blocks` blocks of `block_size` columns per layer (+ a trash block)."""
+    def setup_pool(self, blocks: int, block_size: int, kv_dtype: torch.dtype | None = None) -> None:
+        """The engine's KV store: `blocks` blocks of `block_size` columns per layer (+ a trash block);
+        `kv_dtype` torch.int8 stores the keys and values in int8 with per-token-head scales."""
         c = self.config
         for layer in self.model.layers:
             layer.self_attn.kv_pool = None
         for layer in self.model.layers:
             layer.self_attn.kv_pool = KVPool(blocks, block_size, c.num_kv_heads, c.head_dim, dtype=self.dtype,
-                                             device=self.device)
+                                             device=self.device, kv_dtype=kv_dtype)
 
     def clear_pool(self) -> None:
         for layer in self.model.layers:

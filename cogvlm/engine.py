@@ -21,6 +21,14 @@ Each prompt computes what it computes alone: positions follow the spec (patches 
 never take one), attention sees exactly the row's prefix and suffix, and sampling draws from the
 prompt's own random stream (`sampling.py`), so a row's tokens do not depend on what else shares
 its steps.
+
+Where each part lives: `sequences.py` the requests, their groups (an image and its prompts) and
+the row book (which prompt decodes in which row); `scheduler.py` the waiting queue, the rounds and
+the out-of-memory backoff (no torch); `kv_store.py` the blocks, prefix entries and lanes, and
+their booking for a prompt; `memory.py` the plan that sizes the pool; `runner.py` the work on the
+device (vision pass, prefills, the decode step and its loop, the rows' state); `cascade.py` the
+attention over the store. This file coordinates them: admission rounds, decode runs, harvest,
+and recovery from out-of-memory.
 """
 
 from __future__ import annotations
@@ -34,25 +42,15 @@ import torch.fx.experimental._config  # noqa: F401 - `use_duck_shape`
 
 from .generate import GenerationOutput, context_error
 from .kv_store import BlockAllocator
-from .memory import PeakMemory, budget_for, plan_pool
-from .quantization import module_bytes
-from .runner import (PREFIX_LAST_POSITION, Rows, decode_step, default_buckets, graphs, size_bucket,
-                     prefill_fresh_texts, prefill_prefixes, prefill_texts, private_copy, sample_first)
-from .sampling import sample
-from .scheduler import Room, Scheduler
-from .sequences import Completion, Group, Request, Seq
+from .memory import PeakMemory, budget_for, is_out_of_memory, plan_pool, weights_bytes
+from .runner import (PREFIX_LAST_POSITION, Rows, compiled_step, decode_step, decode_steps, default_buckets, encode_new,
+                     graphs, prefill_round, sample_first, size_bucket)
+from .scheduler import Scheduler
+from .sequences import Completion, Group, Request, RowBook, Seq
 
 __all__ = ["Completion", "Engine", "Request", "is_out_of_memory"]
 
 log = logging.getLogger(__name__)
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(e).lower()
-    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
-                                            or "not enough memory" in text)
 
 
 class Engine:
@@ -65,7 +63,8 @@ class Engine:
     `kv_cache_gb` caps the pool and `max_slots` the rows. Each image in flight has `lanes` rows
     decoding at once (default `prompts_per_image`). `admission_images` images (and
     `prompts_per_image` prompts each) per admission round at most; `compile` is True (inductor;
-    CUDA graphs on a GPU) or a torch.compile backend name.
+    CUDA graphs on a GPU) or a torch.compile backend name. `kv_cache_dtype` "int8" stores the KV
+    in int8 with a scale per token and head (the plan counts those bytes: about half of bf16).
     """
 
     def __init__(self, model: Any, *, max_len: int | None = None, max_prompt_tokens: int = 256,
@@ -74,9 +73,13 @@ class Engine:
                  prompts_per_image: int = 1, sync_every: int = 8, buckets: Sequence[int] | None = None,
                  compile: bool | str = False, compile_vision: bool = False,
                  eos_token_ids: Iterable[int] | None = None, timed: bool = False,
-                 device_share: float = 1.0, block_size: int = 16, lanes: int | None = None) -> None:
+                 device_share: float = 1.0, block_size: int = 16, lanes: int | None = None,
+                 kv_cache_dtype: str | None = None) -> None:
         self.model = model
         cfg = model.config
+        if kv_cache_dtype not in (None, "auto", "int8"):
+            raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r}: choose 'int8' or leave it unset (the model's dtype)")
+        self.kv_dtype = torch.int8 if kv_cache_dtype == "int8" else None
         self.device = model.device
         self.P = 1 + cfg.num_vision_tokens
         self.max_len = max_len or self.P + max_prompt_tokens + max_new_tokens
@@ -99,7 +102,7 @@ class Engine:
             ("decode_steps", "decode_rows", "decode_slots", "shared_steps", "admissions", "admitted",
              "images", "generated_tokens", "finished", "moved", "oom_admission", "oom_decode", "failed_alone",
              "attn_columns", "kv_blocks_used", "kv_blocks", "prefix_entries"), 0)
-        self.seqs: list[Seq | None] = []
+        self.book = RowBook(0)
         self.step_count = 0
         self._graphs0 = 0
         self._requested_buckets = list(buckets) if buckets else None
@@ -114,12 +117,12 @@ class Engine:
                 self.scheduler.lower()
                 log.warning("out of memory profiling an admission round; admission lowered to %d prompts / "
                             "%d images", self.scheduler.admission_rows, self.scheduler.admission_images)
-        weights = self._weights_bytes()
+        weights = weights_bytes(self.model)
         budget, margin = budget_for(self.device, weights, memory_gb, margin_gb, device_share)
         self.plan = plan_pool(cfg, model.dtype, budget=budget, margin=margin, prefill=prefill_bytes,
                               decode_per_row=decode_per_row, weights=weights, block=self.block, lanes=self.lanes,
                               max_len=self.max_len, max_new=self.max_new_cap, max_slots=max_slots,
-                              kv_cache_gb=kv_cache_gb)
+                              kv_cache_gb=kv_cache_gb, kv_dtype=self.kv_dtype)
         if self.plan.slots < 1 or self.plan.blocks < self.nP + self.MB:
             raise MemoryError(f"not even one KV slot (one prefix and one row of {self.max_len} columns) fits: "
                               f"{self.plan.describe()}; lower max_prompt_tokens / max_new_tokens or "
@@ -145,12 +148,23 @@ class Engine:
     def waiting(self):  # noqa: ANN201 - the scheduler's queue of groups
         return self.scheduler.waiting
 
-    # memory plan ---------------------------------------------------------------------------------
-    def _weights_bytes(self) -> int:
-        """Parameters and buffers as stored (quantized ones at their real size), KV stores excluded."""
-        caches = [m for layer in self.model.model.layers for m in (layer.self_attn.kv_cache, layer.self_attn.kv_pool)]
-        return module_bytes(self.model) - sum(module_bytes(c) for c in caches if c is not None)
+    @property
+    def seqs(self) -> list[Seq | None]:
+        return self.book.seqs
 
+    @property
+    def free(self) -> list[int]:
+        return self.book.free
+
+    @property
+    def n_sampling(self) -> int:
+        return self.book.n_sampling
+
+    @property
+    def origins(self) -> dict[Any, int]:
+        return self.book.origins
+
+    # memory plan ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def _profile(self) -> tuple[int, int]:
         """Measured peaks of one admission at the largest size and of a sampled decode step over
@@ -190,15 +204,12 @@ class Engine:
     # rows and the pool ----------------------------------------------------------------------------
     def _allocate(self, slots: int, blocks: int) -> None:
         """The KV pool, the block accounting and the rows' state, once (the decode step is compiled by `warm_up`)."""
-        self.model.setup_pool(blocks, self.block)
+        self.model.setup_pool(blocks, self.block, self.kv_dtype)
         self.slots = slots
-        self.seqs = [None] * slots
+        self.book = RowBook(slots)
         self.store = BlockAllocator(blocks, self.block, self.P, self.lanes)
         self.rows = Rows(slots, self.max_new_cap, self.MB, self.store.trash, self.device)
         self.eos = torch.tensor(self.eos_ids, device=self.device)
-        self.free = list(range(slots))
-        self.n_sampling = self.n_filtered = 0
-        self.origins: dict[Any, int] = {}
         self._entry_ids = torch.arange(max(1, self.store.max_entries), device=self.device)
         self.buckets = sorted({min(b, slots) for b in self._requested_buckets} | {slots}) \
             if self._requested_buckets else default_buckets(slots)
@@ -222,11 +233,7 @@ class Engine:
         the thread that made them."""
         if self._warm:
             return
-        backend = self.compile if isinstance(self.compile, str) else "inductor"
-        kw: dict[str, Any] = {"backend": backend, "fullgraph": True, "dynamic": True}
-        if backend == "inductor" and self.device.type == "cuda":
-            kw["mode"] = "reduce-overhead"  # CUDA graphs (one per shape met)
-        self.step_fn = torch.compile(private_copy(decode_step), **kw)
+        self.step_fn = compiled_step(self.compile, self.device)
         nb_max = self.MB + 1
         E_max = max(1, self.store.max_entries)
         # no duck sizing: sizes that happen to be equal at the first call must not be tied together
@@ -282,7 +289,7 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.scheduler.waiting) or len(self.free) < self.slots
+        return bool(self.scheduler.waiting) or self.book.running > 0
 
     def _lap(self, name: str, t0: float) -> float:
         if not self.timed:
@@ -301,7 +308,7 @@ class Engine:
         done: list[Completion] = []
         if self.scheduler.waiting and self.free:
             done += self._admit_safely()
-        live = [s for s in self.seqs if s is not None]
+        live = self.book.occupied()
         if live:
             n = min(self.sync_every, min(s.end_step for s in live) - self.step_count)
             if self.scheduler.waiting and len(self.free) >= self.scheduler.admission_rows:
@@ -327,7 +334,7 @@ class Engine:
         lost += [(s.group.tag, s.index) for g in self.scheduler.waiting for s in g.waiting]
         for g in self.scheduler.waiting:
             g.waiting.clear()
-            self._sync_queue_hold(g)
+            self.store.hold_for_waiting(g)
         self.scheduler.waiting.clear()
         for row in range(self.slots):
             if self.seqs[row] is not None:
@@ -360,55 +367,20 @@ class Engine:
                                 [results[i].finish_reason for i in order], [results[i].prompt_tokens for i in order])
 
     # admission -------------------------------------------------------------------------------------
-    def _reserve(self, s: Seq) -> Room:
-        """Book a row, the suffix blocks `s` can fill, and for an image a prefix entry and a lane."""
-        if not self.free:
-            return Room.FULL
-        store, g = self.store, s.group
-        n = store.blocks_for(s.suffix_columns)
-        fresh = g.has_image and g.entry < 0
-        if g.has_image and not fresh and not store.has_lane(g.entry):
-            return Room.NO_LANE
-        if not store.can_alloc(n, 1 if fresh else 0):
-            return Room.FULL
-        if fresh:
-            entry = store.alloc_entry()
-            if entry is None:
-                return Room.FULL
-            g.entry, g.fresh = entry, True
-        s.row = self.free.pop(0)
-        self.seqs[s.row] = s
-        store.alloc_row(s.row, n)
-        if g.has_image:
-            s.lane = store.take_lane(g.entry)
-            store.hold(g.entry)
-        return Room.OK
-
-    def _sync_queue_hold(self, g: Group) -> None:
-        """An image's entry is held for its waiting prompts while it has any."""
-        want = bool(g.waiting) and g.entry >= 0
-        if want and not g.queued:
-            self.store.hold(g.entry)
-        elif g.queued and not want:
-            self.store.release(g.entry)
-        g.queued = want
-
     def _take(self) -> list[Seq]:
-        seqs = self.scheduler.take(self._reserve, self.slots - len(self.free))
+        seqs = self.scheduler.take(lambda s: self.store.reserve(s, self.book), self.book.running)
         for g in dict.fromkeys(s.group for s in seqs):
-            self._sync_queue_hold(g)
+            self.store.hold_for_waiting(g)
         return seqs
 
     def _admit_safely(self) -> list[Completion]:
-        running = self.slots - len(self.free)
+        running = self.book.running
         seqs = self._take()
         if not seqs and not running and not self.scheduler.alone_next:
             # nothing decodes and nothing fits: prefixes kept for waiting prompts fill the pool.
             # Let them go (they are made again on admission) rather than wait forever.
             for g in self.scheduler.waiting:
-                if g.queued:
-                    self.store.release(g.entry)
-                    g.entry, g.queued = -1, False
+                self.store.drop_waiting_hold(g)
             seqs = self._take()
         if not seqs:
             return []
@@ -434,14 +406,14 @@ class Engine:
                     self.store.release(g.entry)
                     g.queued = False
                 g.entry, g.fresh = -1, False
-            self._sync_queue_hold(g)
+            self.store.hold_for_waiting(g)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         if not self.scheduler.out_of_memory(len(seqs), alone, running):
             return []
         g = self.scheduler.waiting[0]  # one prompt that fails alone: its own error
         s = g.waiting.popleft()
-        self._sync_queue_hold(g)
+        self.store.hold_for_waiting(g)
         if not g.waiting:
             self.scheduler.waiting.popleft()
         self.stats["failed_alone"] += 1
@@ -452,41 +424,14 @@ class Engine:
         if not seqs:
             return
         t0 = start = time.perf_counter() if self.timed else 0.0
-        model, dev, store = self.model, self.device, self.store
+        store = self.store
         groups = list(dict.fromkeys(s.group for s in seqs))
         fresh = [g for g in groups if g.has_image and g.fresh]
-
-        # 1. one vision pass for the round's new images
-        need = [g for g in fresh if g.features is None]
-        if need:
-            pixels = torch.stack([g.pixels for g in need]).to(dev, non_blocking=True)
-            feats = self.encode(pixels)  # (U, T, D)
-            for g, f in zip(need, feats):
-                g.features = f
+        encoded = encode_new(self.encode, fresh, self.device)  # 1. one vision pass for the round's new images
         t0 = self._lap("vision_s", t0) if self.timed else t0
-
-        # 2. each new image's prefix once, into its entry
-        if fresh:
-            logits = prefill_prefixes(model, [g.features for g in fresh], [g.entry for g in fresh], self.block)
-            for g, lg in zip(fresh, logits):
-                g.prefix_logits = lg
-
-        # 3. each prompt's own text; the first token of every admitted prompt
-        tables = {s.row: store.row_blocks.get(s.row, []) for s in seqs}
-        first: dict[int, torch.Tensor] = {}
-        with_text = [s for s in seqs if s.group.has_image and s.req.text_ids]
-        for s in seqs:
-            if s.group.has_image and not s.req.text_ids:  # an empty prompt ends at eoi
-                first[s.row] = s.group.prefix_logits
-        if with_text:
-            lg = prefill_texts(model, with_text, [tables[s.row] for s in with_text], self.block, store.trash,
-                               store.entry_bound)
-            first.update(zip((s.row for s in with_text), lg))
-        text_only = [s for s in seqs if not s.group.has_image]
-        if text_only:
-            lg = prefill_fresh_texts(model, text_only, [tables[s.row] for s in text_only], self.block, store.trash)
-            first.update(zip((s.row for s in text_only), lg))
-        self._start(seqs, torch.stack([first[s.row] for s in seqs]), [tables[s.row] for s in seqs])
+        tables = [store.row_blocks.get(s.row, []) for s in seqs]
+        first = prefill_round(self.model, seqs, fresh, tables, self.block, store.trash, store.entry_bound)  # 2., 3.
+        self._start(seqs, first, tables)
         for g in groups:
             g.fresh = False
             if not g.waiting:  # every prompt admitted: the prefix lives in the store now
@@ -495,7 +440,7 @@ class Engine:
                     g.features = None
         self.stats["admissions"] += 1
         self.stats["admitted"] += len(seqs)
-        self.stats["images"] += len(need)
+        self.stats["images"] += encoded
         if self.timed:
             end = self._lap("prefill_s", t0)
             self.timings["max_admission_s"] = max(self.timings["max_admission_s"], end - start)
@@ -505,18 +450,12 @@ class Engine:
         first_pos = [(PREFIX_LAST_POSITION + 1 if s.group.has_image else 1) + len(s.req.text_ids) for s in seqs]
         sample_first(self.rows, seqs, logits, self.eos, self.lanes, first_cols, first_pos, tables)
         for s, c in zip(seqs, first_cols):
-            s.started = True
-            s.start_step = self.step_count
-            s.first_col = c
-            s.end_step = self.step_count + s.req.max_new_tokens - 1
-            self.n_sampling += s.req.sampled
-            self.n_filtered += s.req.filtered
-            self.origins[s.group.origin] = self.origins.get(s.group.origin, 0) + 1
+            self.book.start(s, self.step_count, c)
 
     # decoding --------------------------------------------------------------------------------------
     def _shape(self, steps: int) -> tuple[int, int, int]:
         """(rows B, suffix blocks read nb, prefix entries E) for the next `steps` steps."""
-        occupied = [s for s in self.seqs if s is not None]
+        occupied = self.book.occupied()
         top = max(s.row for s in occupied) + 1
         b = next(x for x in self.buckets if x >= top)
         last = self.step_count + steps - 1
@@ -529,26 +468,10 @@ class Engine:
     def _decode(self, steps: int) -> None:
         t0 = time.perf_counter() if self.timed else 0.0
         b, nb, E = self._shape(steps)
-        r = self.rows
-        live, lengths = r.live[:b], r.lengths[:b]
-        cap = r.out.shape[1] - 1
-        sampled = self.n_sampling > 0
-        args = self._step_args(b, nb, E)
-        for _ in range(steps):
-            logits = self.step_fn(*args)
-            tok = sample(logits, r.temperature[:b] if sampled else None, r.top_k[:b], r.top_p[:b],
-                         r.seeds[:b], lengths, self.n_filtered > 0)
-            tok = torch.where(live, tok, self.model.config.pad_token_id)
-            r.out[:b].scatter_(1, torch.where(live, lengths, cap)[:, None], tok[:, None])
-            lengths += live
-            hit = torch.isin(tok, self.eos) & live & ~r.ignore_eos[:b]
-            r.stopped[:b] |= hit
-            live &= ~hit & (lengths < r.max_new[:b])
-            r.tokens[:b] = tok
-            r.positions[:b] += live
-            r.cols[:b] += live
-            self.step_count += 1
-        occupied = self.slots - len(self.free)
+        decode_steps(self.step_fn, self._step_args(b, nb, E), self.rows, b, steps, self.book.n_sampling > 0,
+                     self.book.n_filtered > 0, self.eos, self.model.config.pad_token_id)
+        self.step_count += steps
+        occupied = self.book.running
         self.stats["decode_steps"] += steps
         self.stats["decode_rows"] += steps * occupied
         self.stats["decode_slots"] += steps * b
@@ -562,23 +485,18 @@ class Engine:
 
     def _harvest(self) -> list[Completion]:
         """Read which rows finished (one transfer) and free their rows."""
-        r = self.rows
-        occupied = [i for i, s in enumerate(self.seqs) if s is not None]
-        state = torch.stack([r.live, r.stopped]).cpu()
-        done = [i for i in occupied if not state[0, i]]
-        if not done:
+        finished = self.rows.finished([s.row for s in self.book.occupied()])
+        if not finished:
             return []
-        idx = torch.tensor(done, device=self.device)
-        lengths = r.lengths[idx].tolist()
-        rows = r.out[idx].tolist()
         out = []
-        for row, n, toks in zip(done, lengths, rows):
+        for row, stopped, toks in finished:
             s = self.seqs[row]
             prompt = 1 + len(s.req.text_ids) + (self.model.config.num_vision_tokens if s.group.has_image else 0)
-            out.append(Completion(s.group.tag, s.index, toks[:n], "stop" if state[1, row] else "length", prompt))
-            self.stats["generated_tokens"] += n
+            out.append(Completion(s.group.tag, s.index, toks, "stop" if stopped else "length", prompt))
+            self.stats["generated_tokens"] += len(toks)
             self._free(row, clear=False)
-        r.clear(done)
+        done = [row for row, _, _ in finished]
+        self.rows.clear(done)
         self.stats["finished"] += len(out)
         self._compact()
         return out
@@ -586,55 +504,27 @@ class Engine:
     def _compact(self) -> None:
         """Move the highest rows into free low ones when that lets decoding use a smaller bucket
         (only their state and block tables move: their KV stays in its blocks)."""
-        occupied = [i for i, s in enumerate(self.seqs) if s is not None]
-        if not occupied:
+        movers, holes = self.book.compaction(self.buckets)
+        if not movers:
             return
-        target = next(b for b in self.buckets if b >= len(occupied))
-        if target >= next(b for b in self.buckets if b >= occupied[-1] + 1):
-            return
-        movers = [i for i in occupied if i >= target]
-        holes = [i for i in range(target) if self.seqs[i] is None][:len(movers)]
         self.rows.move(movers, holes)
         for a, b in zip(movers, holes):
-            seq = self.seqs[a]
-            self.seqs[a], self.seqs[b] = None, seq
-            seq.row = b
+            self.book.move(a, b)
             self.store.move_row(a, b)
-            self.free.remove(b)
-            self.free.append(a)
-        self.free.sort()
         self.stats["moved"] += len(movers)
 
     def _free(self, row: int, clear: bool = True) -> None:
-        s = self.seqs[row]
-        self.seqs[row] = None
-        self.free.append(row)
-        self.free.sort()
-        self.store.free_row(row)
+        """Give back a row: its suffix blocks, its lane, its hold on its image's prefix entry."""
+        self.store.give_back(self.seqs[row])
         if clear:
             self.rows.clear([row])
-        g = s.group
-        if g.has_image and s.lane >= 0:
-            self.store.free_lane(g.entry, s.lane)
-            s.lane = -1
-            self.store.release(g.entry)
-            if g.entry not in self.store.entry_holds:  # its last holder: the prefix is gone
-                g.entry, g.queued = -1, False
-        s.row = -1
-        if not s.started:
-            return
-        s.started = False
-        self.n_sampling -= s.req.sampled
-        self.n_filtered -= s.req.filtered
-        self.origins[g.origin] -= 1
-        if not self.origins[g.origin]:
-            del self.origins[g.origin]
+        self.book.remove(row)
 
     def _decode_oom(self) -> list[Completion]:
         """Out of memory while decoding: every running prompt goes back to the queue and the
         pool is rebuilt with a quarter fewer rows and blocks (or a lone prompt fails)."""
         self.stats["oom_decode"] += 1
-        running = [s for s in self.seqs if s is not None]
+        running = self.book.occupied()
         for s in running:
             self._free(s.row)
         for g in list({id(s.group): s.group for s in running}.values()) + list(self.scheduler.waiting):

@@ -15,16 +15,45 @@ prompt about the image) followed by the row's own suffix; a text-only row is all
 - one extra block at the end is the trash: rows that are not live, padding and pad tokens write
   there, and unused table cells point there.
 
-`BlockAllocator` is the host-side accounting (no torch); `KVPool` the per-layer buffers.
+`BlockAllocator` is the host-side accounting of blocks and entries (no torch); its `reserve`,
+`hold_for_waiting` and `give_back` book them for the engine's prompts (a row, its suffix blocks,
+its image's entry and lane). `KVPool` holds the per-layer buffers.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from .scheduler import Room
+
+if TYPE_CHECKING:
+    from .sequences import Group, RowBook, Seq
+
+
+def pool_rows(index: torch.Tensor, KV: int, block: int) -> torch.Tensor:
+    """Flat suffix slots `index` (B, L) (block * block_size + offset) -> rows (B, KV, L) of a
+    pool seen as (blocks * KV * block, d). Computed once per forward, used by every layer."""
+    heads = torch.arange(KV, device=index.device)
+    return ((index // block)[:, None, :] * KV + heads[None, :, None]) * block + (index % block)[:, None, :]
+
+
+def block_runs(blocks: torch.Tensor, KV: int) -> torch.Tensor:
+    """Rows' blocks (B, nb) -> the (block, d) runs to gather, head-major, (B * KV * nb,): with a
+    pool seen as (blocks * KV, block, d), run `b * KV + h` is head h of block b."""
+    heads = torch.arange(KV, device=blocks.device)
+    return (blocks[:, None, :] * KV + heads[None, :, None]).reshape(-1)
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., d) -> int8 values (..., d) and fp32 scales (..., 1): one scale per token and head,
+    symmetric, amax / 127."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12) / 127.0
+    return (x.float() / scale).round_().clamp_(-127, 127).to(torch.int8), scale
 
 
 class KVPool(nn.Module):
@@ -33,24 +62,45 @@ class KVPool(nn.Module):
     A prefix entry's run of nP blocks is read and written as one head-major tensor
     `(KV, nP * block, d)` (the same bytes, viewed differently): entries 0..E-1 are then one view
     `(E, KV, P, d)` whose rows are contiguous, which matmul reads without a copy. Suffix blocks
-    are used block by block."""
+    are used block by block.
+
+    `kv_dtype` int8: values stored as int8 with one fp32 scale per token and head (`k_scale`,
+    `v_scale`, `(blocks + 1, KV, block, 1)`, laid out like the values, so every view and index of
+    the values applies to them); reads give the model's dtype back (a dequantized copy: on the
+    CPU this simulates the rounding, it does not save bandwidth)."""
 
     def __init__(self, blocks: int, block: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, kv_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         shape = (blocks + 1, num_kv_heads, block, head_dim)
-        self.register_buffer("k_pool", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_pool", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.dtype = dtype
+        self.quantized = kv_dtype == torch.int8
+        store = torch.int8 if self.quantized else dtype
+        self.register_buffer("k_pool", torch.zeros(shape, dtype=store, device=device), persistent=False)
+        self.register_buffer("v_pool", torch.zeros(shape, dtype=store, device=device), persistent=False)
+        if self.quantized:
+            scales = (blocks + 1, num_kv_heads, block, 1)
+            self.register_buffer("k_scale", torch.zeros(scales, dtype=torch.float32, device=device), persistent=False)
+            self.register_buffer("v_scale", torch.zeros(scales, dtype=torch.float32, device=device), persistent=False)
 
-    def write(self, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v (B, KV, L, d) in suffix blocks at flat slots `index` (B, L) (block * block_size
-        + offset). One `index_put_` on the whole buffer (torch.compile makes it an in-place scatter)."""
-        _, KV, block, d = self.k_pool.shape
-        heads = torch.arange(KV, device=k.device)
-        # one flat row index per (token, head) into the pool seen as (blocks * KV * block, d)
-        flat = ((index // block)[:, None, :] * KV + heads[None, :, None]) * block + (index % block)[:, None, :]
-        self.k_pool.view(-1, d).index_put_((flat.reshape(-1),), k.reshape(-1, d))  # (B*KV*L, d)
-        self.v_pool.view(-1, d).index_put_((flat.reshape(-1),), v.reshape(-1, d))
+    def _parts(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        return [(self.k_pool, getattr(self, "k_scale", None)), (self.v_pool, getattr(self, "v_scale", None))]
+
+    def _read(self, x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        return x if scale is None else (x.float() * scale).to(self.dtype)
+
+    def write(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (B, KV, L, d) at the pool rows `rows` (B, KV, L) (`pool_rows`). One `index_put_`
+        on the whole buffer (torch.compile makes it an in-place scatter)."""
+        flat = rows.reshape(-1)
+        for (buf, scale), x in zip(self._parts(), (k, v)):
+            d = buf.shape[-1]
+            if scale is None:
+                buf.view(-1, d).index_put_((flat,), x.reshape(-1, d))  # (B*KV*L, d)
+            else:
+                q, sc = quantize_int8(x)
+                buf.view(-1, d).index_put_((flat,), q.reshape(-1, d))
+                scale.view(-1, 1).index_put_((flat,), sc.reshape(-1, 1))
 
     def _entries(self, buf: torch.Tensor, entries: int, nP: int) -> torch.Tensor:
         _, KV, block, d = buf.shape
@@ -60,22 +110,28 @@ class KVPool(nn.Module):
         """Store k, v (U, KV, P, d) as the prefixes of entries `entries` (U,)."""
         E = int(self.k_pool.shape[0] - 1) // nP
         P = k.shape[2]
-        self._entries(self.k_pool, E, nP)[:, :, :P].index_copy_(0, entries, k)
-        self._entries(self.v_pool, E, nP)[:, :, :P].index_copy_(0, entries, v)
+        for (buf, scale), x in zip(self._parts(), (k, v)):
+            if scale is None:
+                self._entries(buf, E, nP)[:, :, :P].index_copy_(0, entries, x)
+            else:
+                q, sc = quantize_int8(x)
+                self._entries(buf, E, nP)[:, :, :P].index_copy_(0, entries, q)
+                self._entries(scale, E, nP)[:, :, :P].index_copy_(0, entries, sc)
 
     def prefixes(self, entries: int, nP: int, P: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Entries 0..entries-1 as views (E, KV, P, d) (no copy); P None: the whole runs
-        (E, KV, nP * block, d), contiguous (CPU matmul is far slower on the sliced view)."""
-        k, v = self._entries(self.k_pool, entries, nP), self._entries(self.v_pool, entries, nP)
+        """Entries 0..entries-1 as views (E, KV, P, d) (no copy; int8: dequantized copies); P None:
+        the whole runs (E, KV, nP * block, d), contiguous (CPU matmul is far slower on the sliced view)."""
+        k, v = (self._read(self._entries(buf, entries, nP), None if sc is None else self._entries(sc, entries, nP))
+                for buf, sc in self._parts())
         return (k, v) if P is None else (k[:, :, :P], v[:, :, :P])
 
-    def gather(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows' blocks (B, nb) -> their columns (B, KV, nb * block, d) (a copy of those blocks only)."""
-        B, nb = blocks.shape
+    def gather(self, runs: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The runs of `block_runs` (B * KV * nb,) -> the rows' columns (B, KV, nb * block, d): one copy of those
+        blocks only, already head-major (no transpose)."""
         _, KV, block, d = self.k_pool.shape
-        flat = blocks.reshape(-1)
-        k = self.k_pool.index_select(0, flat).view(B, nb, KV, block, d).transpose(1, 2).reshape(B, KV, nb * block, d)
-        v = self.v_pool.index_select(0, flat).view(B, nb, KV, block, d).transpose(1, 2).reshape(B, KV, nb * block, d)
+        k, v = (self._read(buf.view(-1, block, d).index_select(0, runs).view(B, KV, -1, d),
+                           None if sc is None else sc.view(-1, block, 1).index_select(0, runs).view(B, KV, -1, 1))
+                for buf, sc in self._parts())
         return k, v
 
 
@@ -199,3 +255,55 @@ class BlockAllocator:
     def move_row(self, src: int, dst: int) -> None:
         if src in self.row_blocks:
             self.row_blocks[dst] = self.row_blocks.pop(src)
+
+    # prompts (the engine's view) ---------------------------------------------------------------
+    def reserve(self, s: Seq, rows: RowBook) -> Room:
+        """Book a row of `rows`, the suffix blocks `s` can fill, and for an image a prefix entry
+        (a fresh one if its image has none: `g.fresh`) and a lane."""
+        if not rows.free:
+            return Room.FULL
+        g = s.group
+        n = self.blocks_for(s.suffix_columns)
+        fresh = g.has_image and g.entry < 0
+        if g.has_image and not fresh and not self.has_lane(g.entry):
+            return Room.NO_LANE
+        if not self.can_alloc(n, 1 if fresh else 0):
+            return Room.FULL
+        if fresh:
+            entry = self.alloc_entry()
+            if entry is None:
+                return Room.FULL
+            g.entry, g.fresh = entry, True
+        rows.place(s)
+        self.alloc_row(s.row, n)
+        if g.has_image:
+            s.lane = self.take_lane(g.entry)
+            self.hold(g.entry)
+        return Room.OK
+
+    def hold_for_waiting(self, g: Group) -> None:
+        """An image's entry is held for its waiting prompts while it has any (`g.queued`)."""
+        want = bool(g.waiting) and g.entry >= 0
+        if want and not g.queued:
+            self.hold(g.entry)
+        elif g.queued and not want:
+            self.release(g.entry)
+        g.queued = want
+
+    def drop_waiting_hold(self, g: Group) -> None:
+        """Let go of the entry held for `g`'s waiting prompts (it is made again on admission)."""
+        if g.queued:
+            self.release(g.entry)
+            g.entry, g.queued = -1, False
+
+    def give_back(self, s: Seq) -> None:
+        """`s` leaves its row: its suffix blocks, its lane and its hold on its image's entry (the
+        entry goes with its last holder)."""
+        self.free_row(s.row)
+        g = s.group
+        if g.has_image and s.lane >= 0:
+            self.free_lane(g.entry, s.lane)
+            s.lane = -1
+            self.release(g.entry)
+            if g.entry not in self.entry_holds:
+                g.entry, g.queued = -1, False

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
+from .quantization import module_bytes
+
 if TYPE_CHECKING:
     from .config import CogVLMConfig
 
@@ -81,14 +83,14 @@ def budget_for(device: torch.device, weights: int, memory_gb: float | None, marg
 
 def plan_pool(cfg: "CogVLMConfig", dtype: torch.dtype, *, budget: int, margin: int, prefill: int,
               decode_per_row: int, weights: int, block: int, lanes: int, max_len: int, max_new: int,
-              max_slots: int, kv_cache_gb: float | None) -> MemoryPlan:
+              max_slots: int, kv_cache_gb: float | None, kv_dtype: torch.dtype | None = None) -> MemoryPlan:
     """Rows and blocks of the KV store. The least a row can hold is its lane's share of a prefix
     and one suffix block; rows are cheap, so the plan allows as many rows as could hold that
     (at most `max_slots`), and blocks take the rest of the room (at most what every row could
     fill, and `kv_cache_gb` if given)."""
     P = 1 + cfg.num_vision_tokens
     nP, MB = -(-P // block), -(-max_len // block)
-    blk = block_bytes(cfg, dtype, block)
+    blk = block_bytes(cfg, dtype, block, kv_dtype)
     row = row_state_bytes(max_new, MB) + decode_per_row
     min_row = (-(-nP // lanes) + 1) * blk
     room = max(0, budget - prefill - margin)
@@ -198,9 +200,11 @@ def activation_bytes(cfg: "CogVLMConfig", dtype: torch.dtype, device_type: str, 
     return max(vision, prefix, text) + logits
 
 
-def block_bytes(cfg: "CogVLMConfig", dtype: torch.dtype, block_size: int) -> int:
-    """KV of one pool block of `block_size` columns, all layers."""
-    return cfg.num_hidden_layers * 2 * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize * block_size
+def block_bytes(cfg: "CogVLMConfig", dtype: torch.dtype, block_size: int, kv_dtype: torch.dtype | None = None) -> int:
+    """KV of one pool block of `block_size` columns, all layers (int8 `kv_dtype`: one byte per
+    value and a 4-byte scale per token and head)."""
+    per_head = cfg.head_dim + 4 if kv_dtype == torch.int8 else cfg.head_dim * dtype.itemsize
+    return cfg.num_hidden_layers * 2 * cfg.num_kv_heads * per_head * block_size
 
 
 def row_state_bytes(max_new_tokens: int, table_blocks: int) -> int:
@@ -270,3 +274,17 @@ def fit_error(cfg: "CogVLMConfig", dtype: torch.dtype, quantization: str | None,
     advice = ("set " + " or ".join(options)) if options else \
         "no weight quantization fits: use a larger GPU, or lower model.admission_images, max_prompt_tokens or the tasks' max_new_tokens"
     return f"{est.describe()}; {where} {device_bytes / GB:.1f} GB: {advice}"
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
+                                            or "not enough memory" in text)
+
+
+def weights_bytes(model: Any) -> int:
+    """Parameters and buffers as stored (quantized ones at their real size), KV stores excluded."""
+    caches = [m for layer in model.model.layers for m in (layer.self_attn.kv_cache, layer.self_attn.kv_pool)]
+    return module_bytes(model) - sum(module_bytes(c) for c in caches if c is not None)

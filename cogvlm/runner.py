@@ -12,9 +12,10 @@ import torch
 from .cascade import StoreBatch
 from .config import LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE
 from .decoder import CogVLMForCausalLM, ExpertRouting
+from .kv_store import block_runs, pool_rows
 from .positions import build_position_ids
 from .sampling import sample
-from .sequences import Seq
+from .sequences import Group, Seq
 
 # positions of an image prefix: bos 0, boi 1, patches 2, eoi 3 (the spec); text starts at 4
 PREFIX_LAST_POSITION = 3
@@ -30,12 +31,12 @@ def decode_step(model: CogVLMForCausalLM, tokens: torch.Tensor, positions: torch
     (B, nb) the blocks attention reads (the widest live row's); `entries` (E,): prefix entries
     0..E-1 are read. Shapes depend on B, nb and E only, never on `max_len`."""
     cfg = model.config
-    P = 1 + cfg.num_vision_tokens
+    P, KV = 1 + cfg.num_vision_tokens, cfg.num_kv_heads
     nP = -(-P // block)
     blk = table.gather(1, (cols // block)[:, None])  # (B, 1)
-    write = blk * block + (cols % block)[:, None]  # (B, 1) flat pool slot of the fed token
-    store = StoreBatch("decode", write, P, nP, lanes, blocks=read, length=cols + 1, lane=lane,
-                       entries=entries.shape[0])
+    write = pool_rows(blk * block + (cols % block)[:, None], KV, block)  # (B, KV, 1) pool rows of the fed token
+    store = StoreBatch.decode(write, P, nP, lanes, block_runs(read, KV), cols + 1, read.shape[1] * block, lane,
+                              entries.shape[0], block)
     embeds = model.model.embed_tokens(tokens[:, None])  # (B, 1, D)
     logits = model.forward_embeds(embeds, torch.zeros_like(tokens)[:, None], positions[:, None], None,
                                   routing=ExpertRouting(), store=store)
@@ -53,6 +54,16 @@ def private_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The same function with its own code object: torch.compile keeps graphs (and counts them
     against its recompile limit) per code object, so each engine's step gets its own."""
     return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def compiled_step(compile: bool | str, device: torch.device) -> Callable[..., torch.Tensor]:
+    """`decode_step` compiled (its own code object) with symbolic sizes: `compile` True (inductor;
+    CUDA graphs on a GPU) or a torch.compile backend name."""
+    backend = compile if isinstance(compile, str) else "inductor"
+    kw: dict[str, Any] = {"backend": backend, "fullgraph": True, "dynamic": True}
+    if backend == "inductor" and device.type == "cuda":
+        kw["mode"] = "reduce-overhead"  # CUDA graphs (one per shape met)
+    return torch.compile(private_copy(decode_step), **kw)
 
 
 def default_buckets(slots: int, smallest: int = 8) -> list[int]:
@@ -100,6 +111,18 @@ class Rows:
             t[d] = t[s]
         self.clear(src)
 
+    def finished(self, rows: Sequence[int]) -> list[tuple[int, bool, list[int]]]:
+        """Of `rows`, those no longer live, as (row, stopped at eos, generated tokens): the live
+        flags in one transfer, then the finished rows' outputs in one more."""
+        state = torch.stack([self.live, self.stopped]).cpu()
+        done = [i for i in rows if not state[0, i]]
+        if not done:
+            return []
+        idx = torch.tensor(done, device=self.tokens.device)
+        lengths = self.lengths[idx].tolist()
+        outs = self.out[idx].tolist()
+        return [(row, bool(state[1, row]), toks[:n]) for row, n, toks in zip(done, lengths, outs)]
+
     def clear(self, rows: Sequence[int]) -> None:
         if not rows:
             return
@@ -107,6 +130,29 @@ class Rows:
         self.live[idx] = False
         self.lane[idx] = -1
         self.table[idx] = self.trash
+
+
+def decode_steps(step_fn: Callable[..., torch.Tensor], args: tuple, rows: Rows, b: int, steps: int,
+                 sampled: bool, filtered: bool, eos: torch.Tensor, pad_token_id: int) -> None:
+    """`steps` decode steps of rows 0..b-1 (`step_fn(*args)` -> logits); each live row's token is
+    sampled, stored, fed back; rows stop at eos (unless ignored) or at their max_new_tokens. No
+    host sync."""
+    r = rows
+    live, lengths = r.live[:b], r.lengths[:b]
+    cap = r.out.shape[1] - 1
+    for _ in range(steps):
+        logits = step_fn(*args)
+        tok = sample(logits, r.temperature[:b] if sampled else None, r.top_k[:b], r.top_p[:b], r.seeds[:b],
+                     lengths, filtered)
+        tok = torch.where(live, tok, pad_token_id)
+        r.out[:b].scatter_(1, torch.where(live, lengths, cap)[:, None], tok[:, None])
+        lengths += live
+        hit = torch.isin(tok, eos) & live & ~r.ignore_eos[:b]
+        r.stopped[:b] |= hit
+        live &= ~hit & (lengths < r.max_new[:b])
+        r.tokens[:b] = tok
+        r.positions[:b] += live
+        r.cols[:b] += live
 
 
 def sample_first(rows: Rows, seqs: list[Seq], logits: torch.Tensor, eos: torch.Tensor, lanes: int,
@@ -143,6 +189,55 @@ def sample_first(rows: Rows, seqs: list[Seq], logits: torch.Tensor, eos: torch.T
     rows.table[idx] = table.to(dev)
 
 
+def encode_new(encode: Callable[[torch.Tensor], torch.Tensor], groups: Sequence[Group],
+               device: torch.device) -> int:
+    """One vision pass for the groups whose features are not known yet -> how many images it encoded."""
+    need = [g for g in groups if g.features is None]
+    if need:
+        pixels = torch.stack([g.pixels for g in need]).to(device, non_blocking=True)
+        for g, f in zip(need, encode(pixels)):  # (U, T, D)
+            g.features = f
+    return len(need)
+
+
+def prefill_round(model: CogVLMForCausalLM, seqs: list[Seq], fresh: list[Group], tables: list[list[int]],
+                  block: int, trash: int, entries: int) -> torch.Tensor:
+    """An admission round's prefills: each new image's prefix once into its entry (`fresh`; with
+    its first prompt's text in the same pass where no prompt of the image is empty), then every
+    other prompt's own text into its suffix blocks (`tables`, in `seqs` order) -> (R, V) each
+    prompt's first-token logits, in `seqs` order."""
+    first: dict[int, torch.Tensor] = {}
+    # an image whose prompts all have text: its prefix and its first prompt's text in one pass
+    # (no prefix logits are needed then: only an empty prompt starts from them)
+    together: dict[Group, int] = {}
+    for i, s in enumerate(seqs):
+        g = s.group
+        if g.fresh and g not in together and all(x.req.text_ids for x in seqs if x.group is g) \
+                and all(x.req.text_ids for x in g.waiting):
+            together[g] = i
+    if together:
+        idx = list(together.values())
+        lg = prefill_prefix_texts(model, [seqs[i] for i in idx], [tables[i] for i in idx], block, trash)
+        first.update(zip(idx, lg))
+    alone = [g for g in fresh if g not in together]
+    if alone:
+        logits = prefill_prefixes(model, [g.features for g in alone], [g.entry for g in alone], block)
+        for g, lg in zip(alone, logits):
+            g.prefix_logits = lg
+    for i, s in enumerate(seqs):
+        if s.group.has_image and not s.req.text_ids:  # an empty prompt ends at eoi
+            first[i] = s.group.prefix_logits
+    with_text = [i for i, s in enumerate(seqs) if s.group.has_image and s.req.text_ids and i not in first]
+    if with_text:
+        lg = prefill_texts(model, [seqs[i] for i in with_text], [tables[i] for i in with_text], block, trash, entries)
+        first.update(zip(with_text, lg))
+    text_only = [i for i, s in enumerate(seqs) if not s.group.has_image]
+    if text_only:
+        lg = prefill_fresh_texts(model, [seqs[i] for i in text_only], [tables[i] for i in text_only], block, trash)
+        first.update(zip(text_only, lg))
+    return torch.stack([first[i] for i in range(len(seqs))])
+
+
 def suffix_slots(blocks: list[int], start: int, n: int, T: int, block: int, trash: int) -> list[int]:
     """Flat pool slots of suffix columns start..start+T-1 of a row: its own for the first n, the
     trash block's for padding."""
@@ -164,8 +259,35 @@ def prefill_prefixes(model: CogVLMForCausalLM, features: Sequence[torch.Tensor],
     pos = build_position_ids(types_)  # (U, P): 0, 1, 2, ..., 2, 3
     bos = model.model.embed_tokens(torch.full((U, 1), cfg.bos_token_id, device=dev))
     embeds = torch.cat([bos, torch.stack(list(features)).to(dev, bos.dtype)], dim=1)  # (U, P, D)
-    store = StoreBatch("fresh", None, P, nP, prefix=torch.tensor(entries, device=dev))
+    store = StoreBatch.fresh(None, P, nP, prefix=torch.tensor(entries, device=dev))
     return model.forward_embeds(embeds, types_, pos, None, logits_to_keep=1, store=store)[:, -1]
+
+
+def prefill_prefix_texts(model: CogVLMForCausalLM, seqs: list[Seq], tables: list[list[int]], block: int,
+                         trash: int) -> torch.Tensor:
+    """Each new image's prefix [bos, boi, patches, eoi] and one prompt's text after it, in one
+    causal pass (right-padded): the prefix into the image's entry, the text into the prompt's
+    suffix blocks -> (U, V) the prompts' last logits."""
+    cfg, dev = model.config, model.device
+    U, P = len(seqs), 1 + cfg.num_vision_tokens
+    nP = -(-P // block)
+    T = max(len(s.req.text_ids) for s in seqs)
+    ids = torch.full((U, T), cfg.pad_token_id, dtype=torch.long)
+    write = []
+    for b, (s, t) in enumerate(zip(seqs, tables)):
+        n = len(s.req.text_ids)
+        ids[b, :n] = torch.tensor(s.req.text_ids)
+        write.append(suffix_slots(t, 0, n, T, block, trash))
+    prefix_types = torch.tensor([[LANGUAGE_TOKEN_TYPE] + [VISION_TOKEN_TYPE] * cfg.num_vision_tokens], device=dev)
+    types_ = torch.cat([prefix_types, torch.full((1, T), LANGUAGE_TOKEN_TYPE, device=dev)], dim=1).expand(U, P + T)
+    pos = torch.cat([build_position_ids(prefix_types)[0], PREFIX_LAST_POSITION + 1 + torch.arange(T, device=dev)])
+    bos = model.model.embed_tokens(torch.full((U, 1), cfg.bos_token_id, device=dev))
+    feats = torch.stack([s.group.features for s in seqs]).to(dev, bos.dtype)
+    embeds = torch.cat([bos, feats, model.model.embed_tokens(ids.to(dev))], dim=1)  # (U, P + T, D)
+    store = StoreBatch.fresh(pool_rows(torch.tensor(write, device=dev), cfg.num_kv_heads, block), P, nP,
+                             prefix=torch.tensor([s.group.entry for s in seqs], device=dev))
+    last = torch.tensor([P + len(s.req.text_ids) - 1 for s in seqs], device=dev)
+    return model.forward_embeds(embeds, types_, pos.expand(U, P + T), None, logits_at=last, store=store)[:, -1]
 
 
 def prefill_texts(model: CogVLMForCausalLM, seqs: list[Seq], tables: list[list[int]], block: int, trash: int,
@@ -182,8 +304,8 @@ def prefill_texts(model: CogVLMForCausalLM, seqs: list[Seq], tables: list[list[i
         write.append(suffix_slots(t, 0, n, T, block, trash))
     ids = ids.to(dev)
     pos = (PREFIX_LAST_POSITION + 1 + torch.arange(T, device=dev)).expand(R, T)
-    store = StoreBatch("text", torch.tensor(write, device=dev), P, -(-P // block),
-                       entry=torch.tensor([s.group.entry for s in seqs], device=dev), entries=entries)
+    store = StoreBatch.text(pool_rows(torch.tensor(write, device=dev), cfg.num_kv_heads, block), P, -(-P // block),
+                            torch.tensor([s.group.entry for s in seqs], device=dev), entries)
     last = torch.tensor([len(s.req.text_ids) - 1 for s in seqs], device=dev)
     return model.forward_embeds(model.model.embed_tokens(ids), torch.zeros_like(ids), pos, None,
                                 routing=ExpertRouting(), logits_at=last, store=store)[:, -1]
@@ -203,7 +325,7 @@ def prefill_fresh_texts(model: CogVLMForCausalLM, seqs: list[Seq], tables: list[
         write.append(suffix_slots(t, 0, n, T, block, trash))
     ids = ids.to(dev)
     pos = torch.arange(T, device=dev).expand(R, T)
-    store = StoreBatch("fresh", torch.tensor(write, device=dev), P, -(-P // block))
+    store = StoreBatch.fresh(pool_rows(torch.tensor(write, device=dev), cfg.num_kv_heads, block), P, -(-P // block))
     last = torch.tensor([len(s.req.text_ids) for s in seqs], device=dev)
     return model.forward_embeds(model.model.embed_tokens(ids), torch.zeros_like(ids), pos, None,
                                 routing=ExpertRouting(), logits_at=last, store=store)[:, -1]

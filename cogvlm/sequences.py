@@ -79,3 +79,73 @@ class Seq:
     def suffix_columns(self) -> int:
         """Suffix columns this prompt can fill: [bos] (text-only) + text + generated tokens fed back."""
         return (0 if self.group.has_image else 1) + len(self.req.text_ids) + self.req.max_new_tokens - 1
+
+
+class RowBook:
+    """Which prompt decodes in each of the engine's `slots` rows, and what the running prompts
+    need of the decode step (sampling, top-k/p filtering, how many sources share it)."""
+
+    def __init__(self, slots: int) -> None:
+        self.seqs: list[Seq | None] = [None] * slots
+        self.free = list(range(slots))  # sorted: a new prompt takes the lowest free row
+        self.n_sampling = self.n_filtered = 0  # running prompts that sample / filter
+        self.origins: dict[Any, int] = {}  # running prompts per origin
+
+    @property
+    def running(self) -> int:
+        return len(self.seqs) - len(self.free)
+
+    def occupied(self) -> list[Seq]:
+        return [s for s in self.seqs if s is not None]
+
+    def place(self, s: Seq) -> None:
+        s.row = self.free.pop(0)
+        self.seqs[s.row] = s
+
+    def start(self, s: Seq, step: int, first_col: int) -> None:
+        """`s` decodes from engine step `step`, its first generated token at suffix column `first_col`."""
+        s.started = True
+        s.start_step = step
+        s.first_col = first_col
+        s.end_step = step + s.req.max_new_tokens - 1
+        self.n_sampling += s.req.sampled
+        self.n_filtered += s.req.filtered
+        self.origins[s.group.origin] = self.origins.get(s.group.origin, 0) + 1
+
+    def remove(self, row: int) -> Seq:
+        s = self.seqs[row]
+        assert s is not None
+        self.seqs[row] = None
+        self.free.append(row)
+        self.free.sort()
+        s.row = -1
+        if s.started:
+            s.started = False
+            self.n_sampling -= s.req.sampled
+            self.n_filtered -= s.req.filtered
+            self.origins[s.group.origin] -= 1
+            if not self.origins[s.group.origin]:
+                del self.origins[s.group.origin]
+        return s
+
+    def compaction(self, buckets: list[int]) -> tuple[list[int], list[int]]:
+        """Rows to move (the highest) and where (free low rows), when that lets decoding use a
+        smaller bucket of `buckets`; ([], []) otherwise."""
+        occupied = [i for i, s in enumerate(self.seqs) if s is not None]
+        if not occupied:
+            return [], []
+        target = next(b for b in buckets if b >= len(occupied))
+        if target >= next(b for b in buckets if b >= occupied[-1] + 1):
+            return [], []
+        movers = [i for i in occupied if i >= target]
+        holes = [i for i in range(target) if self.seqs[i] is None][:len(movers)]
+        return movers, holes
+
+    def move(self, src: int, dst: int) -> None:
+        s = self.seqs[src]
+        assert s is not None and self.seqs[dst] is None
+        self.seqs[src], self.seqs[dst] = None, s
+        s.row = dst
+        self.free.remove(dst)
+        self.free.append(src)
+        self.free.sort()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cogvlm.engine import Engine, Request
-from cogvlm.kv_store import BlockAllocator
+from cogvlm.kv_store import BlockAllocator, quantize_int8
 from cogvlm.memory import block_bytes
 
 from .test_engine import _alone, _workload
@@ -80,7 +80,7 @@ def test_small_blocks_and_a_full_pool_equal_each_prompt_alone(version, request):
 def test_no_block_leaks_over_a_thousand_requests(model_v1, monkeypatch):
     """1,000 requests with aborts and out-of-memory rounds in between: every block, entry and row
     comes back, and the allocator's books agree with a recount."""
-    import cogvlm.engine as engine_mod
+    import cogvlm.runner as runner_mod
 
     cfg = model_v1.config
     rng = random.Random(0)
@@ -89,7 +89,7 @@ def test_no_block_leaks_over_a_thousand_requests(model_v1, monkeypatch):
     eng = Engine(model_v1, max_prompt_tokens=8, max_new_tokens=3, max_slots=16, admission_images=4,
                  prompts_per_image=3, sync_every=2, block_size=4,
                  kv_cache_gb=60 * block_bytes(cfg, model_v1.dtype, 4) / 1e9)
-    real = engine_mod.prefill_texts
+    real = runner_mod.prefill_texts
     calls = {"n": 0}
 
     def flaky(*a, **kw):
@@ -98,7 +98,7 @@ def test_no_block_leaks_over_a_thousand_requests(model_v1, monkeypatch):
             raise torch.OutOfMemoryError("out of memory (injected)")
         return real(*a, **kw)
 
-    monkeypatch.setattr(engine_mod, "prefill_texts", flaky)
+    monkeypatch.setattr(runner_mod, "prefill_texts", flaky)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: per-op overhead, which a busy machine's threads only add to
     try:
@@ -170,3 +170,26 @@ def test_gpu_first_bench_runs_on_cpu_and_writes_every_phase(tmp_path):
     assert all(ph["status"] in ("ok", "skipped") for ph in data["phases"].values()), data
     assert data["phases"]["decode_steps"]["16"]["live_rows"] == 16
     assert data["phases"]["caption_eager"]["images_per_s"] > 0
+
+
+def test_int8_kv_is_planned_smaller_and_round_trips_within_half_a_step(model_v2):
+    """kv_cache_dtype int8: the pool holds int8 values with a scale per token and head, the plan
+    counts those bytes, a value read back is within half a quantization step, and a mixed workload
+    runs to the end with every block returned (its drift is measured in bench/kv_precision.py)."""
+    cfg = model_v2.config
+    fp, i8 = block_bytes(cfg, model_v2.dtype, 16), block_bytes(cfg, model_v2.dtype, 16, torch.int8)
+    assert i8 == cfg.num_hidden_layers * 2 * cfg.num_kv_heads * (cfg.head_dim + 4) * 16 and i8 < fp
+    x = torch.randn(3, cfg.num_kv_heads, 5, cfg.head_dim, generator=torch.Generator().manual_seed(0))
+    q, scale = quantize_int8(x)
+    assert q.dtype == torch.int8 and scale.shape == (3, cfg.num_kv_heads, 5, 1)
+    assert bool(((q.float() * scale - x).abs() <= scale / 2 + 1e-6).all())
+    reqs, images = _workload(model_v2, n_images=4, seed=9)
+    eng = Engine(model_v2, max_prompt_tokens=24, max_new_tokens=12, max_slots=12, prompts_per_image=2,
+                 kv_cache_dtype="int8", eos_token_ids=[7])
+    pool = model_v2.model.layers[0].self_attn.kv_pool
+    assert pool.k_pool.dtype == torch.int8 and pool.k_scale.dtype == torch.float32
+    assert eng.plan.block_bytes == block_bytes(cfg, model_v2.dtype, 16, torch.int8)
+    out = eng.generate(reqs, images)
+    assert all(n >= 1 for n in out.num_tokens) and eng.store.used == 0 and eng.store.entries_in_use == 0
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        Engine(model_v2, kv_cache_dtype="fp8")
