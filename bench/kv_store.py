@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.engine import DTYPES, build_random, load_package, make_work  # noqa: E402
-from cogvlm.config import preset  # noqa: E402
+from cogvlm.config import PRESETS, preset  # noqa: E402
 from cogvlm.engine import Engine, Request  # noqa: E402
 
 
@@ -135,13 +135,16 @@ def main() -> None:
     p.add_argument("--admission-images", type=int, default=8)
     p.add_argument("--sync-every", type=int, default=8)
     p.add_argument("--question-tokens", type=int, default=0, help="new tokens per question (0: 8-16)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="the vision tower's image size (490: v1's 1,228-column prefix at the preset's widths)")
     p.add_argument("--baseline-src", default=None)
     p.add_argument("--parts", default="1,2,3", help="which measurements (3 alone still runs 1's captions)")
     a = p.parse_args()
     parts = {int(x) for x in a.parts.split(",")}
     device = torch.device(a.device)
     dtype = DTYPES[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    cfg = preset(a.config)
+    cfg = preset(a.config) if a.image_size is None else preset(a.config, vision_config=dict(
+        PRESETS[a.config].get("vision_config", {}), image_size=a.image_size))
     model = build_random(cfg, dtype, device)
     P = 1 + cfg.num_vision_tokens
     col_bytes = cfg.num_hidden_layers * 2 * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
