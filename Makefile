@@ -16,7 +16,7 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=30 tests
 
 demo: $(STAMP)
 	$(PY) -m jobs.demo

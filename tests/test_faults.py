@@ -115,19 +115,12 @@ def test_transient_uri_fetch_failure_is_not_committed_as_a_read_error(
 
 
 def test_s3_outage_during_commits(ray_cluster, ckpt_v1, tokenizer_v1, flaky_s3, tmp_path):
-    """Commits retry through a short outage; past `retry.deadline_s` a commit leaves its shard for
-    the rerun: the CLI ends with one line naming it and exit 3, and the rerun commits the rest
+    """Past `retry.deadline_s` a commit leaves its shard for the rerun: the CLI ends with one line naming it and exit 3, and the rerun commits the rest
     without committing a first-run shard again; every commit refused: the run stops short (exit 3)."""
     bucket, endpoint, proxy = flaky_s3
     expected = webdataset_shards(tmp_path / "in", n_shards=3, per_shard=2)
-    out = f"s3://{bucket}/out"
-    proxy.outage_on(b"out/data/00000.parquet", seconds=5)
-    cfg = job(ckpt_v1, tokenizer_v1, tmp_path / "in", out, s3={"endpoint_url": proxy.url, "max_attempts": 2},
-              retry={"deadline_s": 60, "backoff_s": 0.5})
-    summary = run(load_config(data=cfg))
-    assert proxy.outages and summary["shards_processed"] == 3
-    keys_once(read_output_s3(endpoint, out), expected)
-
+    cfg = job(ckpt_v1, tokenizer_v1, tmp_path / "in", f"s3://{bucket}/out", s3={"endpoint_url": proxy.url,
+              "max_attempts": 2}, retry={"deadline_s": 60, "backoff_s": 0.5})  # (retries within it: throttled test)
     out2 = f"s3://{bucket}/out2"  # one shard's data file is refused (503) past the deadline
     proxy.answer_503 = lambda r: r.method == "PUT" and f"/{bucket}/out2/data/00001.parquet" in r.path
     cfg2 = dict(cfg, output={"path": out2}, retry={"deadline_s": 3, "backoff_s": 0.5})

@@ -257,29 +257,24 @@ class Probe(CrashLedger):  # the crash ledger, asked where it lives
         return ray.get_runtime_context().get_node_id()
 
 ray.init()
-pinned = sys.argv[1] == "pinned"
-actors = [on_driver_node(Probe) if pinned else ray.remote(num_cpus=0)(Probe).remote() for _ in range(16)]
+pinned = [on_driver_node(Probe) for _ in range(16)]
+unpinned = [ray.remote(num_cpus=0)(Probe).remote() for _ in range(16)]
 print("placement", json.dumps({"driver": ray.get_runtime_context().get_node_id(),
-                  "actors": ray.get([a.node.remote() for a in actors])}))
+                               "pinned": ray.get([a.node.remote() for a in pinned]),
+                               "unpinned": ray.get([a.node.remote() for a in unpinned])}))
 """
 
 
 def test_driver_side_actors_live_on_the_drivers_node(cluster, tmp_path):
     """Every placement a run's own actors can get: 16 of them started as the run starts its claim
-    keeper and crash ledger (`pipeline.actors.on_driver_node`) on a head without CPUs and two
-    worker nodes all land on the driver's node (so losing a worker node never takes one), where
-    the same actors started without the pin spread over the workers."""
+    keeper and crash ledger (`pipeline.actors.on_driver_node`) on a head without CPUs and a
+    worker node all land on the driver's node (so losing a worker node never takes one), where
+    the same actors started without the pin go to the worker."""
     cluster.add_worker(cpus=2)
-    cluster.add_worker(cpus=2)
-
-    def placements(how: str) -> tuple[str, set[str]]:
-        proc = subprocess.run([sys.executable, "-c", PLACEMENT_PROBE, how], cwd=ROOT, capture_output=True, text=True,
-                              env=dict(cluster.env, RAY_ADDRESS=cluster.gcs), timeout=180)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        seen = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("placement "))[10:])
-        return seen["driver"], set(seen["actors"])
-
-    driver, nodes = placements("pinned")
-    assert nodes == {driver}
-    driver, nodes = placements("unpinned")  # the probe can tell: unpinned, they leave the driver's node
-    assert nodes - {driver}, "unpinned actors stayed on the driver's node: the probe proves nothing"
+    proc = subprocess.run([sys.executable, "-c", PLACEMENT_PROBE], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(cluster.env, RAY_ADDRESS=cluster.gcs), timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("placement "))[10:])
+    assert set(seen["pinned"]) == {seen["driver"]}
+    # the probe can tell: unpinned, the same actors leave the driver's node
+    assert set(seen["unpinned"]) - {seen["driver"]}, "unpinned actors stayed on the driver's node"
