@@ -23,22 +23,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.engine import build_random, load_package  # noqa: E402
-from bench.kv_store import captions  # noqa: E402
+from bench.engine import build_random  # noqa: E402
+from bench.kv_store import admit_all, captions, same_weight_engines  # noqa: E402
 from cogvlm.config import preset  # noqa: E402
-from cogvlm.engine import Engine, Request  # noqa: E402
 
 
 def filled(E: Any, R: Any, model: Any, images: torch.Tensor, prompts: list, **kw: Any) -> Any:
     e = E(model, **kw)
     for i, ps in enumerate(prompts):
         e.add([R(ids, 0, new, ignore_eos=True) for ids, new in ps], images[i], tag=i)
-    with torch.inference_mode():
-        while e.waiting and e.free:
-            before = len(e.free)
-            e._admit_safely()
-            if len(e.free) == before:
-                break
+    admit_all(e)
     return e
 
 
@@ -53,12 +47,7 @@ def main() -> None:
     cfg = preset(a.config)
     torch.manual_seed(0)
     model = build_random(cfg, torch.float32, torch.device("cpu"))
-    engines: list[tuple[str, Any, Any, Any]] = [("this", Engine, Request, model)]
-    for i, src in enumerate(a.baseline_src):
-        pkg = load_package(src, f"cogvlm_baseline{i}")
-        m = build_random(pkg.config.preset(a.config), torch.float32, torch.device("cpu"), package=pkg)
-        m.load_state_dict(model.state_dict())
-        engines.append((src, pkg.engine.Engine, pkg.engine.Request, m))
+    engines = same_weight_engines(model, a.config, a.baseline_src)
     per_image = 4 if a.multi else 1
     images, prompts = captions(cfg, a.images, 32, seed=2, questions=per_image - 1, question_tokens=32, question_len=20)
     rows = a.images * per_image

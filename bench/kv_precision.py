@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.engine import DTYPES, build_random  # noqa: E402
-from bench.kv_store import captions  # noqa: E402
+from bench.kv_store import admit_all, captions  # noqa: E402
 from cogvlm.config import preset  # noqa: E402
 from cogvlm.engine import Engine, Request  # noqa: E402
 from cogvlm.memory import block_bytes  # noqa: E402
@@ -37,12 +37,7 @@ def filled(model: Any, images: torch.Tensor, prompts: list, **kw: Any) -> Engine
                admission_images=len(prompts), prompts_per_image=2, **kw)
     for i, ps in enumerate(prompts):
         e.add([Request(ids, 0, 64, ignore_eos=True) for ids, _ in ps], images[i], tag=i)
-    with torch.inference_mode():
-        while e.waiting and e.free:
-            before = len(e.free)
-            e._admit_safely()
-            if len(e.free) == before:
-                break
+    admit_all(e)
     return e
 
 

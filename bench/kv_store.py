@@ -67,18 +67,35 @@ def drive(engine: Any, request_cls: Any, images: torch.Tensor, prompts: list, ca
             "images_per_step": s.get("prefix_entries", 0) / max(1, s["decode_steps"])}
 
 
-def filled(E: Any, R: Any, model, images: torch.Tensor, prompts: list, rows: int, **kw: Any) -> Any:
-    """An engine holding the first prompt of each of `rows` images (all admitted, none decoded)."""
-    e = E(model, **dict(kw, timed=False, admission_images=rows))
-    for i in range(rows):
-        ids, new = prompts[i][0]
-        e.add([R(ids, 0, new, ignore_eos=True)], images[i], tag=i)
+def admit_all(e: Any) -> None:
+    """Admission rounds until nothing waits or nothing more fits (no decode step)."""
     with torch.inference_mode():
         while e.waiting and e.free:
             before = len(e.free)
             e._admit_safely()
             if len(e.free) == before:
                 break
+
+
+def same_weight_engines(model: Any, config: str, sources: list[str]) -> list[tuple[str, Any, Any, Any]]:
+    """(name, Engine, Request, model) for this checkout and each older checkout in `sources`, every
+    model holding `model`'s weights."""
+    engines: list[tuple[str, Any, Any, Any]] = [("this", Engine, Request, model)]
+    for i, src in enumerate(sources):
+        pkg = load_package(src, f"cogvlm_baseline{i}")
+        m = build_random(pkg.config.preset(config), torch.float32, torch.device("cpu"), package=pkg)
+        m.load_state_dict(model.state_dict())
+        engines.append((src, pkg.engine.Engine, pkg.engine.Request, m))
+    return engines
+
+
+def filled(E: Any, R: Any, model, images: torch.Tensor, prompts: list, rows: int, **kw: Any) -> Any:
+    """An engine holding the first prompt of each of `rows` images (all admitted, none decoded)."""
+    e = E(model, **dict(kw, timed=False, admission_images=rows))
+    for i in range(rows):
+        ids, new = prompts[i][0]
+        e.add([R(ids, 0, new, ignore_eos=True)], images[i], tag=i)
+    admit_all(e)
     # engines on one model keep their KV on its layers: remember this one's, to put back (`alternate`)
     e.bench_kv = [(m.self_attn.kv_cache, getattr(m.self_attn, "kv_pool", None)) for m in model.model.layers]
     e.bench_model = model

@@ -238,6 +238,17 @@ def prefill_round(model: CogVLMForCausalLM, seqs: list[Seq], fresh: list[Group],
     return torch.stack([first[i] for i in range(len(seqs))])
 
 
+def padded_texts(texts: list[list[int]], tables: list[list[int]], T: int, block: int, trash: int,
+                 pad: int) -> tuple[torch.Tensor, list[list[int]]]:
+    """Token ids right-padded to (R, T) on the host, and each row's T suffix slots (from column 0)."""
+    ids = torch.full((len(texts), T), pad, dtype=torch.long)
+    write = []
+    for b, (text, t) in enumerate(zip(texts, tables)):
+        ids[b, :len(text)] = torch.tensor(text)
+        write.append(suffix_slots(t, 0, len(text), T, block, trash))
+    return ids, write
+
+
 def suffix_slots(blocks: list[int], start: int, n: int, T: int, block: int, trash: int) -> list[int]:
     """Flat pool slots of suffix columns start..start+T-1 of a row: its own for the first n, the
     trash block's for padding."""
@@ -272,12 +283,7 @@ def prefill_prefix_texts(model: CogVLMForCausalLM, seqs: list[Seq], tables: list
     U, P = len(seqs), 1 + cfg.num_vision_tokens
     nP = -(-P // block)
     T = max(len(s.req.text_ids) for s in seqs)
-    ids = torch.full((U, T), cfg.pad_token_id, dtype=torch.long)
-    write = []
-    for b, (s, t) in enumerate(zip(seqs, tables)):
-        n = len(s.req.text_ids)
-        ids[b, :n] = torch.tensor(s.req.text_ids)
-        write.append(suffix_slots(t, 0, n, T, block, trash))
+    ids, write = padded_texts([s.req.text_ids for s in seqs], tables, T, block, trash, cfg.pad_token_id)
     prefix_types = torch.tensor([[LANGUAGE_TOKEN_TYPE] + [VISION_TOKEN_TYPE] * cfg.num_vision_tokens], device=dev)
     types_ = torch.cat([prefix_types, torch.full((1, T), LANGUAGE_TOKEN_TYPE, device=dev)], dim=1).expand(U, P + T)
     pos = torch.cat([build_position_ids(prefix_types)[0], PREFIX_LAST_POSITION + 1 + torch.arange(T, device=dev)])
@@ -296,12 +302,7 @@ def prefill_texts(model: CogVLMForCausalLM, seqs: list[Seq], tables: list[list[i
     cfg, dev = model.config, model.device
     P = 1 + cfg.num_vision_tokens
     R, T = len(seqs), max(len(s.req.text_ids) for s in seqs)
-    ids = torch.full((R, T), cfg.pad_token_id, dtype=torch.long)
-    write = []
-    for b, (s, t) in enumerate(zip(seqs, tables)):
-        n = len(s.req.text_ids)
-        ids[b, :n] = torch.tensor(s.req.text_ids)
-        write.append(suffix_slots(t, 0, n, T, block, trash))
+    ids, write = padded_texts([s.req.text_ids for s in seqs], tables, T, block, trash, cfg.pad_token_id)
     ids = ids.to(dev)
     pos = (PREFIX_LAST_POSITION + 1 + torch.arange(T, device=dev)).expand(R, T)
     store = StoreBatch.text(pool_rows(torch.tensor(write, device=dev), cfg.num_kv_heads, block), P, -(-P // block),
@@ -317,12 +318,8 @@ def prefill_fresh_texts(model: CogVLMForCausalLM, seqs: list[Seq], tables: list[
     cfg, dev = model.config, model.device
     P = 1 + cfg.num_vision_tokens
     R, T = len(seqs), 1 + max(len(s.req.text_ids) for s in seqs)
-    ids = torch.full((R, T), cfg.pad_token_id, dtype=torch.long)
-    write = []
-    for b, (s, t) in enumerate(zip(seqs, tables)):
-        n = 1 + len(s.req.text_ids)
-        ids[b, :n] = torch.tensor([cfg.bos_token_id] + s.req.text_ids)
-        write.append(suffix_slots(t, 0, n, T, block, trash))
+    ids, write = padded_texts([[cfg.bos_token_id] + s.req.text_ids for s in seqs], tables, T, block, trash,
+                              cfg.pad_token_id)
     ids = ids.to(dev)
     pos = torch.arange(T, device=dev).expand(R, T)
     store = StoreBatch.fresh(pool_rows(torch.tensor(write, device=dev), cfg.num_kv_heads, block), P, -(-P // block))
