@@ -15,7 +15,9 @@ a phase that fails records its error and the run goes on:
 5. `prefill_share`: vision + prefill FLOP/s (counted analytically) against the bf16 peak.
 6. `multi_vs_caption`: caption + 3 questions per image against captions: rows per step, images/s.
 7. `compiled`: the decode step compiled (CUDA graphs on a GPU): compile seconds, images/s.
-8. `fp8`: the vision tower's and the visual expert's GEMMs in float8 (`model.quantization: fp8`,
+8. `sampling`: the step's sampling and bookkeeping (`cogvlm.runner.advance`) eager vs compiled,
+   greedy / sampled / top-k+top-p, at 64 rows and the model's vocabulary (`bench/sampling.py`).
+9. `fp8`: the vision tower's and the visual expert's GEMMs in float8 (`model.quantization: fp8`,
    converted in place from the bf16 model): caption images/s and vision + prefill time against
    `caption_eager`'s. Skipped (with the reason) where the device has no fp8 GEMMs (CPUs, GPUs
    below compute capability 8.9) or the dtype is not bf16.
@@ -38,12 +40,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.engine import (BANDWIDTH, DTYPES, PEAK_BF16, build_random, language_expert_bytes,  # noqa: E402
                           prefill_flops, vision_flops)
+from bench.sampling import KINDS, timed  # noqa: E402
 from cogvlm.config import preset  # noqa: E402
 from cogvlm.engine import Engine, Request  # noqa: E402
 from cogvlm.quantization import fp8_gemm_error, quantize_model_  # noqa: E402
+from cogvlm.runner import Rows, advance, compiled_advance  # noqa: E402
 
 PHASES = ["environment", "plan", "caption_eager", "decode_steps", "prefill_share", "multi_vs_caption",
-          "compiled", "fp8"]
+          "compiled", "sampling", "fp8"]
 
 
 class Report:
@@ -235,6 +239,26 @@ def main() -> None:
         return res
 
     rep.run("compiled", compiled)
+
+    def sampling() -> dict[str, Any]:
+        b = min(64, a.max_slots)
+        rows = Rows(b, 64, 8, 0, dev)
+        rows.max_new.fill_(1 << 30)
+        rows.temperature.fill_(1.0)
+        rows.top_k.fill_(50)
+        rows.top_p.fill_(0.9)
+        logits = torch.randn(b, cfg.vocab_size, device=dev, dtype=dtype)
+        fn = compiled_advance(True)
+        out: dict[str, Any] = {"rows": b}
+        with torch.inference_mode():
+            for kind, (sampled, filtered) in KINDS.items():
+                _, eager = timed(advance, logits, rows, b, sampled, filtered, 20)
+                first, comp = timed(fn, logits, rows, b, sampled, filtered, 20)
+                out[kind] = {"eager_ms": round(1e3 * eager, 4), "compiled_ms": round(1e3 * comp, 4),
+                             "compile_s": round(first, 2)}
+        return out
+
+    rep.run("sampling", sampling)
 
     def fp8() -> dict[str, Any]:
         why = fp8_gemm_error(dev) or (None if dtype is torch.bfloat16 else "fp8 GEMMs need --dtype bf16")

@@ -43,8 +43,8 @@ import torch.fx.experimental._config  # noqa: F401 - `use_duck_shape`
 from .generate import GenerationOutput, context_error
 from .kv_store import BlockAllocator
 from .memory import PeakMemory, budget_for, is_out_of_memory, plan_pool, weights_bytes
-from .runner import (PREFIX_LAST_POSITION, Rows, compiled_step, decode_step, decode_steps, default_buckets, encode_new,
-                     graphs, prefill_round, sample_first, size_bucket)
+from .runner import (PREFIX_LAST_POSITION, Rows, advance, compiled_advance, compiled_step, decode_step, decode_steps,
+                     default_buckets, encode_new, graphs, prefill_round, sample_first, size_bucket)
 from .scheduler import Scheduler
 from .sequences import Completion, Group, Request, RowBook, Seq
 
@@ -214,6 +214,7 @@ class Engine:
         self.buckets = sorted({min(b, slots) for b in self._requested_buckets} | {slots}) \
             if self._requested_buckets else default_buckets(slots)
         self.step_fn: Callable[..., torch.Tensor] = decode_step
+        self.advance_fn: Callable[..., None] = advance
         self._warm = not self.compile  # compiled on the first step's thread (CUDA graphs are per thread)
 
     def _release(self) -> None:
@@ -234,17 +235,29 @@ class Engine:
         if self._warm:
             return
         self.step_fn = compiled_step(self.compile, self.device)
+        self.advance_fn = compiled_advance(self.compile)
         nb_max = self.MB + 1
         E_max = max(1, self.store.max_entries)
+        pad = self.model.config.pad_token_id
         # no duck sizing: sizes that happen to be equal at the first call must not be tied together
         with torch.inference_mode(), torch.fx.experimental._config.patch(use_duck_shape=False):
             for b in self.buckets:
                 for nb in sorted({min(2, nb_max), nb_max}):
                     for E in sorted({min(2, E_max), E_max}):
                         for _ in range(3 if self.device.type == "cuda" else 1):  # CUDA graph trees record later
-                            self.step_fn(*self._step_args(b, nb, E))
+                            logits = self.step_fn(*self._step_args(b, nb, E))
+                # sampling and bookkeeping: one small graph per kind of batch that runs compiled
+                # (`_advance_for`); no row is live yet, so nothing changes
+                for sampled, filtered in ((False, False), (True, False), (True, True)):
+                    if (fn := self._advance_for(sampled)) is not advance:
+                        fn(logits, self.rows, b, self.eos, pad, sampled, filtered)
         self._warm = True
         self._graphs0 = graphs()
+
+    def _advance_for(self, sampled: bool) -> Callable[..., None]:
+        """The step's sampling and bookkeeping: compiled, except greedy batches on CPU, where
+        inductor's argmax is slower than eager's (bench/sampling.py)."""
+        return self.advance_fn if sampled or self.device.type == "cuda" else advance
 
     def recompiles(self) -> int:
         """Graphs compiled since start-up (zero in a healthy run)."""
@@ -468,8 +481,9 @@ class Engine:
     def _decode(self, steps: int) -> None:
         t0 = time.perf_counter() if self.timed else 0.0
         b, nb, E = self._shape(steps)
-        decode_steps(self.step_fn, self._step_args(b, nb, E), self.rows, b, steps, self.book.n_sampling > 0,
-                     self.book.n_filtered > 0, self.eos, self.model.config.pad_token_id)
+        sampled = self.book.n_sampling > 0
+        decode_steps(self.step_fn, self._step_args(b, nb, E), self.rows, b, steps, sampled,
+                     self.book.n_filtered > 0, self.eos, self.model.config.pad_token_id, self._advance_for(sampled))
         self.step_count += steps
         occupied = self.book.running
         self.stats["decode_steps"] += steps

@@ -132,27 +132,40 @@ class Rows:
         self.table[idx] = self.trash
 
 
-def decode_steps(step_fn: Callable[..., torch.Tensor], args: tuple, rows: Rows, b: int, steps: int,
-                 sampled: bool, filtered: bool, eos: torch.Tensor, pad_token_id: int) -> None:
-    """`steps` decode steps of rows 0..b-1 (`step_fn(*args)` -> logits); each live row's token is
-    sampled, stored, fed back; rows stop at eos (unless ignored) or at their max_new_tokens. No
-    host sync."""
-    r = rows
+def advance(logits: torch.Tensor, r: "Rows", b: int, eos: torch.Tensor, pad_token_id: int, sampled: bool,
+            filtered: bool) -> None:
+    """After a decode step of rows 0..b-1 ((b, V) logits): each live row's token is sampled,
+    stored and fed back; rows stop at eos (unless ignored) or at their max_new_tokens. No host
+    sync. `torch.compile` makes this a few fused kernels (`compiled_advance`)."""
     live, lengths = r.live[:b], r.lengths[:b]
     cap = r.out.shape[1] - 1
+    tok = sample(logits.float(), r.temperature[:b] if sampled else None, r.top_k[:b], r.top_p[:b], r.seeds[:b],
+                 lengths, filtered)
+    tok = torch.where(live, tok, pad_token_id)
+    r.out[:b].scatter_(1, torch.where(live, lengths, cap)[:, None], tok[:, None])
+    lengths += live
+    hit = torch.isin(tok, eos) & live & ~r.ignore_eos[:b]
+    r.stopped[:b] |= hit
+    live &= ~hit & (lengths < r.max_new[:b])
+    r.tokens[:b] = tok
+    r.positions[:b] += live
+    r.cols[:b] += live
+
+
+def compiled_advance(compile: bool | str) -> Callable[..., None]:
+    """`advance` compiled (its own code object) with symbolic sizes, without CUDA graphs (it
+    writes the rows' state in place): sampling and the rows' bookkeeping in a few kernels
+    instead of some thirty. Its graphs are small: one per (sampled, filtered) met."""
+    backend = compile if isinstance(compile, str) else "inductor"
+    return torch.compile(private_copy(advance), backend=backend, fullgraph=True, dynamic=True)
+
+
+def decode_steps(step_fn: Callable[..., torch.Tensor], args: tuple, rows: Rows, b: int, steps: int,
+                 sampled: bool, filtered: bool, eos: torch.Tensor, pad_token_id: int,
+                 advance_fn: Callable[..., None] = advance) -> None:
+    """`steps` decode steps of rows 0..b-1 (`step_fn(*args)` -> logits, then `advance_fn`)."""
     for _ in range(steps):
-        logits = step_fn(*args)
-        tok = sample(logits, r.temperature[:b] if sampled else None, r.top_k[:b], r.top_p[:b], r.seeds[:b],
-                     lengths, filtered)
-        tok = torch.where(live, tok, pad_token_id)
-        r.out[:b].scatter_(1, torch.where(live, lengths, cap)[:, None], tok[:, None])
-        lengths += live
-        hit = torch.isin(tok, eos) & live & ~r.ignore_eos[:b]
-        r.stopped[:b] |= hit
-        live &= ~hit & (lengths < r.max_new[:b])
-        r.tokens[:b] = tok
-        r.positions[:b] += live
-        r.cols[:b] += live
+        advance_fn(step_fn(*args), rows, b, eos, pad_token_id, sampled, filtered)
 
 
 def sample_first(rows: Rows, seqs: list[Seq], logits: torch.Tensor, eos: torch.Tensor, lanes: int,
