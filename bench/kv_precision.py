@@ -1,14 +1,16 @@
-"""How far int8 KV (`Engine(kv_cache_dtype="int8")`) moves the decode logits, and its bytes.
+"""How far int8 / fp8 KV (`Engine(kv_cache_dtype="int8" | "fp8")`) moves the decode logits, and
+their bytes.
 
     OMP_NUM_THREADS=1 python bench/kv_precision.py --config small --images 8 --steps 24
 
-For each model dtype (fp32, bf16; random weights of `--config`'s shape), two engines on copies of
-the same model hold the same rows (one 20-token caption per image plus, for every other image, a
-12-token question), one with its KV in the model's dtype (the reference) and one with int8 KV.
-Both are teacher-forced for `--steps` decode steps: each step feeds both the reference's greedy
-token, and their logits are compared at every live row: mean |difference| and how often the
-argmax agrees (measured the way `bench/precision.py` measures int8 / int4 weights). Then the
-bytes per KV block of each format for the full v1 and v2 shapes.
+For each model dtype (fp32, bf16; random weights of `--config`'s shape) and each `--kv-dtype`
+(default int8 and fp8), two engines on copies of the same model hold the same rows (one 20-token
+caption per image plus, for every other image, a 12-token question), one with its KV in the
+model's dtype (the reference) and one with the quantized KV. Both are teacher-forced for
+`--steps` decode steps: each step feeds both the reference's greedy token, and their logits are
+compared at every live row: mean |difference| and how often the argmax agrees (measured the way
+`bench/precision.py` measures int8 / int4 weights). Then the bytes per KV block of each format
+for the full v1 and v2 shapes.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from bench.engine import DTYPES, build_random  # noqa: E402
 from bench.kv_store import admit_all, captions  # noqa: E402
 from cogvlm.config import preset  # noqa: E402
 from cogvlm.engine import Engine, Request  # noqa: E402
+from cogvlm.kv_store import KV_CACHE_DTYPES  # noqa: E402
 from cogvlm.memory import block_bytes  # noqa: E402
 
 
@@ -76,6 +79,7 @@ def main() -> None:
     p.add_argument("--config", default="small")
     p.add_argument("--images", type=int, default=8)
     p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--kv-dtype", nargs="+", default=list(KV_CACHE_DTYPES), choices=list(KV_CACHE_DTYPES))
     a = p.parse_args()
     cfg = preset(a.config)
     images, prompts = captions(cfg, a.images, 64, seed=4)
@@ -88,17 +92,21 @@ def main() -> None:
     for name in ("fp32", "bf16"):
         torch.manual_seed(0)
         model = build_random(cfg, DTYPES[name], torch.device("cpu"))
-        ref = filled(model, images, prompts)
-        q = filled(copy.deepcopy(model), images, prompts, kv_cache_dtype="int8")
-        d, agree, n, t_ref, t_q = forced(ref, q, a.steps)
-        print(f"{name} model: int8 KV vs {name} KV: mean |logit diff| {d:.4f}, argmax agreement {100 * agree:.1f}% "
-              f"over {n} positions (first tokens included); decode step (model only) {1000 * t_q:.1f} vs "
-              f"{1000 * t_ref:.1f} ms ({t_q / t_ref:.2f}x: dequantized copies on the CPU)", flush=True)
+        for kv in a.kv_dtype:
+            ref = filled(model, images, prompts)  # a fresh reference engine (and pool) per format
+            q = filled(copy.deepcopy(model), images, prompts, kv_cache_dtype=kv)
+            d, agree, n, t_ref, t_q = forced(ref, q, a.steps)
+            print(f"{name} model: {kv} KV vs {name} KV: mean |logit diff| {d:.4f}, argmax agreement "
+                  f"{100 * agree:.1f}% over {n} positions (first tokens included); decode step (model only) "
+                  f"{1000 * t_q:.1f} vs {1000 * t_ref:.1f} ms ({t_q / t_ref:.2f}x: dequantized copies on the CPU)",
+                  flush=True)
     for shape in ("v1", "v2"):
         c = preset(shape)
-        bf, i8 = block_bytes(c, torch.bfloat16, 16), block_bytes(c, torch.bfloat16, 16, torch.int8)
-        print(f"{shape}: KV per 16-column block, all layers: bf16 {bf / 1e6:.3f} MB, int8 + scales {i8 / 1e6:.3f} MB "
-              f"({i8 / bf:.3f}x)")
+        bf = block_bytes(c, torch.bfloat16, 16)
+        for kv in a.kv_dtype:
+            q8 = block_bytes(c, torch.bfloat16, 16, KV_CACHE_DTYPES[kv])
+            print(f"{shape}: KV per 16-column block, all layers: bf16 {bf / 1e6:.3f} MB, {kv} + scales "
+                  f"{q8 / 1e6:.3f} MB ({q8 / bf:.3f}x)")
 
 
 if __name__ == "__main__":

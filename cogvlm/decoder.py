@@ -211,7 +211,8 @@ class CogVLMForCausalLM(nn.Module):
 
     def setup_pool(self, blocks: int, block_size: int, kv_dtype: torch.dtype | None = None) -> None:
         """The engine's KV store: `blocks` blocks of `block_size` columns per layer (+ a trash block);
-        `kv_dtype` torch.int8 stores the keys and values in int8 with per-token-head scales."""
+        `kv_dtype` torch.int8 / torch.float8_e4m3fn stores the keys and values in that dtype with
+        per-token-head scales (`cogvlm.kv_store.KV_CODES`)."""
         c = self.config
         for layer in self.model.layers:
             layer.self_attn.kv_pool = None

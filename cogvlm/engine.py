@@ -41,7 +41,7 @@ import torch
 import torch.fx.experimental._config  # noqa: F401 - `use_duck_shape`
 
 from .generate import GenerationOutput, context_error
-from .kv_store import BlockAllocator
+from .kv_store import KV_CACHE_DTYPES, BlockAllocator
 from .memory import PeakMemory, budget_for, is_out_of_memory, plan_pool, weights_bytes
 from .runner import (PREFIX_LAST_POSITION, Rows, advance, compiled_advance, compiled_step, decode_step, decode_steps,
                      default_buckets, encode_new, graphs, prefill_round, sample_first, size_bucket)
@@ -63,8 +63,9 @@ class Engine:
     `kv_cache_gb` caps the pool and `max_slots` the rows. Each image in flight has `lanes` rows
     decoding at once (default `prompts_per_image`). `admission_images` images (and
     `prompts_per_image` prompts each) per admission round at most; `compile` is True (inductor;
-    CUDA graphs on a GPU) or a torch.compile backend name. `kv_cache_dtype` "int8" stores the KV
-    in int8 with a scale per token and head (the plan counts those bytes: about half of bf16).
+    CUDA graphs on a GPU) or a torch.compile backend name. `kv_cache_dtype` "int8" or "fp8" stores
+    the KV in int8 or float8 e4m3 with a scale per token and head (the plan counts those bytes:
+    about half of bf16).
     """
 
     def __init__(self, model: Any, *, max_len: int | None = None, max_prompt_tokens: int = 256,
@@ -77,9 +78,10 @@ class Engine:
                  kv_cache_dtype: str | None = None) -> None:
         self.model = model
         cfg = model.config
-        if kv_cache_dtype not in (None, "auto", "int8"):
-            raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r}: choose 'int8' or leave it unset (the model's dtype)")
-        self.kv_dtype = torch.int8 if kv_cache_dtype == "int8" else None
+        if kv_cache_dtype not in (None, "auto", *KV_CACHE_DTYPES):
+            raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r}: choose 'int8' or 'fp8', or leave it unset "
+                             "(the model's dtype)")
+        self.kv_dtype = KV_CACHE_DTYPES.get(kv_cache_dtype)
         self.device = model.device
         self.P = 1 + cfg.num_vision_tokens
         self.max_len = max_len or self.P + max_prompt_tokens + max_new_tokens

@@ -49,11 +49,28 @@ def block_runs(blocks: torch.Tensor, KV: int) -> torch.Tensor:
     return (blocks[:, None, :] * KV + heads[None, :, None]).reshape(-1)
 
 
-def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(..., d) -> int8 values (..., d) and fp32 scales (..., 1): one scale per token and head,
-    symmetric, amax / 127."""
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12) / 127.0
-    return (x.float() / scale).round_().clamp_(-127, 127).to(torch.int8), scale
+# quantized KV formats: storage dtype -> (largest code, round to integers first). The scale is
+# amax / largest code; int8 rounds to integers, float8 e4m3 rounds as the cast does (3 mantissa bits).
+KV_CODES: dict[torch.dtype, tuple[float, bool]] = {torch.int8: (127.0, True), torch.float8_e4m3fn: (448.0, False)}
+# `kv_cache_dtype` names (Engine, the job config's model.kv_cache_dtype) -> storage dtype
+KV_CACHE_DTYPES: dict[str, torch.dtype] = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+
+
+def quantize_kv(x: torch.Tensor, dtype: torch.dtype = torch.int8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., d) -> `dtype` codes (..., d) (a key of `KV_CODES`) and fp32 scales (..., 1): one scale
+    per token and head, symmetric, amax / the format's largest code (int8 127, e4m3 448)."""
+    top, integer = KV_CODES[dtype]
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12) / top
+    y = x.float() / scale
+    if integer:
+        y = y.round_()
+    return y.clamp_(-top, top).to(dtype), scale
+
+
+def _bytes(x: torch.Tensor) -> torch.Tensor:
+    """float8 codes as uint8 (the same memory; int8 as it is): the pool copies float8 codes as
+    bytes, as `index_copy_` has no float8 kernel on the CPU (torch 2.13)."""
+    return x.view(torch.uint8) if x.dtype.is_floating_point else x
 
 
 class KVPool(nn.Module):
@@ -64,18 +81,21 @@ class KVPool(nn.Module):
     `(E, KV, P, d)` whose rows are contiguous, which matmul reads without a copy. Suffix blocks
     are used block by block.
 
-    `kv_dtype` int8: values stored as int8 with one fp32 scale per token and head (`k_scale`,
-    `v_scale`, `(blocks + 1, KV, block, 1)`, laid out like the values, so every view and index of
-    the values applies to them); reads give the model's dtype back (a dequantized copy: on the
-    CPU this simulates the rounding, it does not save bandwidth)."""
+    `kv_dtype` int8 or float8_e4m3fn (`KV_CODES`): values stored as 1-byte codes with one fp32
+    scale per token and head (`quantize_kv`; `k_scale`, `v_scale`, `(blocks + 1, KV, block, 1)`,
+    laid out like the values, so every view and index of the values applies to them); reads give
+    the model's dtype back (a dequantized copy: on the CPU this simulates the rounding, it does not
+    save bandwidth)."""
 
     def __init__(self, blocks: int, block: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str | None = None, kv_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         shape = (blocks + 1, num_kv_heads, block, head_dim)
         self.dtype = dtype
-        self.quantized = kv_dtype == torch.int8
-        store = torch.int8 if self.quantized else dtype
+        if kv_dtype is not None and kv_dtype not in KV_CODES:
+            raise ValueError(f"kv_dtype {kv_dtype}: one of {list(KV_CODES)} or None (the model's dtype)")
+        self.quantized = kv_dtype is not None
+        store = kv_dtype or dtype
         self.register_buffer("k_pool", torch.zeros(shape, dtype=store, device=device), persistent=False)
         self.register_buffer("v_pool", torch.zeros(shape, dtype=store, device=device), persistent=False)
         if self.quantized:
@@ -98,8 +118,8 @@ class KVPool(nn.Module):
             if scale is None:
                 buf.view(-1, d).index_put_((flat,), x.reshape(-1, d))  # (B*KV*L, d)
             else:
-                q, sc = quantize_int8(x)
-                buf.view(-1, d).index_put_((flat,), q.reshape(-1, d))
+                q, sc = quantize_kv(x, buf.dtype)
+                _bytes(buf).view(-1, d).index_put_((flat,), _bytes(q).reshape(-1, d))  # (B*KV*L, d)
                 scale.view(-1, 1).index_put_((flat,), sc.reshape(-1, 1))
 
     def _entries(self, buf: torch.Tensor, entries: int, nP: int) -> torch.Tensor:
@@ -114,12 +134,12 @@ class KVPool(nn.Module):
             if scale is None:
                 self._entries(buf, E, nP)[:, :, :P].index_copy_(0, entries, x)
             else:
-                q, sc = quantize_int8(x)
-                self._entries(buf, E, nP)[:, :, :P].index_copy_(0, entries, q)
+                q, sc = quantize_kv(x, buf.dtype)
+                self._entries(_bytes(buf), E, nP)[:, :, :P].index_copy_(0, entries, _bytes(q))
                 self._entries(scale, E, nP)[:, :, :P].index_copy_(0, entries, sc)
 
     def prefixes(self, entries: int, nP: int, P: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Entries 0..entries-1 as views (E, KV, P, d) (no copy; int8: dequantized copies); P None:
+        """Entries 0..entries-1 as views (E, KV, P, d) (no copy; int8 / fp8: dequantized copies); P None:
         the whole runs (E, KV, nP * block, d), contiguous (CPU matmul is far slower on the sliced view)."""
         k, v = (self._read(self._entries(buf, entries, nP), None if sc is None else self._entries(sc, entries, nP))
                 for buf, sc in self._parts())

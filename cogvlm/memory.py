@@ -201,9 +201,9 @@ def activation_bytes(cfg: "CogVLMConfig", dtype: torch.dtype, device_type: str, 
 
 
 def block_bytes(cfg: "CogVLMConfig", dtype: torch.dtype, block_size: int, kv_dtype: torch.dtype | None = None) -> int:
-    """KV of one pool block of `block_size` columns, all layers (int8 `kv_dtype`: one byte per
-    value and a 4-byte scale per token and head)."""
-    per_head = cfg.head_dim + 4 if kv_dtype == torch.int8 else cfg.head_dim * dtype.itemsize
+    """KV of one pool block of `block_size` columns, all layers (a quantized `kv_dtype`, int8 or
+    float8: its bytes per value and a 4-byte scale per token and head)."""
+    per_head = cfg.head_dim * (kv_dtype or dtype).itemsize + (4 if kv_dtype is not None else 0)
     return cfg.num_hidden_layers * 2 * cfg.num_kv_heads * per_head * block_size
 
 

@@ -126,8 +126,9 @@ class ModelConfig:
     admission_images: int = 8  # images per vision + prefill round between decode steps
     sync_every: int = 8  # decode steps between checks for rows that stopped at eos
     kv_cache_gb: float | None = None  # cap on the KV cache; None: what the memory plan leaves
-    # int8: the KV cache in int8 with a scale per token and head (about half of bf16's bytes, so
-    # about twice the rows); null: the model's dtype. Drift measured in docs/performance.md.
+    # int8 / fp8: the KV cache in int8 / float8 e4m3 with a scale per token and head (about half of
+    # bf16's bytes, so about twice the rows); null: the model's dtype. Drift measured in
+    # docs/performance.md.
     kv_cache_dtype: str | None = None
     memory_margin_gb: float | None = None  # kept free by the plan; None: 5% of free memory (<= 2 GB)
     compile: bool = False  # compile the decode step once per batch size at start-up (CUDA graphs on GPUs)
@@ -238,8 +239,8 @@ class JobConfig:
                               "(model.gpus_per_replica 0): use int8, int4 or null")
         kv = self.model.kv_cache_dtype
         self.model.kv_cache_dtype = kv = None if kv is None or str(kv).lower() in ("none", "auto", "") else str(kv).lower()
-        if kv not in (None, "int8"):
-            raise ConfigError(f"model.kv_cache_dtype must be int8 or null, got {kv!r}")
+        if kv not in (None, "int8", "fp8"):  # the names of cogvlm.kv_store.KV_CACHE_DTYPES (no torch here)
+            raise ConfigError(f"model.kv_cache_dtype must be int8, fp8 or null, got {kv!r}")
         if self.model.wait_for_nodes_s <= 0:
             raise ConfigError(f"model.wait_for_nodes_s must be > 0, got {self.model.wait_for_nodes_s:g}")
         if self.progress_interval_s <= 0:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cogvlm.engine import Engine, Request
-from cogvlm.kv_store import BlockAllocator, quantize_int8
+from cogvlm.kv_store import KV_CACHE_DTYPES, BlockAllocator, quantize_kv
 from cogvlm.memory import block_bytes
 
 from .test_engine import _alone, _workload
@@ -172,24 +172,33 @@ def test_gpu_first_bench_runs_on_cpu_and_writes_every_phase(tmp_path):
     assert data["phases"]["caption_eager"]["images_per_s"] > 0
 
 
-def test_int8_kv_is_planned_smaller_and_round_trips_within_half_a_step(model_v2):
-    """kv_cache_dtype int8: the pool holds int8 values with a scale per token and head, the plan
-    counts those bytes, a value read back is within half a quantization step, and a mixed workload
-    runs to the end with every block returned (its drift is measured in bench/kv_precision.py)."""
-    cfg = model_v2.config
-    fp, i8 = block_bytes(cfg, model_v2.dtype, 16), block_bytes(cfg, model_v2.dtype, 16, torch.int8)
-    assert i8 == cfg.num_hidden_layers * 2 * cfg.num_kv_heads * (cfg.head_dim + 4) * 16 and i8 < fp
+# each format's worst rounding of a value x with scale s: int8 half a step (s / 2); e4m3 half a step
+# of its 3 mantissa bits (|x| / 16), or of its subnormals (s * 2**-10) below 2**-6 codes
+_HALF_STEP = {"int8": lambda x, s: s / 2, "fp8": lambda x, s: torch.maximum(x.abs() / 16, s / 1024)}
+
+
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
+def test_quantized_kv_is_planned_smaller_and_round_trips_within_half_a_step(model_v2, kv):
+    """kv_cache_dtype int8 / fp8: the pool holds 1-byte codes with a scale per token and head, the
+    plan counts those bytes, a value read back is within half the format's step, and a mixed
+    workload runs to the end with every block returned (drift: bench/kv_precision.py)."""
+    cfg, dtype = model_v2.config, KV_CACHE_DTYPES[kv]
+    fp, q8 = block_bytes(cfg, model_v2.dtype, 16), block_bytes(cfg, model_v2.dtype, 16, dtype)
+    assert q8 == cfg.num_hidden_layers * 2 * cfg.num_kv_heads * (cfg.head_dim + 4) * 16 and q8 < fp
     x = torch.randn(3, cfg.num_kv_heads, 5, cfg.head_dim, generator=torch.Generator().manual_seed(0))
-    q, scale = quantize_int8(x)
-    assert q.dtype == torch.int8 and scale.shape == (3, cfg.num_kv_heads, 5, 1)
-    assert bool(((q.float() * scale - x).abs() <= scale / 2 + 1e-6).all())
+    q, scale = quantize_kv(x, dtype)
+    assert q.dtype == dtype and scale.shape == (3, cfg.num_kv_heads, 5, 1)
+    assert bool(((q.float() * scale - x).abs() <= _HALF_STEP[kv](x, scale) + 1e-6).all())
     reqs, images = _workload(model_v2, n_images=4, seed=9)
     eng = Engine(model_v2, max_prompt_tokens=24, max_new_tokens=12, max_slots=12, prompts_per_image=2,
-                 kv_cache_dtype="int8", eos_token_ids=[7])
+                 kv_cache_dtype=kv, eos_token_ids=[7])
     pool = model_v2.model.layers[0].self_attn.kv_pool
-    assert pool.k_pool.dtype == torch.int8 and pool.k_scale.dtype == torch.float32
-    assert eng.plan.block_bytes == block_bytes(cfg, model_v2.dtype, 16, torch.int8)
+    assert pool.k_pool.dtype == dtype and pool.k_scale.dtype == torch.float32
+    assert eng.plan.block_bytes == block_bytes(cfg, model_v2.dtype, 16, dtype)
     out = eng.generate(reqs, images)
     assert all(n >= 1 for n in out.num_tokens) and eng.store.used == 0 and eng.store.entries_in_use == 0
-    with pytest.raises(ValueError, match="kv_cache_dtype"):
-        Engine(model_v2, kv_cache_dtype="fp8")
+
+
+def test_other_kv_cache_dtypes_are_refused(model_v2):
+    with pytest.raises(ValueError, match="kv_cache_dtype 'int4': choose 'int8' or 'fp8'"):
+        Engine(model_v2, kv_cache_dtype="int4")

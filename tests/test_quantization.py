@@ -182,10 +182,10 @@ def test_fit_advice_and_config_spellings(tmp_path):
             load_config(data=dict(data, model={"source": "/m", "quantization": bad}))
     with pytest.raises(ConfigError, match="model.dtype bf16"):
         load_config(data=dict(data, model={"source": "/m", "quantization": "int4", "dtype": "fp32"}))
-    for value, want in (("INT8", "int8"), (None, None), ("none", None)):
+    for value, want in (("INT8", "int8"), ("fp8", "fp8"), ("FP8", "fp8"), (None, None), ("none", None)):
         assert load_config(data=dict(data, model={"source": "/m", "kv_cache_dtype": value})).model.kv_cache_dtype == want
-    with pytest.raises(ConfigError, match="model.kv_cache_dtype"):
-        load_config(data=dict(data, model={"source": "/m", "kv_cache_dtype": "fp8"}))
+    with pytest.raises(ConfigError, match="model.kv_cache_dtype must be int8, fp8 or null"):
+        load_config(data=dict(data, model={"source": "/m", "kv_cache_dtype": "int4"}))
 
 
 def test_activation_estimate_is_close_to_what_the_engine_measures(ckpts):
