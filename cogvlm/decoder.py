@@ -23,10 +23,14 @@ if TYPE_CHECKING:
 
 @dataclass
 class ExpertRouting:
-    """Flat (B*L) indices of the positions each expert handles; `None` = all language (fast path)."""
+    """Which positions each expert handles: `None` indices = all language (the fast path); flat
+    (B*L) indices (gather/scatter, any layout); or `span` (s, e), the vision expert on columns
+    s..e-1 of every row and the language expert on the rest (contiguous slices, no index kernels
+    and no host sync: the engine's prefix passes, where every row is [bos, patches, eoi, text])."""
 
     vision_index: torch.Tensor | None = None
     language_index: torch.Tensor | None = None
+    span: tuple[int, int] | None = None
 
     @classmethod
     def from_token_types(cls, token_type_ids: torch.Tensor) -> "ExpertRouting":
@@ -35,9 +39,20 @@ class ExpertRouting:
             return cls()
         return cls(mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1))
 
+    @classmethod
+    def image_prefix(cls, num_vision_tokens: int) -> "ExpertRouting":
+        """Rows that start with an image prefix [bos, boi, patches..., eoi] (then language): the
+        spec's mask gives the vision expert boi and the patches, columns 1..num_vision_tokens-1
+        (eoi is followed by language, so it is not)."""
+        return cls(span=(1, num_vision_tokens))
+
     def apply(self, x: torch.Tensor, language: Callable[[torch.Tensor], torch.Tensor],
               vision: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """Run each expert only on its own tokens and scatter the results back in place."""
+        """Run each expert only on its own tokens and put the results back in place."""
+        if self.span is not None:
+            s, e = self.span
+            lang = language(torch.cat([x[:, :s], x[:, e:]], dim=1))  # (B, L - (e - s), D')
+            return torch.cat([lang[:, :s], vision(x[:, s:e]), lang[:, s:]], dim=1)  # (B, L, D')
         if self.vision_index is None:
             return language(x)
         B, L, _ = x.shape

@@ -48,3 +48,22 @@ def test_matches_literal_rule_on_random_rows():
 def test_attention_mask_is_causal_hides_padding_and_never_empty():
     m = attention_mask_4d(torch.tensor([[0, 1, 1]]), torch.arange(3))[0, 0]
     assert m.tolist() == [[True, False, False], [False, True, False], [False, True, True]]
+
+
+def test_image_prefix_routing_equals_the_spec_mask():
+    """The engine's prefix passes route by contiguous slices (`ExpertRouting.image_prefix`): the
+    same experts on the same positions as the spec's mask, with and without text after the image."""
+    from cogvlm.config import LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE
+    from cogvlm.decoder import ExpertRouting
+
+    g = torch.Generator().manual_seed(0)
+    lang, vis = torch.nn.Linear(6, 5), torch.nn.Linear(6, 5)
+    n = 7  # boi, 5 patches, eoi
+    for text in (0, 4):
+        types = torch.tensor([[LANGUAGE_TOKEN_TYPE] + [VISION_TOKEN_TYPE] * n + [LANGUAGE_TOKEN_TYPE] * text] * 3)
+        x = torch.randn(3, types.shape[1], 6, generator=g)
+        want = ExpertRouting.from_token_types(types).apply(x, lang, vis)
+        got = ExpertRouting.image_prefix(n).apply(x, lang, vis)
+        torch.testing.assert_close(got, want)
+        on_vision = vision_expert_mask(types)[0].nonzero().squeeze(1).tolist()
+        assert on_vision == list(range(*ExpertRouting.image_prefix(n).span)), on_vision
