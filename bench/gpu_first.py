@@ -14,10 +14,12 @@ a phase that fails records its error and the run goes on:
    language-expert weights + the key/value columns the step reads, at the card's bandwidth).
 5. `prefill_share`: vision + prefill FLOP/s (counted analytically) against the bf16 peak.
 6. `multi_vs_caption`: caption + 3 questions per image against captions: rows per step, images/s.
-7. `compiled`: the decode step compiled (CUDA graphs on a GPU): compile seconds, images/s.
-8. `sampling`: the step's sampling and bookkeeping (`cogvlm.runner.advance`) eager vs compiled,
+7. `vision_ahead`: caption images/s with the next round's vision pass on a second CUDA stream
+   beside decode (`Engine(vision_ahead=True)`), against `caption_eager`'s.
+8. `compiled`: the decode step compiled (CUDA graphs on a GPU): compile seconds, images/s.
+9. `sampling`: the step's sampling and bookkeeping (`cogvlm.runner.advance`) eager vs compiled,
    greedy / sampled / top-k+top-p, at 64 rows and the model's vocabulary (`bench/sampling.py`).
-9. `fp8`: the vision tower's and the visual expert's GEMMs in float8 (`model.quantization: fp8`,
+10. `fp8`: the vision tower's and the visual expert's GEMMs in float8 (`model.quantization: fp8`,
    converted in place from the bf16 model): caption images/s and vision + prefill time against
    `caption_eager`'s. Skipped (with the reason) where the device has no fp8 GEMMs (CPUs, GPUs
    below compute capability 8.9) or the dtype is not bf16.
@@ -47,7 +49,7 @@ from cogvlm.quantization import fp8_gemm_error, quantize_model_  # noqa: E402
 from cogvlm.runner import Rows, advance, compiled_advance  # noqa: E402
 
 PHASES = ["environment", "plan", "caption_eager", "decode_steps", "prefill_share", "multi_vs_caption",
-          "compiled", "sampling", "fp8"]
+          "vision_ahead", "compiled", "sampling", "fp8"]
 
 
 class Report:
@@ -222,6 +224,21 @@ def main() -> None:
         return out
 
     rep.run("multi_vs_caption", multi_vs_caption)
+
+    def vision_ahead() -> dict[str, Any]:
+        state.pop("engine", None)
+        veng = Engine(model, prompts_per_image=4, vision_ahead=True, **kw)
+        images, prompts = work(cfg, a.images, a.new_tokens)
+        run_all(veng, images[:2], prompts[:2])  # warm-up, as caption_eager
+        veng.stats = dict.fromkeys(veng.stats, 0)
+        res = run_all(veng, images, prompts)
+        res["images_ahead"] = veng.stats["vision_ahead"]
+        c = state.get("caption")
+        if c:
+            res["speedup_vs_caption_eager"] = res["images_per_s"] / c["images_per_s"]
+        return res
+
+    rep.run("vision_ahead", vision_ahead)
 
     def compiled() -> dict[str, Any]:
         state.pop("engine", None)

@@ -43,8 +43,8 @@ import torch.fx.experimental._config  # noqa: F401 - `use_duck_shape`
 from .generate import GenerationOutput, context_error
 from .kv_store import KV_CACHE_DTYPES, BlockAllocator
 from .memory import PeakMemory, budget_for, is_out_of_memory, plan_pool, weights_bytes
-from .runner import (PREFIX_LAST_POSITION, Rows, advance, compiled_advance, compiled_step, decode_step, decode_steps,
-                     default_buckets, encode_new, graphs, prefill_round, sample_first, size_bucket)
+from .runner import (PREFIX_LAST_POSITION, Rows, VisionAhead, advance, compiled_advance, compiled_step, decode_step,
+                     decode_steps, default_buckets, encode_new, graphs, prefill_round, sample_first, size_bucket)
 from .scheduler import Scheduler
 from .sequences import Completion, Group, Request, RowBook, Seq
 
@@ -65,7 +65,8 @@ class Engine:
     `prompts_per_image` prompts each) per admission round at most; `compile` is True (inductor;
     CUDA graphs on a GPU) or a torch.compile backend name. `kv_cache_dtype` "int8" or "fp8" stores
     the KV in int8 or float8 e4m3 with a scale per token and head (the plan counts those bytes:
-    about half of bf16).
+    about half of bf16). `vision_ahead`: the next round's vision pass starts before each run of
+    decode steps, on a second CUDA stream on a GPU (`runner.VisionAhead`).
     """
 
     def __init__(self, model: Any, *, max_len: int | None = None, max_prompt_tokens: int = 256,
@@ -75,7 +76,7 @@ class Engine:
                  compile: bool | str = False, compile_vision: bool = False,
                  eos_token_ids: Iterable[int] | None = None, timed: bool = False,
                  device_share: float = 1.0, block_size: int = 16, lanes: int | None = None,
-                 kv_cache_dtype: str | None = None) -> None:
+                 kv_cache_dtype: str | None = None, vision_ahead: bool = False) -> None:
         self.model = model
         cfg = model.config
         if kv_cache_dtype not in (None, "auto", *KV_CACHE_DTYPES):
@@ -98,12 +99,13 @@ class Engine:
         self.encode: Callable[[torch.Tensor], torch.Tensor] = model.encode_images
         if compile_vision:  # the vision tower compiled once for any number of images
             self.encode = torch.compile(model.encode_images, dynamic=True)
+        self.ahead = VisionAhead(self.encode, self.device) if vision_ahead else None
         # with `timed`: seconds in each phase, and the longest admission round (how long decoding rows waited at most)
         self.timings = {"vision_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "max_admission_s": 0.0}
         self.stats: dict[str, int] = dict.fromkeys(
             ("decode_steps", "decode_rows", "decode_slots", "shared_steps", "admissions", "admitted",
              "images", "generated_tokens", "finished", "moved", "oom_admission", "oom_decode", "failed_alone",
-             "attn_columns", "kv_blocks_used", "kv_blocks", "prefix_entries"), 0)
+             "attn_columns", "kv_blocks_used", "kv_blocks", "prefix_entries", "vision_ahead"), 0)
         self.book = RowBook(0)
         self.step_count = 0
         self._graphs0 = 0
@@ -331,6 +333,8 @@ class Engine:
                 # with free capacity; each round is still at most `admission_images` long)
                 n = min(n, max(1, self.sync_every // 4))
             if n > 0:
+                if self.ahead is not None and self.scheduler.waiting:
+                    self._encode_ahead()
                 oom = False
                 try:
                     self._decode(n)
@@ -342,6 +346,22 @@ class Engine:
                     return done + self._decode_oom()
             done += self._harvest()
         return done
+
+    def _encode_ahead(self) -> None:
+        """The vision pass of the next round's new images (at most `admission_images`), started
+        before this run of decode steps (`VisionAhead`); an out-of-memory leaves it to admission."""
+        nxt = [g for g in self.scheduler.waiting if g.has_image and g.entry < 0][:self.admission_images]
+        t0 = time.perf_counter() if self.timed else 0.0
+        try:
+            n = self.ahead.start(nxt)
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            n = 0
+        if n and self.timed and self.ahead.stream is None:  # on a GPU it overlaps decode: not timed apart
+            self._lap("vision_s", t0)
+        self.stats["images"] += n
+        self.stats["vision_ahead"] += n
 
     def abort(self) -> list[tuple[Any, int]]:
         """Drop every queued and running prompt (after an unexpected error): their (tag, index)."""

@@ -204,13 +204,46 @@ def sample_first(rows: Rows, seqs: list[Seq], logits: torch.Tensor, eos: torch.T
 
 def encode_new(encode: Callable[[torch.Tensor], torch.Tensor], groups: Sequence[Group],
                device: torch.device) -> int:
-    """One vision pass for the groups whose features are not known yet -> how many images it encoded."""
+    """One vision pass for the groups whose features are not known yet -> how many images it
+    encoded. Features made ahead on the vision stream are waited for (on the device, not the host)."""
+    for g in groups:
+        if g.ready is not None:
+            torch.cuda.current_stream(device).wait_event(g.ready)
+            g.ready = None
     need = [g for g in groups if g.features is None]
     if need:
         pixels = torch.stack([g.pixels for g in need]).to(device, non_blocking=True)
         for g, f in zip(need, encode(pixels)):  # (U, T, D)
             g.features = f
     return len(need)
+
+
+class VisionAhead:
+    """The next round's vision pass, started before a run of decode steps. On a GPU it runs on a
+    second CUDA stream, beside the decode steps (vision is compute-bound, decode bound by memory
+    traffic); the admission that uses its features waits for it on the device. Elsewhere it runs
+    in place (the same work, earlier)."""
+
+    def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> None:
+        self.encode, self.device = encode, device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def start(self, groups: Sequence[Group]) -> int:
+        """Encode the groups with pixels and no features yet -> how many."""
+        need = [g for g in groups if g.features is None and g.pixels is not None and g.ready is None]
+        if not need or self.stream is None:
+            return encode_new(self.encode, need, self.device) if need else 0
+        main = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(main)  # the weights and the pool are ready; pixels come pinned
+        with torch.cuda.stream(self.stream):
+            pixels = torch.stack([g.pixels for g in need]).to(self.device, non_blocking=True)
+            feats = self.encode(pixels)  # (U, T, D)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        feats.record_stream(main)  # read on the main stream: not reused before it is done there
+        for g, f in zip(need, feats):
+            g.features, g.ready = f, done
+        return len(need)
 
 
 def prefill_round(model: CogVLMForCausalLM, seqs: list[Seq], fresh: list[Group], tables: list[list[int]],
@@ -284,7 +317,8 @@ def prefill_prefixes(model: CogVLMForCausalLM, features: Sequence[torch.Tensor],
     bos = model.model.embed_tokens(torch.full((U, 1), cfg.bos_token_id, device=dev))
     embeds = torch.cat([bos, torch.stack(list(features)).to(dev, bos.dtype)], dim=1)  # (U, P, D)
     store = StoreBatch.fresh(None, P, nP, prefix=torch.tensor(entries, device=dev))
-    return model.forward_embeds(embeds, types_, pos, None, logits_to_keep=1, store=store)[:, -1]
+    return model.forward_embeds(embeds, types_, pos, None, logits_to_keep=1, store=store,
+                                routing=ExpertRouting.image_prefix(cfg.num_vision_tokens))[:, -1]
 
 
 def prefill_prefix_texts(model: CogVLMForCausalLM, seqs: list[Seq], tables: list[list[int]], block: int,
@@ -306,7 +340,8 @@ def prefill_prefix_texts(model: CogVLMForCausalLM, seqs: list[Seq], tables: list
     store = StoreBatch.fresh(pool_rows(torch.tensor(write, device=dev), cfg.num_kv_heads, block), P, nP,
                              prefix=torch.tensor([s.group.entry for s in seqs], device=dev))
     last = torch.tensor([P + len(s.req.text_ids) - 1 for s in seqs], device=dev)
-    return model.forward_embeds(embeds, types_, pos.expand(U, P + T), None, logits_at=last, store=store)[:, -1]
+    return model.forward_embeds(embeds, types_, pos.expand(U, P + T), None, logits_at=last, store=store,
+                                routing=ExpertRouting.image_prefix(cfg.num_vision_tokens))[:, -1]
 
 
 def prefill_texts(model: CogVLMForCausalLM, seqs: list[Seq], tables: list[list[int]], block: int, trash: int,

@@ -59,6 +59,7 @@ class Group:
     fresh: bool = False  # its entry was taken in the round being admitted (the prefix is made there)
     prefix_logits: torch.Tensor | None = None  # (V,): an empty prompt's first logits
     origin: Any = None
+    ready: Any = None  # a CUDA event: its features are being made on the vision stream until it fires
 
 
 @dataclass(eq=False)

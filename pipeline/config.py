@@ -131,8 +131,9 @@ class ModelConfig:
     # docs/performance.md.
     kv_cache_dtype: str | None = None
     memory_margin_gb: float | None = None  # kept free by the plan; None: 5% of free memory (<= 2 GB)
-    compile: bool = False  # compile the decode step once per batch size at start-up (CUDA graphs on GPUs)
+    compile: bool = False  # compile the decode step and its sampling once at start-up (CUDA graphs on GPUs)
     compile_vision: bool = False  # compile the vision tower (one graph for any number of images)
+    vision_ahead: bool = False  # the next round's vision pass beside decode (a second CUDA stream)
     min_replicas: int = 1
     max_replicas: int = 1
     gpus_per_replica: float = 1  # 0 runs on CPU (tests, demo)

@@ -75,7 +75,8 @@ def engine_settings(cfg: JobConfig, mcfg: CogVLMConfig) -> dict[str, Any]:
                 max_slots=m.max_slots, kv_cache_gb=m.kv_cache_gb, margin_gb=m.memory_margin_gb,
                 admission_images=m.admission_images,
                 prompts_per_image=prompts_per_image(cfg, mcfg.template_version), sync_every=m.sync_every,
-                compile=m.compile, compile_vision=m.compile_vision, kv_cache_dtype=m.kv_cache_dtype)
+                compile=m.compile, compile_vision=m.compile_vision, kv_cache_dtype=m.kv_cache_dtype,
+                vision_ahead=m.vision_ahead)
 
 
 def replica_kwargs(cfg: JobConfig, mcfg: CogVLMConfig, device_type: str = "cuda") -> dict[str, Any]:

@@ -70,17 +70,19 @@ def _common_token(model, reqs, images) -> int:
     return max(counts, key=counts.get)
 
 
-@pytest.mark.parametrize("version", [1, 2])
-def test_continuous_admission_equals_each_prompt_alone(version, request):
+@pytest.mark.parametrize("version,ahead", [(1, False), (2, False), (1, True)])
+def test_continuous_admission_equals_each_prompt_alone(version, ahead, request):
+    """`ahead`: the next round's images are encoded before each decode run (`vision_ahead`)."""
     model = request.getfixturevalue(f"model_v{version}")
     reqs, images = _workload(model, n_images=10, seed=version)
     eos = _common_token(model, reqs, images)
     # few slots, small admission rounds: prompts join and leave the decode batch all the time
     eng = Engine(model, max_prompt_tokens=24, max_new_tokens=12, max_slots=6, admission_images=2,
-                 prompts_per_image=2, sync_every=3, eos_token_ids=[eos])
+                 prompts_per_image=2, sync_every=3, eos_token_ids=[eos], vision_ahead=ahead)
     out = eng.generate(reqs, images)
     assert eng.stats["admissions"] >= 5 and eng.stats["finished"] == len(reqs)
     assert eng.stats["images"] == len({r.image for r in reqs if r.image is not None})  # one vision pass each
+    assert (eng.stats["vision_ahead"] > eng.stats["images"] // 2) == ahead, eng.stats
     stopped = 0
     for i, r in enumerate(reqs):
         alone = _alone(model, r, images, eos)
