@@ -240,28 +240,37 @@ class Engine:
             return
         self.step_fn = compiled_step(self.compile, self.device)
         self.advance_fn = compiled_advance(self.compile)
+        self._advance_kinds: set[tuple[bool, bool]] = set()
         nb_max = self.MB + 1
         E_max = max(1, self.store.max_entries)
-        pad = self.model.config.pad_token_id
         # no duck sizing: sizes that happen to be equal at the first call must not be tied together
         with torch.inference_mode(), torch.fx.experimental._config.patch(use_duck_shape=False):
             for b in self.buckets:
                 for nb in sorted({min(2, nb_max), nb_max}):
                     for E in sorted({min(2, E_max), E_max}):
                         for _ in range(3 if self.device.type == "cuda" else 1):  # CUDA graph trees record later
-                            logits = self.step_fn(*self._step_args(b, nb, E))
-                # sampling and bookkeeping: one small graph per kind of batch that runs compiled
-                # (`_advance_for`); no row is live yet, so nothing changes
-                for sampled, filtered in ((False, False), (True, False), (True, True)):
-                    if (fn := self._advance_for(sampled)) is not advance:
-                        fn(logits, self.rows, b, self.eos, pad, sampled, filtered)
+                            self.step_fn(*self._step_args(b, nb, E))
         self._warm = True
         self._graphs0 = graphs()
 
-    def _advance_for(self, sampled: bool) -> Callable[..., None]:
-        """The step's sampling and bookkeeping: compiled, except greedy batches on CPU, where
-        inductor's argmax is slower than eager's (bench/sampling.py)."""
-        return self.advance_fn if sampled or self.device.type == "cuda" else advance
+    def _advance_for(self, sampled: bool, filtered: bool) -> Callable[..., None]:
+        """The step's sampling and bookkeeping: compiled (one small graph per kind of batch, made
+        the first time that kind decodes, on stand-in rows, and not counted as a recompilation),
+        except greedy batches on CPU, where inductor's argmax is slower than eager's
+        (bench/sampling.py)."""
+        if self.advance_fn is advance or not sampled and self.device.type != "cuda":
+            return advance
+        if (sampled, filtered) not in self._advance_kinds:
+            before = graphs()
+            with torch.inference_mode(False):  # made like the real rows (outside inference mode)
+                stand_in = Rows(4, 3, 2, 0, self.device)  # sizes >= 2 and b < slots, as in any real call
+            with torch.inference_mode(), torch.fx.experimental._config.patch(use_duck_shape=False):
+                for b in sorted({3} | ({1} & set(self.buckets))):  # dynamo specializes a batch of 1
+                    logits = torch.zeros(b, self.model.config.vocab_size, device=self.device)
+                    self.advance_fn(logits, stand_in, b, self.eos, self.model.config.pad_token_id, sampled, filtered)
+            self._graphs0 += graphs() - before
+            self._advance_kinds.add((sampled, filtered))
+        return self.advance_fn
 
     def recompiles(self) -> int:
         """Graphs compiled since start-up (zero in a healthy run)."""
@@ -503,9 +512,9 @@ class Engine:
     def _decode(self, steps: int) -> None:
         t0 = time.perf_counter() if self.timed else 0.0
         b, nb, E = self._shape(steps)
-        sampled = self.book.n_sampling > 0
-        decode_steps(self.step_fn, self._step_args(b, nb, E), self.rows, b, steps, sampled,
-                     self.book.n_filtered > 0, self.eos, self.model.config.pad_token_id, self._advance_for(sampled))
+        sampled, filtered = self.book.n_sampling > 0, self.book.n_filtered > 0
+        decode_steps(self.step_fn, self._step_args(b, nb, E), self.rows, b, steps, sampled, filtered, self.eos,
+                     self.model.config.pad_token_id, self._advance_for(sampled, filtered))
         self.step_count += steps
         occupied = self.book.running
         self.stats["decode_steps"] += steps
