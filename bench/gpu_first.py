@@ -46,7 +46,8 @@ from bench.sampling import KINDS, timed  # noqa: E402
 from cogvlm.config import preset  # noqa: E402
 from cogvlm.engine import Engine, Request  # noqa: E402
 from cogvlm.quantization import fp8_gemm_error, quantize_model_  # noqa: E402
-from cogvlm.runner import Rows, advance, compiled_advance  # noqa: E402
+from cogvlm.compiled import compiled_advance  # noqa: E402
+from cogvlm.runner import Rows, advance  # noqa: E402
 
 PHASES = ["environment", "plan", "caption_eager", "decode_steps", "prefill_share", "multi_vs_caption",
           "vision_ahead", "compiled", "sampling", "fp8"]

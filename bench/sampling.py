@@ -5,7 +5,7 @@
 For each batch kind the engine meets (greedy; sampled; sampled with top-k/top-p), each row count
 and each way of running it (eager, and `torch.compile` with `--backend`): the first call's
 seconds (the compile) and the median of `--repeats` calls on the same rows. The engine runs a
-kind compiled where this measures it faster (`Engine._advance_for`).
+kind compiled where this measures it faster (`cogvlm.compiled.DecodeFunctions.advance_for`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cogvlm.runner import Rows, advance, compiled_advance  # noqa: E402
+from cogvlm.compiled import compiled_advance  # noqa: E402
+from cogvlm.runner import Rows, advance  # noqa: E402
 
 KINDS = {"greedy": (False, False), "sampled": (True, False), "top-k/top-p": (True, True)}
 

@@ -26,7 +26,8 @@ Where each part lives: `sequences.py` the requests, their groups (an image and i
 the row book (which prompt decodes in which row); `scheduler.py` the waiting queue, the rounds and
 the out-of-memory backoff (no torch); `kv_store.py` the blocks, prefix entries and lanes, and
 their booking for a prompt; `memory.py` the plan that sizes the pool; `runner.py` the work on the
-device (vision pass, prefills, the decode step and its loop, the rows' state); `cascade.py` the
+device (vision pass, prefills, the decode step and its loop, the rows' state); `compiled.py` the
+decode step and its sampling under torch.compile (warm-up, recompile count); `cascade.py` the
 attention over the store. This file coordinates them: admission rounds, decode runs, harvest,
 and recovery from out-of-memory.
 """
@@ -38,13 +39,13 @@ import time
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-import torch.fx.experimental._config  # noqa: F401 - `use_duck_shape`
 
 from .generate import GenerationOutput, context_error
 from .kv_store import KV_CACHE_DTYPES, BlockAllocator
 from .memory import PeakMemory, budget_for, is_out_of_memory, plan_pool, weights_bytes
-from .runner import (PREFIX_LAST_POSITION, Rows, VisionAhead, advance, compiled_advance, compiled_step, decode_step,
-                     decode_steps, default_buckets, encode_new, graphs, prefill_round, sample_first, size_bucket)
+from .compiled import DecodeFunctions, graphs
+from .runner import (PREFIX_LAST_POSITION, Rows, VisionAhead, decode_steps, default_buckets, encode_new, prefill_round,
+                     sample_first, size_bucket)
 from .scheduler import Scheduler
 from .sequences import Completion, Group, Request, RowBook, Seq
 
@@ -108,7 +109,6 @@ class Engine:
              "attn_columns", "kv_blocks_used", "kv_blocks", "prefix_entries", "vision_ahead"), 0)
         self.book = RowBook(0)
         self.step_count = 0
-        self._graphs0 = 0
         self._requested_buckets = list(buckets) if buckets else None
 
         while True:  # the configured admission size, or smaller if even that runs out of memory
@@ -137,7 +137,7 @@ class Engine:
             with torch.inference_mode():
                 for n in (1, 2):
                     self.encode(torch.zeros(n, 3, cfg.image_size, cfg.image_size))
-        self._graphs0 = graphs()
+        self.fns.graphs0 = graphs()
 
     # compatibility --------------------------------------------------------------------------------
     @property
@@ -217,9 +217,7 @@ class Engine:
         self._entry_ids = torch.arange(max(1, self.store.max_entries), device=self.device)
         self.buckets = sorted({min(b, slots) for b in self._requested_buckets} | {slots}) \
             if self._requested_buckets else default_buckets(slots)
-        self.step_fn: Callable[..., torch.Tensor] = decode_step
-        self.advance_fn: Callable[..., None] = advance
-        self._warm = not self.compile  # compiled on the first step's thread (CUDA graphs are per thread)
+        self.fns = DecodeFunctions(self.compile, self.device)  # compiled by `warm_up`, on the first step's thread
 
     def _release(self) -> None:
         self.model.clear_pool()
@@ -232,49 +230,20 @@ class Engine:
         return (self.model, r.tokens[:b], r.positions[:b], r.cols[:b], r.table[:b], r.table[:b, :nb], r.lane[:b],
                 self._entry_ids[:E], self.block, self.lanes)
 
+    @property
+    def step_fn(self) -> Callable[..., torch.Tensor]:
+        """The decode step as it runs now (compiled after `warm_up`): `step_fn(*self._step_args(b, nb, E))`."""
+        return self.fns.step
+
     def warm_up(self) -> None:
         """Compile the decode step (once; `step()` calls it): one graph with symbolic batch, width
         and entry sizes. Call it from the thread that will step the engine: CUDA graphs belong to
         the thread that made them."""
-        if self._warm:
-            return
-        self.step_fn = compiled_step(self.compile, self.device)
-        self.advance_fn = compiled_advance(self.compile)
-        self._advance_kinds: set[tuple[bool, bool]] = set()
-        nb_max = self.MB + 1
-        E_max = max(1, self.store.max_entries)
-        # no duck sizing: sizes that happen to be equal at the first call must not be tied together
-        with torch.inference_mode(), torch.fx.experimental._config.patch(use_duck_shape=False):
-            for b in self.buckets:
-                for nb in sorted({min(2, nb_max), nb_max}):
-                    for E in sorted({min(2, E_max), E_max}):
-                        for _ in range(3 if self.device.type == "cuda" else 1):  # CUDA graph trees record later
-                            self.step_fn(*self._step_args(b, nb, E))
-        self._warm = True
-        self._graphs0 = graphs()
-
-    def _advance_for(self, sampled: bool, filtered: bool) -> Callable[..., None]:
-        """The step's sampling and bookkeeping: compiled (one small graph per kind of batch, made
-        the first time that kind decodes, on stand-in rows, and not counted as a recompilation),
-        except greedy batches on CPU, where inductor's argmax is slower than eager's
-        (bench/sampling.py)."""
-        if self.advance_fn is advance or not sampled and self.device.type != "cuda":
-            return advance
-        if (sampled, filtered) not in self._advance_kinds:
-            before = graphs()
-            with torch.inference_mode(False):  # made like the real rows (outside inference mode)
-                stand_in = Rows(4, 3, 2, 0, self.device)  # sizes >= 2 and b < slots, as in any real call
-            with torch.inference_mode(), torch.fx.experimental._config.patch(use_duck_shape=False):
-                for b in sorted({3} | ({1} & set(self.buckets))):  # dynamo specializes a batch of 1
-                    logits = torch.zeros(b, self.model.config.vocab_size, device=self.device)
-                    self.advance_fn(logits, stand_in, b, self.eos, self.model.config.pad_token_id, sampled, filtered)
-            self._graphs0 += graphs() - before
-            self._advance_kinds.add((sampled, filtered))
-        return self.advance_fn
+        self.fns.warm_up(self._step_args, self.buckets, self.MB + 1, max(1, self.store.max_entries))
 
     def recompiles(self) -> int:
         """Graphs compiled since start-up (zero in a healthy run)."""
-        return graphs() - self._graphs0
+        return self.fns.recompiles()
 
     # requests --------------------------------------------------------------------------------------
     def check(self, req: Request, has_image: bool) -> str | None:
@@ -512,9 +481,10 @@ class Engine:
     def _decode(self, steps: int) -> None:
         t0 = time.perf_counter() if self.timed else 0.0
         b, nb, E = self._shape(steps)
-        sampled, filtered = self.book.n_sampling > 0, self.book.n_filtered > 0
-        decode_steps(self.step_fn, self._step_args(b, nb, E), self.rows, b, steps, sampled, filtered, self.eos,
-                     self.model.config.pad_token_id, self._advance_for(sampled, filtered))
+        kind = (self.book.n_sampling > 0, self.book.n_filtered > 0)
+        pad = self.model.config.pad_token_id
+        advance = self.fns.advance_for(kind, self.buckets, self.model.config.vocab_size, self.eos, pad)
+        decode_steps(self.fns.step, self._step_args(b, nb, E), self.rows, b, steps, *kind, self.eos, pad, advance)
         self.step_count += steps
         occupied = self.book.running
         self.stats["decode_steps"] += steps

@@ -1,11 +1,9 @@
 """The engine's device work: the rows' decode state, the vision pass, prefills into the KV store,
-and the decode step (the function `torch.compile` captures)."""
+the decode step and its sampling (the functions `compiled.py` hands to `torch.compile`)."""
 
 from __future__ import annotations
 
-import sys
-import types
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -41,29 +39,6 @@ def decode_step(model: CogVLMForCausalLM, tokens: torch.Tensor, positions: torch
     logits = model.forward_embeds(embeds, torch.zeros_like(tokens)[:, None], positions[:, None], None,
                                   routing=ExpertRouting(), store=store)
     return logits[:, -1]
-
-
-def graphs() -> int:
-    """Graphs torch.compile has made in this process (none if it was never imported: importing
-    it takes seconds)."""
-    utils = sys.modules.get("torch._dynamo.utils")
-    return utils.counters["stats"]["unique_graphs"] if utils is not None else 0
-
-
-def private_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The same function with its own code object: torch.compile keeps graphs (and counts them
-    against its recompile limit) per code object, so each engine's step gets its own."""
-    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-
-
-def compiled_step(compile: bool | str, device: torch.device) -> Callable[..., torch.Tensor]:
-    """`decode_step` compiled (its own code object) with symbolic sizes: `compile` True (inductor;
-    CUDA graphs on a GPU) or a torch.compile backend name."""
-    backend = compile if isinstance(compile, str) else "inductor"
-    kw: dict[str, Any] = {"backend": backend, "fullgraph": True, "dynamic": True}
-    if backend == "inductor" and device.type == "cuda":
-        kw["mode"] = "reduce-overhead"  # CUDA graphs (one per shape met)
-    return torch.compile(private_copy(decode_step), **kw)
 
 
 def default_buckets(slots: int, smallest: int = 8) -> list[int]:
@@ -136,7 +111,7 @@ def advance(logits: torch.Tensor, r: "Rows", b: int, eos: torch.Tensor, pad_toke
             filtered: bool) -> None:
     """After a decode step of rows 0..b-1 ((b, V) logits): each live row's token is sampled,
     stored and fed back; rows stop at eos (unless ignored) or at their max_new_tokens. No host
-    sync. `torch.compile` makes this a few fused kernels (`compiled_advance`)."""
+    sync. `torch.compile` makes this a few fused kernels (`compiled.compiled_advance`)."""
     live, lengths = r.live[:b], r.lengths[:b]
     cap = r.out.shape[1] - 1
     tok = sample(logits.float(), r.temperature[:b] if sampled else None, r.top_k[:b], r.top_p[:b], r.seeds[:b],
@@ -150,14 +125,6 @@ def advance(logits: torch.Tensor, r: "Rows", b: int, eos: torch.Tensor, pad_toke
     r.tokens[:b] = tok
     r.positions[:b] += live
     r.cols[:b] += live
-
-
-def compiled_advance(compile: bool | str) -> Callable[..., None]:
-    """`advance` compiled (its own code object) with symbolic sizes, without CUDA graphs (it
-    writes the rows' state in place): sampling and the rows' bookkeeping in a few kernels
-    instead of some thirty. Its graphs are small: one per (sampled, filtered) met."""
-    backend = compile if isinstance(compile, str) else "inductor"
-    return torch.compile(private_copy(advance), backend=backend, fullgraph=True, dynamic=True)
 
 
 def decode_steps(step_fn: Callable[..., torch.Tensor], args: tuple, rows: Rows, b: int, steps: int,

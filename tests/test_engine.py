@@ -301,5 +301,5 @@ def test_compiled_decode_step_writes_the_cache_in_place(model_v1):
     for i, (top_k, top_p) in zip((1, 3), ((0, 1.0), (50, 0.9))):  # one sampled, one filtered too
         reqs[i].temperature, reqs[i].top_k, reqs[i].top_p, reqs[i].seed = 1.0, top_k, top_p, derive_seed(7, i)
     out = eng.generate(reqs, images).tokens
-    assert eng._advance_kinds and eng.recompiles() == 0
+    assert eng.fns.kinds and eng.recompiles() == 0
     assert out == Engine(model_v1, max_len=2000, max_slots=8, buckets=[8]).generate(reqs, images).tokens
