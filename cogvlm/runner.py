@@ -179,10 +179,16 @@ def encode_new(encode: Callable[[torch.Tensor], torch.Tensor], groups: Sequence[
             g.ready = None
     need = [g for g in groups if g.features is None]
     if need:
-        pixels = torch.stack([g.pixels for g in need]).to(device, non_blocking=True)
-        for g, f in zip(need, encode(pixels)):  # (U, T, D)
+        for g, f in zip(need, encode(upload([g.pixels for g in need], device))):  # (U, T, D)
             g.features = f
     return len(need)
+
+
+def upload(pixels: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """(3, S, S) images -> (U, 3, S, S) on `device`. Each image goes up on its own, from the pinned
+    memory `Engine.add` put it in, so the copies are asynchronous; stacking on the host first
+    would make a pageable tensor, whose copy waits."""
+    return torch.stack([p.to(device, non_blocking=True) for p in pixels])
 
 
 class VisionAhead:
@@ -203,8 +209,7 @@ class VisionAhead:
         main = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(main)  # the weights and the pool are ready; pixels come pinned
         with torch.cuda.stream(self.stream):
-            pixels = torch.stack([g.pixels for g in need]).to(self.device, non_blocking=True)
-            feats = self.encode(pixels)  # (U, T, D)
+            feats = self.encode(upload([g.pixels for g in need], self.device))  # (U, T, D)
             done = torch.cuda.Event()
             done.record(self.stream)
         feats.record_stream(main)  # read on the main stream: not reused before it is done there
