@@ -93,11 +93,12 @@ def _head(tmp: Path, python: Path, env: dict, headers: dict | None, wait_s: floa
             time.sleep(0.5)
         yield address, port
     finally:
-        try:
+        try:  # `ray start --block` takes over 30 s to act on SIGTERM; its cluster is thrown away
             os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
+            proc.wait(timeout=3)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 

@@ -296,10 +296,11 @@ def test_compiled_decode_step_writes_the_cache_in_place(model_v1):
         eng.step_fn(*eng._step_args(8, 2, 2))
     assert step.peak < cache / 8, (step.peak, cache)
     assert eng.recompiles() == 0
-    # inductor's sampling graphs (sampled, top-k/top-p) draw what eager sampling draws
+    # inductor's sampling graph draws what eager sampling draws (one kind: each costs a compile;
+    # the eager-backend test above traces all three)
     reqs, images = _workload(model_v1, n_images=4, seed=5, sampled=False)
-    for i, (top_k, top_p) in zip((1, 3), ((0, 1.0), (50, 0.9))):  # one sampled, one filtered too
-        reqs[i].temperature, reqs[i].top_k, reqs[i].top_p, reqs[i].seed = 1.0, top_k, top_p, derive_seed(7, i)
+    for i in (1, 3):
+        reqs[i].temperature, reqs[i].seed = 1.0, derive_seed(7, i)
     out = eng.generate(reqs, images).tokens
     assert eng.fns.kinds and eng.recompiles() == 0
     assert out == Engine(model_v1, max_len=2000, max_slots=8, buckets=[8]).generate(reqs, images).tokens
