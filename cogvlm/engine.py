@@ -40,10 +40,10 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from .compiled import DecodeFunctions, graphs
 from .generate import GenerationOutput, context_error
 from .kv_store import KV_CACHE_DTYPES, BlockAllocator
 from .memory import PeakMemory, budget_for, is_out_of_memory, plan_pool, weights_bytes
-from .compiled import DecodeFunctions, graphs
 from .runner import (PREFIX_LAST_POSITION, Rows, VisionAhead, decode_steps, default_buckets, encode_new, prefill_round,
                      sample_first, size_bucket)
 from .scheduler import Scheduler
