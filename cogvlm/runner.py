@@ -203,9 +203,9 @@ class VisionAhead:
 
     def start(self, groups: Sequence[Group]) -> int:
         """Encode the groups with pixels and no features yet -> how many."""
-        need = [g for g in groups if g.features is None and g.pixels is not None and g.ready is None]
-        if not need or self.stream is None:
-            return encode_new(self.encode, need, self.device) if need else 0
+        need = [g for g in groups if g.features is None and g.pixels is not None]
+        if self.stream is None or not need:
+            return encode_new(self.encode, need, self.device)
         main = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(main)  # the weights and the pool are ready; pixels come pinned
         with torch.cuda.stream(self.stream):
